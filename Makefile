@@ -1,0 +1,20 @@
+# l4lb: `make setup` once, then `make test`. See README.md.
+PY := .venv/bin/python
+PYTEST := $(PY) -m pytest
+
+.PHONY: setup test test-unit test-kernel demo bench bench-quick docker-test proto clean
+
+setup:
+	@bash scripts/setup.sh
+
+test:
+	@$(PYTEST) -q -ra tests
+
+test-unit:
+	@$(PYTEST) -q tests/unit
+
+test-kernel:
+	@$(PYTEST) -q tests/kernel
+
+clean:
+	rm -rf build .pytest_cache l4lb/_maglev_fill.*.so

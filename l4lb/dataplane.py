@@ -1,0 +1,165 @@
+"""Map-level access to a loaded balancer: the writes LbState orders, the
+runtime configuration, and counters summed over CPUs. Keys and values are
+built from bcc's Key/Leaf types of the compiled program."""
+from __future__ import annotations
+
+import ctypes
+import ipaddress
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import consts
+from .bpf import Program, percpu_sum
+from .errors import BpfError, CapacityError
+from .model import VipKey, family_of, mac_bytes
+
+
+@dataclass
+class RuntimeConfig:
+    gateway_mac: str = "02:00:00:00:00:01"
+    encap_v4: ipaddress.IPv4Network = field(default_factory=lambda: ipaddress.IPv4Network("198.18.20.0/24"))
+    encap_v6: ipaddress.IPv6Network = field(default_factory=lambda: ipaddress.IPv6Network("fd00:198:18:20::/64"))
+    mtu: int = consts.DEFAULT_MTU
+    udp_timeout_s: float = consts.DEFAULT_UDP_TIMEOUT_S
+    new_flow_rate: int = consts.DEFAULT_NEW_FLOW_RATE
+    icmp_rate: int = consts.DEFAULT_ICMP_RATE
+
+
+def _words(addr: str) -> list[int]:
+    """An address as the four __be32 words of the C structs (raw memory order)."""
+    packed = ipaddress.ip_address(addr).packed.ljust(16, b"\0")
+    return [int.from_bytes(packed[i:i + 4], "little") for i in range(0, 16, 4)]
+
+
+def _hostmask_word(net) -> int:
+    """The hash bits of the last 32 address bits, as a raw __be32."""
+    host_bits = min(32, net.max_prefixlen - net.prefixlen)
+    mask = (1 << host_bits) - 1
+    return int.from_bytes(mask.to_bytes(4, "big"), "little")
+
+
+class Dataplane:
+    def __init__(self, program: Program, capacity: consts.Capacity):
+        self.prog = program
+        self.capacity = capacity
+        self.t = {n: program.table(n) for n in (
+            consts.MAP_VIPS, consts.MAP_VIP_ADDRS, consts.MAP_RINGS, consts.MAP_BACKENDS,
+            consts.MAP_CONNTRACK, consts.MAP_CONFIG, consts.MAP_VIP_STATS,
+            consts.MAP_GLOBAL_STATS)}
+        self.portless = 0
+
+    # ---- configuration ---------------------------------------------------------------
+    def write_config(self, cfg: RuntimeConfig, portless_vips: int | None = None) -> None:
+        if portless_vips is not None:
+            self.portless = portless_vips
+        t = self.t[consts.MAP_CONFIG]
+        v = t.Leaf()
+        ctypes.memmove(v.gw_mac, mac_bytes(cfg.gateway_mac), 6)
+        v.configured = 1
+        v.src4 = _words(str(cfg.encap_v4.network_address))[0]
+        v.src4_hostmask = _hostmask_word(cfg.encap_v4)
+        for i, w in enumerate(_words(str(cfg.encap_v6.network_address))):
+            v.src6[i] = w
+        v.src6_hostmask = _hostmask_word(cfg.encap_v6)
+        v.mtu = cfg.mtu
+        v.new_flow_rate = cfg.new_flow_rate
+        v.icmp_rate = cfg.icmp_rate
+        v.portless_vips = self.portless
+        v.udp_timeout_ns = int(cfg.udp_timeout_s * 1e9)
+        self._update(t, t.Key(0), v)
+
+    def set_portless(self, n: int) -> None:
+        t = self.t[consts.MAP_CONFIG]
+        v = t[t.Key(0)]
+        v.portless_vips = n
+        self.portless = n
+        self._update(t, t.Key(0), v)
+
+    # ---- Sink (see state.py) -----------------------------------------------------------
+    def put_backend(self, index: int, address: str, generation: int, valid: bool) -> None:
+        t = self.t[consts.MAP_BACKENDS]
+        v = t.Leaf()
+        for i, w in enumerate(_words(address)):
+            v.addr[i] = w
+        v.generation = generation
+        v.family = family_of(ipaddress.ip_address(address))
+        v.flags = consts.BACKEND_F_VALID if valid else 0
+        self._update(t, t.Key(index), v)
+
+    def write_ring(self, vip_id: int, copy: int, slots: np.ndarray) -> None:
+        t = self.t[consts.MAP_RINGS]
+        arr = np.ascontiguousarray(slots, dtype=np.uint32)
+        if arr.shape != (self.capacity.ring_size,):
+            raise BpfError(f"ring of {arr.shape} entries, program has {self.capacity.ring_size}")
+        leaf = t.Leaf.from_buffer_copy(arr.tobytes())  # the whole ring: one syscall
+        self._update(t, t.Key(2 * vip_id + copy), leaf)
+
+    def put_vip(self, key: VipKey, vip_id: int, flags: int, ring: int) -> None:
+        t = self.t[consts.MAP_VIPS]
+        v = t.Leaf(vip_id=vip_id, flags=flags, ring=ring)
+        self._update(t, self.vip_key(key), v)
+
+    def delete_vip(self, key: VipKey) -> None:
+        t = self.t[consts.MAP_VIPS]
+        try:
+            del t[self.vip_key(key)]
+        except KeyError:
+            pass
+
+    def put_vip_address(self, address: str, count: int) -> None:
+        t = self.t[consts.MAP_VIP_ADDRS]
+        k = t.Key()
+        for i, w in enumerate(_words(address)):
+            k.addr[i] = w
+        k.family = family_of(ipaddress.ip_address(address))
+        if count:
+            self._update(t, k, t.Leaf(count))
+        else:
+            try:
+                del t[k]
+            except KeyError:
+                pass
+
+    def clear_vip_stats(self, vip_id: int) -> None:
+        self._zero_percpu(self.t[consts.MAP_VIP_STATS], vip_id)
+
+    def _zero_percpu(self, t, index: int) -> None:
+        values = t[t.Key(index)]
+        for i in range(len(values)):
+            values[i] = t.sLeaf()
+        t[t.Key(index)] = values
+
+    # ---- reads ----------------------------------------------------------------------------
+    def vip_key(self, key: VipKey):
+        t = self.t[consts.MAP_VIPS]
+        k = t.Key()
+        for i, w in enumerate(_words(key.address)):
+            k.addr[i] = w
+        k.port = int.from_bytes(key.port.to_bytes(2, "big"), "little")
+        k.proto = key.proto_number
+        k.family = key.family
+        return k
+
+    def global_stats(self) -> dict[str, int]:
+        return percpu_sum(self.t[consts.MAP_GLOBAL_STATS])
+
+    def vip_stats(self, vip_id: int) -> dict[str, int]:
+        return percpu_sum(self.t[consts.MAP_VIP_STATS], vip_id)
+
+    def ring(self, vip_id: int, copy: int) -> np.ndarray:
+        t = self.t[consts.MAP_RINGS]
+        v = t[t.Key(2 * vip_id + copy)]
+        return np.frombuffer(bytes(v), dtype=np.uint32).copy()
+
+    def conntrack_size(self) -> int:
+        return sum(1 for _ in self.t[consts.MAP_CONNTRACK].keys())
+
+    def _update(self, t, k, v) -> None:
+        try:
+            t[k] = v
+        except Exception as e:  # bcc raises bare Exception
+            msg = str(e)
+            if "No space" in msg or "E2BIG" in msg or "Argument list too long" in msg:
+                raise CapacityError(f"map {t.name!r} is full: {msg}") from e
+            raise BpfError(f"writing map {t.name!r} failed: {msg}") from e

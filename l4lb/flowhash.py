@@ -1,0 +1,25 @@
+"""The data plane's flow hash and ring-slot choice, in Python (xdp/hash.h).
+With l4lb.maglev this predicts the backend the kernel picks for any flow."""
+from __future__ import annotations
+
+import ipaddress
+
+import mmh3
+
+from .consts import FLOW_HASH_SEED
+
+
+def flow_bytes(src: str, dst: str, sport: int, dport: int, proto: int) -> bytes:
+    s, d = ipaddress.ip_address(src), ipaddress.ip_address(dst)
+    if s.version != d.version:
+        raise ValueError(f"flow {src} -> {dst}: mixed address families")
+    return s.packed + d.packed + sport.to_bytes(2, "big") + dport.to_bytes(2, "big") + bytes([proto, 0, 0, 0])
+
+
+def flow_hash(src: str, dst: str, sport: int, dport: int, proto: int) -> int:
+    return mmh3.hash(flow_bytes(src, dst, sport, dport, proto), FLOW_HASH_SEED, signed=False)
+
+
+def ring_slot(hash_: int, ring_size: int) -> int:
+    """(hash * M) >> 32, as xdp/hash.h computes it."""
+    return (hash_ * ring_size) >> 32

@@ -1,0 +1,110 @@
+/* encap.h - IP-in-IP encapsulation: 4in4, 6in6 and 4in6. The inner packet is
+ * never touched; the head grows by one IP header and the link layer is
+ * rebuilt in front of it, addressed to the gateway. */
+#pragma once
+
+/* Link layer saved before the head moves. */
+struct l2_saved {
+    __u8 own_mac[6];   /* the frame's destination: this NIC */
+    __u8 peer_mac[6];  /* the frame's source: the previous hop */
+    __be16 outer_proto;/* the tag's ethertype when tagged */
+    struct vlan_tag tag;
+};
+
+static __always_inline int save_l2(void *data, void *data_end, struct pkt *p, struct l2_saved *s)
+{
+    struct ethhdr *eth = data;
+    struct vlan_tag *tag = (void *)(eth + 1);
+
+    if ((void *)(tag + 1) > data_end) /* a parsed IP packet always has these bytes */
+        return -1;
+    __builtin_memcpy(s->own_mac, eth->h_dest, 6);
+    __builtin_memcpy(s->peer_mac, eth->h_source, 6);
+    s->outer_proto = eth->h_proto;
+    s->tag = *tag;
+    return 0;
+}
+
+/* Writes Ethernet (and the saved tag) at the new head. The caller has
+ * checked that data + 18 <= data_end. */
+static __always_inline void write_l2(void *data, struct pkt *p, const struct l2_saved *s,
+                                     const __u8 *dst, const __u8 *src, __be16 l3proto)
+{
+    struct ethhdr *eth = data;
+
+    __builtin_memcpy(eth->h_dest, dst, 6);
+    __builtin_memcpy(eth->h_source, src, 6);
+    if (p->l3off == sizeof(struct ethhdr)) {
+        eth->h_proto = l3proto;
+    } else {
+        struct vlan_tag *tag = (void *)(eth + 1);
+
+        eth->h_proto = s->outer_proto;
+        tag->tci = s->tag.tci;
+        tag->proto = l3proto;
+    }
+}
+
+static __always_inline __be32 outer_src4(const struct lb_config *cfg, __u32 hash)
+{
+    return (cfg->src4 & ~cfg->src4_hostmask) | (hash & cfg->src4_hostmask);
+}
+
+/* Encapsulates the packet described by p towards backend b and returns the
+ * verdict. Outer TTL 64, TOS copied, DF copied from IPv4 (always on for an
+ * IPv6 outer header, which routers never fragment). */
+static __always_inline int encap(struct xdp_md *ctx, struct pkt *p, const struct backend *b,
+                                 const struct lb_config *cfg, __u32 hash)
+{
+    void *data = (void *)(long)ctx->data;
+    void *data_end = (void *)(long)ctx->data_end;
+    struct l2_saved l2;
+    __u32 l3off;
+    int grow = b->family == FAMILY_V4 ? sizeof(struct iphdr) : sizeof(struct ipv6hdr);
+
+    if (save_l2(data, data_end, p, &l2))
+        return -1;
+    if (bpf_xdp_adjust_head(ctx, -grow))
+        return -1;
+    /* adjust_head invalidates every packet pointer: reload and check again */
+    data = (void *)(long)ctx->data;
+    data_end = (void *)(long)ctx->data_end;
+    l3off = p->l3off & 0x1f;
+
+    if (b->family == FAMILY_V4) {
+        struct iphdr *o = data + l3off;
+
+        if ((void *)(o + 1) > data_end || data + 18 > data_end)
+            return -1;
+        write_l2(data, p, &l2, cfg->gw_mac, l2.own_mac, ETH_P_IP_BE);
+        *(__u8 *)o = 0x45; /* version 4, IHL 5 */
+        o->tos = p->tos;
+        o->tot_len = bpf_htons(p->ip_len + sizeof(*o));
+        o->id = 0;
+        o->frag_off = p->df ? IP_DF_BE : 0;
+        o->ttl = OUTER_TTL;
+        o->protocol = PROTO_IPIP;
+        o->check = 0;
+        o->saddr = outer_src4(cfg, hash);
+        o->daddr = b->addr[0];
+        o->check = ipv4_hdr_csum(o);
+    } else {
+        struct ipv6hdr *o = data + l3off;
+        __be32 *w;
+
+        if ((void *)(o + 1) > data_end || data + 18 > data_end)
+            return -1;
+        write_l2(data, p, &l2, cfg->gw_mac, l2.own_mac, ETH_P_IPV6_BE);
+        w = (__be32 *)o;
+        /* version, traffic class, and the flow hash as flow label for ECMP/RSS */
+        w[0] = bpf_htonl((6u << 28) | ((__u32)p->tos << 20) | (hash & 0xfffff));
+        o->payload_len = bpf_htons(p->ip_len);
+        o->nexthdr = p->flow.family == FAMILY_V4 ? PROTO_IPIP : PROTO_IPV6;
+        o->hop_limit = OUTER_TTL;
+        __builtin_memcpy(&o->saddr, cfg->src6, 12);
+        o->saddr.in6_u.u6_addr32[3] =
+            (cfg->src6[3] & ~cfg->src6_hostmask) | (hash & cfg->src6_hostmask);
+        __builtin_memcpy(&o->daddr, b->addr, 16);
+    }
+    return XDP_TX;
+}

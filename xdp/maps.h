@@ -1,0 +1,36 @@
+/* maps.h - every map of the balancer, once, with what it holds.
+ * With PIN_DIR defined (l4lb run) each map is pinned there, so a restarted
+ * control plane adopts the maps that the attached program is using. */
+#pragma once
+
+#ifdef PIN_DIR
+#define L4LB_MAP(type, k, v, name, max, flags) \
+    BPF_TABLE_PINNED7(type, k, v, name, max, PIN_DIR "/" #name, flags)
+#else
+#define L4LB_MAP(type, k, v, name, max, flags) BPF_F_TABLE(type, k, v, name, max, flags)
+#endif
+
+#define F_NO_PREALLOC 1u      /* BPF_F_NO_PREALLOC */
+#define F_NO_COMMON_LRU 2u    /* BPF_F_NO_COMMON_LRU */
+
+/* (address, port, protocol) -> the VIP's id, flags and active ring copy */
+L4LB_MAP("hash", struct vip_key, struct vip_meta, vips, MAX_VIPS, 0);
+/* VIP address -> number of VIPs on it (ICMP echo, fragments, ICMP errors) */
+L4LB_MAP("hash", struct addr_key, __u32, vip_addrs, MAX_VIPS, 0);
+/* 2 * vip_id + copy -> Maglev ring; a whole ring is one value, written in one syscall */
+L4LB_MAP("array", __u32, struct ring, rings, 2 * MAX_VIPS, 0);
+/* backend index -> address, family, generation; index 0 stays empty */
+L4LB_MAP("array", __u32, struct backend, backends, MAX_BACKENDS, 0);
+/* flow -> backend. LRU_HASH with BPF_F_NO_COMMON_LRU: one table that every CPU
+ * reads (veth runs XDP on the sender's CPU, so a flow's packets move between
+ * CPUs), with per-CPU LRU lists so inserts on one CPU do not contend with, or
+ * evict for, another CPU's flows. */
+L4LB_MAP("lru_hash", struct flow_key, struct ct_entry, conntrack, CT_SIZE, F_NO_COMMON_LRU);
+/* index 0 -> runtime configuration */
+L4LB_MAP("array", __u32, struct lb_config, config, 1, 0);
+/* vip_id -> packets and bytes, per CPU */
+L4LB_MAP("percpu_array", __u32, struct vip_stats, vip_stats, MAX_VIPS, 0);
+/* index 0 -> global counters, per CPU */
+L4LB_MAP("percpu_array", __u32, struct global_stats, global_stats, 1, 0);
+/* index 0 -> rate-limit windows, per CPU */
+L4LB_MAP("percpu_array", __u32, struct cpu_state, cpu_state, 1, 0);

@@ -1,0 +1,129 @@
+/* structs.h - the layout of every map key and value. User space takes these
+ * layouts from the compiled program (bcc's Key/Leaf types), so this file is
+ * their only definition. Addresses and ports are in network byte order; every
+ * struct has explicit padding and no bitfields, since user space writes them. */
+#pragma once
+
+/* Key of the VIP map. Unused address words are 0. */
+struct vip_key {
+    __be32 addr[4];   /* IPv4 in addr[0] */
+    __be16 port;      /* L4 port; 0: the VIP takes every port */
+    __u8 proto;       /* PROTO_TCP or PROTO_UDP */
+    __u8 family;      /* FAMILY_V4 or FAMILY_V6 */
+};
+
+/* Everything a packet needs about its VIP, in one lookup. */
+struct vip_meta {
+    __u32 vip_id;     /* index into vip_stats; rings hold copies 2*id and 2*id+1 */
+    __u32 flags;      /* VIP_F_* */
+    __u32 ring;       /* active ring copy, 0 or 1: user space writes the idle copy, then flips this */
+    __u32 pad;
+};
+
+/* An address that carries at least one VIP (ICMP echo, fragments, errors). */
+struct addr_key {
+    __be32 addr[4];
+    __u32 family;
+};
+
+/* One Maglev lookup table: a backend index per slot; 0 is "no backend". */
+struct ring {
+    __u32 slot[RING_SIZE];
+};
+
+/* Entry of the shared backend array; index 0 is never a backend. */
+struct backend {
+    __be32 addr[4];
+    __u32 generation; /* changes whenever the index is given to another backend */
+    __u8 family;
+    __u8 flags;       /* BACKEND_F_VALID while the slot holds a live backend */
+    __u16 pad;
+};
+
+/* A flow as the LB sees it: client -> VIP. Key of the connection table. */
+struct flow_key {
+    __be32 src[4];
+    __be32 dst[4];
+    __be16 sport;
+    __be16 dport;
+    __u8 proto;
+    __u8 family;
+    __u16 pad;
+};
+
+/* Connection-table value. */
+struct ct_entry {
+    __u32 backend;     /* index into backends */
+    __u32 generation;  /* the backend's generation when the entry was made */
+    __u64 last_seen;   /* ns (bpf_ktime_get_ns), kept for UDP expiry only */
+};
+
+/* Runtime configuration, one entry, written by user space. */
+struct lb_config {
+    __u8 gw_mac[6];      /* destination MAC of every encapsulated packet */
+    __u8 configured;     /* 0 until user space wrote this entry: everything passes */
+    __u8 pad0;
+    __be32 src4;         /* outer IPv4 source prefix */
+    __be32 src4_hostmask;/* bits of src4 taken from the flow hash; 0: one fixed source */
+    __be32 src6[4];      /* outer IPv6 source prefix */
+    __be32 src6_hostmask;/* applied to src6[3] */
+    __u32 mtu;           /* largest outer packet (IP header and payload) the path carries */
+    __u32 new_flow_rate; /* connection-table inserts per CPU per second; 0: no limit */
+    __u32 icmp_rate;     /* generated ICMP messages per CPU per second */
+    __u32 portless_vips; /* number of port-0 VIPs; 0 skips the second lookup */
+    __u32 pad1;
+    __u64 udp_timeout_ns;/* a UDP entry older than this re-picks */
+};
+
+/* Per-VIP counters (per CPU). */
+struct vip_stats {
+    __u64 packets;
+    __u64 bytes;
+};
+
+/* Global counters (per CPU); README.md documents each one. */
+struct global_stats {
+    __u64 pass;            /* not for a VIP: XDP_PASS */
+    __u64 tx;              /* encapsulated and sent (XDP_TX) */
+    __u64 ct_hit;          /* connection-table hit that was used */
+    __u64 ct_miss;         /* no usable entry (or a SYN): a Maglev pick */
+    __u64 ct_stale;        /* entry found but its backend is gone, replaced or the UDP entry expired */
+    __u64 ct_insert;       /* entries written */
+    __u64 ct_limited;      /* new flows served by Maglev alone (new-flow rate limit) */
+    __u64 no_backend;      /* VIP with no backend for the flow: dropped */
+    __u64 too_big;         /* ICMP fragmentation-needed / packet-too-big sent */
+    __u64 icmp_echo;       /* echo replies sent for VIP addresses */
+    __u64 icmp_fwd;        /* ICMP errors about a VIP flow sent to the flow's backend */
+    __u64 icmp_limited;    /* ICMP the LB would have sent, dropped by the rate limit */
+    __u64 fragment;        /* IPv4 fragments to a VIP address: dropped */
+    __u64 ext_header;      /* IPv6 extension headers to a VIP address: dropped */
+    __u64 malformed;       /* truncated or inconsistent headers: dropped */
+    __u64 error;           /* a helper failed (e.g. no headroom): dropped */
+};
+
+/* Per-CPU rate-limit windows. */
+struct cpu_state {
+    __u64 ct_window;   /* start of the current 1 s window, ns */
+    __u64 ct_count;    /* inserts in it */
+    __u64 icmp_window;
+    __u64 icmp_count;
+};
+
+/* Decap program counters (per CPU). */
+struct decap_stats {
+    __u64 decap4;      /* outer IPv4 removed */
+    __u64 decap6;      /* outer IPv6 removed */
+    __u64 pass;        /* not a tunnel packet for this host */
+    __u64 malformed;   /* truncated tunnel packet: dropped */
+};
+
+/* What the parser learned about one packet. */
+struct pkt {
+    struct flow_key flow; /* client -> VIP (for ICMP errors: rebuilt from the quoted header) */
+    __u32 l3off;          /* 14, or 18 with a VLAN tag */
+    __u32 ip_len;         /* bytes of the IP packet, as its header says */
+    __u8 tos;             /* IPv4 TOS or IPv6 traffic class */
+    __u8 df;              /* IPv4 DF set (IPv6: always 1) */
+    __u8 tcp_flags;
+    __u8 icmp_error;      /* the packet is an ICMP error about a VIP flow */
+};

@@ -1,0 +1,60 @@
+"""Argument parsing and dispatch for the `l4lb` command."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from l4lb.errors import L4lbError
+
+EPILOG = """examples:
+  l4lb replay --config lb.yaml --in in.pcap --out out.pcap
+"""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # usage errors: one line, exit 2
+        self.print_usage(sys.stderr)
+        print(f"l4lb: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="l4lb", description="XDP layer-4 load balancer", epilog=EPILOG,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=Parser)
+    r = sub.add_parser("replay", help="run a pcap through the program with a configuration (nothing is attached)",
+                       epilog="example:\n  l4lb replay --config lb.yaml --in in.pcap --out out.pcap",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    r.add_argument("--config", required=True, type=Path, help="YAML configuration (see README.md)")
+    r.add_argument("--in", dest="pcap_in", required=True, type=Path, help="input pcap (Ethernet)")
+    r.add_argument("--out", dest="pcap_out", type=Path, help="output pcap of TX and PASS frames")
+    r.add_argument("--quiet", action="store_true", help="print the summary only")
+    r.set_defaults(func=cmd_replay)
+    return p
+
+
+def cmd_replay(args) -> int:
+    from l4lb.config import load_config  # noqa: PLC0415
+    from l4lb.replay import replay  # noqa: PLC0415
+
+    cfg = load_config(args.config)
+    res = replay(cfg, args.pcap_in, args.pcap_out, on_line=(lambda _l: None) if args.quiet else print)
+    total = sum(res.verdicts.values())
+    print(f"{total} packets: " + ", ".join(f"{v} {n}" for v, n in sorted(res.verdicts.items())))
+    moved = {k: v for k, v in res.counters.items() if v}
+    print("counters: " + (", ".join(f"{k}={v}" for k, v in moved.items()) or "none"))
+    if args.pcap_out:
+        print(f"wrote {res.written} frames to {args.pcap_out}")
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except L4lbError as e:
+        print(f"l4lb: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

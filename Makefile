@@ -18,3 +18,7 @@ test-kernel:
 
 clean:
 	rm -rf build .pytest_cache l4lb/_maglev_fill.*.so
+
+# the one recorded command that regenerates the gRPC modules (never edit them)
+proto:
+	$(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. control/l4lb/v1/l4lb.proto

@@ -5,9 +5,17 @@ import argparse
 import sys
 from pathlib import Path
 
+import grpc
+
 from l4lb.errors import L4lbError
 
 EPILOG = """examples:
+  l4lb run --interface eth0 --config lb.yaml
+  l4lb vip add 198.18.10.10:80/tcp --backend 198.18.2.1 --backend 198.18.2.2=2
+  l4lb backend drain 198.18.10.10:80/tcp 198.18.2.1
+  l4lb stats --watch
+  l4lb apply -f lb.yaml
+  l4lb lookup 198.18.0.5:40000 198.18.10.10:80 tcp
   l4lb replay --config lb.yaml --in in.pcap --out out.pcap
 """
 
@@ -31,6 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", dest="pcap_out", type=Path, help="output pcap of TX and PASS frames")
     r.add_argument("--quiet", action="store_true", help="print the summary only")
     r.set_defaults(func=cmd_replay)
+
+    from . import verbs  # noqa: PLC0415
+
+    verbs.add_parsers(sub)
     return p
 
 
@@ -56,5 +68,8 @@ def main(argv: list[str]) -> int:
     except L4lbError as e:
         print(f"l4lb: error: {e}", file=sys.stderr)
         return 2
+    except grpc.RpcError as e:
+        print(f"l4lb: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130

@@ -105,6 +105,15 @@ class Program:
     def fd(self) -> int:
         return self.fn.fd
 
+    def fdinfo(self) -> dict[str, str]:
+        """The kernel's view of this program (prog_id, prog_tag, ...)."""
+        out = {}
+        with open(f"/proc/self/fdinfo/{self.fd}") as f:
+            for line in f:
+                k, _, v = line.partition(":")
+                out[k.strip()] = v.strip()
+        return out
+
     def table(self, name: str):
         try:
             return self.bpf.get_table(name.encode())

@@ -175,3 +175,28 @@ def validate_specs(specs: list[VipSpec]) -> None:
         if s.key in seen:
             raise ValidationError(f"VIP {s.key} is listed twice")
         seen.add(s.key)
+
+
+def state_to_dict(st: LbState) -> dict:
+    return {
+        "vips": [{"address": v.key.address, "port": v.key.port, "protocol": v.key.protocol,
+                  "vip_id": v.vip_id, "flags": sorted(v.flags), "ring": v.ring,
+                  "backends": v.backends} for v in st.vips.values()],
+        "backends": {a: {"index": b.index, "generation": b.generation, "refs": b.refs}
+                     for a, b in st.backends.items()},
+        "generations": {str(i): g for i, g in enumerate(st.generations) if g},
+    }
+
+
+def state_from_dict(st: LbState, doc: dict) -> None:
+    """Restores ids, generations and rings' active copies without writing maps
+    (the pinned maps already hold them)."""
+    for i, g in doc.get("generations", {}).items():
+        st.generations[int(i)] = g
+    for a, b in doc.get("backends", {}).items():
+        st.backends[a] = BackendState(b["index"], b["generation"], b["refs"])
+    for v in doc.get("vips", []):
+        key = VipKey(v["address"], v["port"], v["protocol"])
+        st.vips[key] = VipState(key, v["vip_id"], frozenset(v["flags"]), dict(v["backends"]), v["ring"])
+        if key.port == 0:
+            st.portless += 1

@@ -8,7 +8,7 @@ say() { printf '\033[1m==> %s\033[0m\n' "$*"; }
 need_root() { [ "$(id -u)" = 0 ] || { echo "make setup must run as root (apt-get, bpffs, XDP)" >&2; exit 1; }; }
 need_root
 
-APT_PACKAGES=(python3-bpfcc bpfcc-tools libbpf1 python3-venv python3-dev gcc make
+APT_PACKAGES=(python3-bpfcc bpfcc-tools libbpf1 bpftool python3-venv python3-dev gcc make
               iproute2 ethtool tcpdump kmod linux-headers-amd64)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

@@ -1,0 +1,232 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class VipId(_message.Message):
+    __slots__ = ("address", "port", "protocol")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    port: int
+    protocol: str
+    def __init__(self, address: _Optional[str] = ..., port: _Optional[int] = ..., protocol: _Optional[str] = ...) -> None: ...
+
+class Backend(_message.Message):
+    __slots__ = ("address", "weight")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    weight: int
+    def __init__(self, address: _Optional[str] = ..., weight: _Optional[int] = ...) -> None: ...
+
+class Vip(_message.Message):
+    __slots__ = ("id", "flags", "backends", "vip_id", "packets", "bytes")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    FLAGS_FIELD_NUMBER: _ClassVar[int]
+    BACKENDS_FIELD_NUMBER: _ClassVar[int]
+    VIP_ID_FIELD_NUMBER: _ClassVar[int]
+    PACKETS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    id: VipId
+    flags: _containers.RepeatedScalarFieldContainer[str]
+    backends: _containers.RepeatedCompositeFieldContainer[Backend]
+    vip_id: int
+    packets: int
+    bytes: int
+    def __init__(self, id: _Optional[_Union[VipId, _Mapping]] = ..., flags: _Optional[_Iterable[str]] = ..., backends: _Optional[_Iterable[_Union[Backend, _Mapping]]] = ..., vip_id: _Optional[int] = ..., packets: _Optional[int] = ..., bytes: _Optional[int] = ...) -> None: ...
+
+class AddVipRequest(_message.Message):
+    __slots__ = ("id", "flags", "backends")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    FLAGS_FIELD_NUMBER: _ClassVar[int]
+    BACKENDS_FIELD_NUMBER: _ClassVar[int]
+    id: VipId
+    flags: _containers.RepeatedScalarFieldContainer[str]
+    backends: _containers.RepeatedCompositeFieldContainer[Backend]
+    def __init__(self, id: _Optional[_Union[VipId, _Mapping]] = ..., flags: _Optional[_Iterable[str]] = ..., backends: _Optional[_Iterable[_Union[Backend, _Mapping]]] = ...) -> None: ...
+
+class DeleteVipRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: VipId
+    def __init__(self, id: _Optional[_Union[VipId, _Mapping]] = ...) -> None: ...
+
+class DeleteVipResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListVipsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListVipsResponse(_message.Message):
+    __slots__ = ("vips",)
+    VIPS_FIELD_NUMBER: _ClassVar[int]
+    vips: _containers.RepeatedCompositeFieldContainer[Vip]
+    def __init__(self, vips: _Optional[_Iterable[_Union[Vip, _Mapping]]] = ...) -> None: ...
+
+class GetVipRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: VipId
+    def __init__(self, id: _Optional[_Union[VipId, _Mapping]] = ...) -> None: ...
+
+class ModifyVipRequest(_message.Message):
+    __slots__ = ("id", "flags")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    FLAGS_FIELD_NUMBER: _ClassVar[int]
+    id: VipId
+    flags: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, id: _Optional[_Union[VipId, _Mapping]] = ..., flags: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class AddBackendsRequest(_message.Message):
+    __slots__ = ("id", "backends")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    BACKENDS_FIELD_NUMBER: _ClassVar[int]
+    id: VipId
+    backends: _containers.RepeatedCompositeFieldContainer[Backend]
+    def __init__(self, id: _Optional[_Union[VipId, _Mapping]] = ..., backends: _Optional[_Iterable[_Union[Backend, _Mapping]]] = ...) -> None: ...
+
+class RemoveBackendsRequest(_message.Message):
+    __slots__ = ("id", "addresses")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESSES_FIELD_NUMBER: _ClassVar[int]
+    id: VipId
+    addresses: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, id: _Optional[_Union[VipId, _Mapping]] = ..., addresses: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class SetBackendWeightsRequest(_message.Message):
+    __slots__ = ("id", "backends")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    BACKENDS_FIELD_NUMBER: _ClassVar[int]
+    id: VipId
+    backends: _containers.RepeatedCompositeFieldContainer[Backend]
+    def __init__(self, id: _Optional[_Union[VipId, _Mapping]] = ..., backends: _Optional[_Iterable[_Union[Backend, _Mapping]]] = ...) -> None: ...
+
+class VipStats(_message.Message):
+    __slots__ = ("id", "packets", "bytes")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    PACKETS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    id: VipId
+    packets: int
+    bytes: int
+    def __init__(self, id: _Optional[_Union[VipId, _Mapping]] = ..., packets: _Optional[int] = ..., bytes: _Optional[int] = ...) -> None: ...
+
+class GetStatsRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: VipId
+    def __init__(self, id: _Optional[_Union[VipId, _Mapping]] = ...) -> None: ...
+
+class Stats(_message.Message):
+    __slots__ = ("counters", "vips", "timestamp")
+    class CountersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    COUNTERS_FIELD_NUMBER: _ClassVar[int]
+    VIPS_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
+    counters: _containers.ScalarMap[str, int]
+    vips: _containers.RepeatedCompositeFieldContainer[VipStats]
+    timestamp: float
+    def __init__(self, counters: _Optional[_Mapping[str, int]] = ..., vips: _Optional[_Iterable[_Union[VipStats, _Mapping]]] = ..., timestamp: _Optional[float] = ...) -> None: ...
+
+class WatchStatsRequest(_message.Message):
+    __slots__ = ("id", "interval_seconds")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    id: VipId
+    interval_seconds: float
+    def __init__(self, id: _Optional[_Union[VipId, _Mapping]] = ..., interval_seconds: _Optional[float] = ...) -> None: ...
+
+class Gateway(_message.Message):
+    __slots__ = ("mac", "ip")
+    MAC_FIELD_NUMBER: _ClassVar[int]
+    IP_FIELD_NUMBER: _ClassVar[int]
+    mac: str
+    ip: str
+    def __init__(self, mac: _Optional[str] = ..., ip: _Optional[str] = ...) -> None: ...
+
+class SetGatewayRequest(_message.Message):
+    __slots__ = ("mac", "ip")
+    MAC_FIELD_NUMBER: _ClassVar[int]
+    IP_FIELD_NUMBER: _ClassVar[int]
+    mac: str
+    ip: str
+    def __init__(self, mac: _Optional[str] = ..., ip: _Optional[str] = ...) -> None: ...
+
+class GetGatewayRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Capacity(_message.Message):
+    __slots__ = ("max_vips", "max_backends", "conntrack_entries", "ring_size", "kernel_bytes")
+    MAX_VIPS_FIELD_NUMBER: _ClassVar[int]
+    MAX_BACKENDS_FIELD_NUMBER: _ClassVar[int]
+    CONNTRACK_ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    RING_SIZE_FIELD_NUMBER: _ClassVar[int]
+    KERNEL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    max_vips: int
+    max_backends: int
+    conntrack_entries: int
+    ring_size: int
+    kernel_bytes: int
+    def __init__(self, max_vips: _Optional[int] = ..., max_backends: _Optional[int] = ..., conntrack_entries: _Optional[int] = ..., ring_size: _Optional[int] = ..., kernel_bytes: _Optional[int] = ...) -> None: ...
+
+class GetStatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Status(_message.Message):
+    __slots__ = ("interface", "attach_mode", "program_id", "vips", "backends", "uptime_seconds", "capacity", "conntrack_used")
+    INTERFACE_FIELD_NUMBER: _ClassVar[int]
+    ATTACH_MODE_FIELD_NUMBER: _ClassVar[int]
+    PROGRAM_ID_FIELD_NUMBER: _ClassVar[int]
+    VIPS_FIELD_NUMBER: _ClassVar[int]
+    BACKENDS_FIELD_NUMBER: _ClassVar[int]
+    UPTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_FIELD_NUMBER: _ClassVar[int]
+    CONNTRACK_USED_FIELD_NUMBER: _ClassVar[int]
+    interface: str
+    attach_mode: str
+    program_id: int
+    vips: int
+    backends: int
+    uptime_seconds: float
+    capacity: Capacity
+    conntrack_used: int
+    def __init__(self, interface: _Optional[str] = ..., attach_mode: _Optional[str] = ..., program_id: _Optional[int] = ..., vips: _Optional[int] = ..., backends: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., capacity: _Optional[_Union[Capacity, _Mapping]] = ..., conntrack_used: _Optional[int] = ...) -> None: ...
+
+class LookupFlowRequest(_message.Message):
+    __slots__ = ("src", "dst", "sport", "dport", "protocol")
+    SRC_FIELD_NUMBER: _ClassVar[int]
+    DST_FIELD_NUMBER: _ClassVar[int]
+    SPORT_FIELD_NUMBER: _ClassVar[int]
+    DPORT_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_FIELD_NUMBER: _ClassVar[int]
+    src: str
+    dst: str
+    sport: int
+    dport: int
+    protocol: str
+    def __init__(self, src: _Optional[str] = ..., dst: _Optional[str] = ..., sport: _Optional[int] = ..., dport: _Optional[int] = ..., protocol: _Optional[str] = ...) -> None: ...
+
+class LookupFlowResponse(_message.Message):
+    __slots__ = ("verdict", "backend", "from_conntrack")
+    VERDICT_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    FROM_CONNTRACK_FIELD_NUMBER: _ClassVar[int]
+    verdict: str
+    backend: str
+    from_conntrack: bool
+    def __init__(self, verdict: _Optional[str] = ..., backend: _Optional[str] = ..., from_conntrack: _Optional[bool] = ...) -> None: ...

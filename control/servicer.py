@@ -1,0 +1,165 @@
+"""gRPC service boundary: validate the request, call the Controller, turn
+typed errors into status codes. No load-balancing logic lives here."""
+from __future__ import annotations
+
+import functools
+import time
+
+import grpc
+
+from l4lb.controller import Controller
+from l4lb.errors import (AlreadyExistsError, BpfError, CapacityError, L4lbError, NotFoundError,
+                         StateError, ValidationError)
+from l4lb.model import VipKey
+
+from .l4lb.v1 import l4lb_pb2 as pb
+from .l4lb.v1 import l4lb_pb2_grpc as pb_grpc
+
+STATUS = [
+    (ValidationError, grpc.StatusCode.INVALID_ARGUMENT),
+    (NotFoundError, grpc.StatusCode.NOT_FOUND),
+    (AlreadyExistsError, grpc.StatusCode.ALREADY_EXISTS),
+    (CapacityError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (StateError, grpc.StatusCode.FAILED_PRECONDITION),
+    (BpfError, grpc.StatusCode.INTERNAL),
+]
+
+
+def _status(err: L4lbError) -> grpc.StatusCode:
+    for cls, code in STATUS:
+        if isinstance(err, cls):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+def rpc(fn):
+    @functools.wraps(fn)
+    def wrapper(self, request, context):
+        try:
+            return fn(self, request, context)
+        except L4lbError as e:
+            context.abort(_status(e), str(e))
+    return wrapper
+
+
+def vip_key(vid, what: str = "id") -> VipKey:
+    if vid is None or not vid.address:
+        raise ValidationError(f"{what}: give the VIP's address, port and protocol")
+    return VipKey.parse(vid.address, vid.port, vid.protocol, what)
+
+
+def vip_msg(v, stats: dict | None = None) -> pb.Vip:
+    msg = pb.Vip(id=pb.VipId(address=v.key.address, port=v.key.port, protocol=v.key.protocol),
+                 flags=sorted(v.flags), vip_id=v.vip_id,
+                 backends=[pb.Backend(address=a, weight=w) for a, w in sorted(v.backends.items())])
+    if stats:
+        msg.packets, msg.bytes = stats["packets"], stats["bytes"]
+    return msg
+
+
+class LoadBalancerServicer(pb_grpc.LoadBalancerServicer):
+    def __init__(self, ctrl: Controller, resolve_neighbour=None, lookup_flow=None):
+        self.ctrl = ctrl
+        self.resolve_neighbour = resolve_neighbour
+        self.lookup_flow = lookup_flow
+
+    @rpc
+    def AddVip(self, request, context):
+        key = vip_key(request.id if request.HasField("id") else None)
+        v = self.ctrl.add_vip(key, list(request.flags), [(b.address, b.weight) for b in request.backends])
+        return vip_msg(v)
+
+    @rpc
+    def DeleteVip(self, request, context):
+        self.ctrl.delete_vip(vip_key(request.id if request.HasField("id") else None))
+        return pb.DeleteVipResponse()
+
+    @rpc
+    def ListVips(self, request, context):
+        return pb.ListVipsResponse(vips=[vip_msg(v) for v in self.ctrl.list_vips()])
+
+    @rpc
+    def GetVip(self, request, context):
+        key = vip_key(request.id if request.HasField("id") else None)
+        _, per_vip = self.ctrl.stats(key)
+        v, st = per_vip[0]
+        return vip_msg(v, st)
+
+    @rpc
+    def ModifyVip(self, request, context):
+        key = vip_key(request.id if request.HasField("id") else None)
+        return vip_msg(self.ctrl.modify_vip(key, list(request.flags)))
+
+    @rpc
+    def AddBackends(self, request, context):
+        key = vip_key(request.id if request.HasField("id") else None)
+        return vip_msg(self.ctrl.add_backends(key, [(b.address, b.weight) for b in request.backends]))
+
+    @rpc
+    def RemoveBackends(self, request, context):
+        key = vip_key(request.id if request.HasField("id") else None)
+        return vip_msg(self.ctrl.remove_backends(key, list(request.addresses)))
+
+    @rpc
+    def SetBackendWeights(self, request, context):
+        key = vip_key(request.id if request.HasField("id") else None)
+        return vip_msg(self.ctrl.set_weights(key, [(b.address, b.weight) for b in request.backends]))
+
+    def _stats(self, request) -> pb.Stats:
+        key = vip_key(request.id) if request.HasField("id") else None
+        glob, per_vip = self.ctrl.stats(key)
+        return pb.Stats(counters=glob, timestamp=time.time(), vips=[
+            pb.VipStats(id=pb.VipId(address=v.key.address, port=v.key.port, protocol=v.key.protocol),
+                        packets=s["packets"], bytes=s["bytes"]) for v, s in per_vip])
+
+    @rpc
+    def GetStats(self, request, context):
+        return self._stats(request)
+
+    def WatchStats(self, request, context):
+        interval = request.interval_seconds or 1.0
+        if not 0.1 <= interval <= 3600:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"interval_seconds: {interval} is out of range (0.1-3600)")
+        try:
+            while context.is_active():
+                yield self._stats(request)
+                time.sleep(interval)
+        except L4lbError as e:
+            context.abort(_status(e), str(e))
+
+    @rpc
+    def SetGateway(self, request, context):
+        which = request.WhichOneof("target")
+        if which == "mac":
+            self.ctrl.set_gateway(request.mac)
+        elif which == "ip":
+            if not self.resolve_neighbour:
+                raise ValidationError("ip: resolving a gateway needs `l4lb run --interface`; give the MAC instead")
+            self.ctrl.set_gateway(self.resolve_neighbour(request.ip), request.ip)
+        else:
+            raise ValidationError("give the gateway's mac or its ip")
+        return pb.Gateway(mac=self.ctrl.runtime.gateway_mac, ip=self.ctrl.gateway_ip)
+
+    @rpc
+    def GetGateway(self, request, context):
+        return pb.Gateway(mac=self.ctrl.runtime.gateway_mac, ip=self.ctrl.gateway_ip)
+
+    @rpc
+    def GetStatus(self, request, context):
+        s = self.ctrl.status()
+        cap = self.ctrl.capacity
+        return pb.Status(interface=s["interface"], attach_mode=s["attach_mode"],
+                         program_id=s.get("program_id", 0), vips=s["vips"], backends=s["backends"],
+                         uptime_seconds=s["uptime"], conntrack_used=s.get("conntrack_used", 0),
+                         capacity=pb.Capacity(max_vips=cap.max_vips, max_backends=cap.max_backends,
+                                              conntrack_entries=cap.ct_size, ring_size=cap.ring_size,
+                                              kernel_bytes=cap.kernel_bytes()))
+
+    @rpc
+    def LookupFlow(self, request, context):
+        if not self.lookup_flow:
+            raise ValidationError("flow lookup is not available on this server")
+        verdict, backend, from_ct = self.lookup_flow(request.src, request.dst, request.sport,
+                                                     request.dport, request.protocol)
+        return pb.LookupFlowResponse(verdict=verdict, backend=backend, from_conntrack=from_ct)

@@ -1,0 +1,293 @@
+"""The `l4lb` verbs: `run` starts the server; the others are gRPC calls."""
+from __future__ import annotations
+
+import argparse
+import time
+
+from rich.console import Console
+from rich.table import Table
+
+from l4lb import consts
+
+from .client import Client, parse_backend, parse_vip, vip_text
+from .l4lb.v1 import l4lb_pb2 as pb
+from .server import DEFAULT_SOCKET
+
+out = Console()
+
+
+def _client(args) -> Client:
+    return Client(args.server, tls_ca=args.tls_ca, cert=args.tls_cert_client, key=args.tls_key_client)
+
+
+def _conn(p):
+    p.add_argument("--server", default=DEFAULT_SOCKET, help=f"gRPC address (default {DEFAULT_SOCKET})")
+    p.add_argument("--tls-ca", help="CA certificate to verify a TLS server")
+    p.add_argument("--tls-cert-client", help="client certificate (when the server asks for one)")
+    p.add_argument("--tls-key-client", help="client key")
+
+
+def add_parsers(sub) -> None:
+    r = sub.add_parser("run", help="load and attach the program, serve gRPC")
+    r.add_argument("--interface", required=True, help="the LB's NIC")
+    r.add_argument("--config", help="YAML configuration applied at start")
+    r.add_argument("--listen", default=DEFAULT_SOCKET, help="unix:PATH or HOST:PORT (non-loopback needs TLS)")
+    r.add_argument("--group", help="group of the unix socket (mode 0660)")
+    r.add_argument("--tls-cert"), r.add_argument("--tls-key"), r.add_argument("--tls-client-ca")
+    r.add_argument("--attach-mode", default="auto", choices=["auto", "native", "generic"])
+    r.add_argument("--detach", action="store_true", help="detach and remove pinned maps on exit")
+    r.add_argument("--force", action="store_true", help="replace an XDP program that is not l4lb's")
+    r.add_argument("--state-dir", default="/var/lib/l4lb")
+    r.add_argument("--max-vips", type=int, default=consts.DEFAULT_MAX_VIPS)
+    r.add_argument("--max-backends", type=int, default=consts.DEFAULT_MAX_BACKENDS)
+    r.add_argument("--ct-size", type=int, default=consts.DEFAULT_CT_SIZE)
+    r.add_argument("--ring-size", type=int, default=consts.DEFAULT_RING_SIZE, choices=consts.ALLOWED_RING_SIZES)
+    r.set_defaults(func=cmd_run)
+
+    vip = sub.add_parser("vip", help="add, delete, list and show VIPs").add_subparsers(dest="verb", required=True)
+    a = vip.add_parser("add", help="add a VIP")
+    a.add_argument("vip", help="ADDRESS[:PORT]/PROTOCOL")
+    a.add_argument("--backend", action="append", default=[], help="ADDRESS[=WEIGHT], repeatable")
+    a.add_argument("--flag", action="append", default=[], choices=sorted(consts.VIP_FLAGS))
+    a.set_defaults(func=cmd_vip_add)
+    d = vip.add_parser("del", help="delete a VIP")
+    d.add_argument("vip")
+    d.set_defaults(func=cmd_vip_del)
+    vip.add_parser("list", help="list VIPs").set_defaults(func=cmd_vip_list)
+    s = vip.add_parser("show", help="a VIP with its backends and counters")
+    s.add_argument("vip")
+    s.set_defaults(func=cmd_vip_show)
+    for p in (a, d, s) + tuple(vip.choices[n] for n in ("list",)):
+        _conn(p)
+
+    be = sub.add_parser("backend", help="change a VIP's backends").add_subparsers(dest="verb", required=True)
+    for name, fn, hlp in (("add", cmd_backend_add, "ADDRESS[=WEIGHT] ..."), ("del", cmd_backend_del, "ADDRESS ..."),
+                          ("weight", cmd_backend_weight, "ADDRESS=WEIGHT ..."), ("drain", cmd_backend_drain, "ADDRESS ...")):
+        p = be.add_parser(name, help=f"{name} backends of a VIP")
+        p.add_argument("vip")
+        p.add_argument("backends", nargs="+", help=hlp)
+        p.set_defaults(func=fn)
+        _conn(p)
+
+    st = sub.add_parser("stats", help="counters")
+    st.add_argument("vip", nargs="?")
+    st.add_argument("--watch", action="store_true")
+    st.add_argument("--interval", type=float, default=1.0)
+    st.set_defaults(func=cmd_stats)
+    _conn(st)
+    ss = sub.add_parser("status", help="interface, program, capacity")
+    ss.set_defaults(func=cmd_status)
+    _conn(ss)
+    ap = sub.add_parser("apply", help="make the running state equal a configuration file")
+    ap.add_argument("-f", dest="file", required=True)
+    ap.set_defaults(func=cmd_apply)
+    _conn(ap)
+    lk = sub.add_parser("lookup", help="which backend the live program picks for a flow")
+    lk.add_argument("src", help="ADDRESS:PORT ([v6]:port for IPv6)")
+    lk.add_argument("dst")
+    lk.add_argument("protocol", choices=sorted(consts.PROTOCOLS))
+    lk.set_defaults(func=cmd_lookup)
+    _conn(lk)
+    gw = sub.add_parser("gateway", help="show or set the gateway")
+    gw.add_argument("mac", nargs="?", help="MAC to set")
+    gw.add_argument("--ip", help="resolve the MAC of this neighbour")
+    gw.set_defaults(func=cmd_gateway)
+    _conn(gw)
+
+
+def cmd_run(args) -> int:
+    from .runner import run  # noqa: PLC0415
+
+    return run(args)
+
+
+def _print_vip(v: pb.Vip, counters: bool = False) -> None:
+    t = Table(title=f"{vip_text(v.id)}  flags: {', '.join(v.flags) or '-'}")
+    t.add_column("backend"), t.add_column("weight", justify="right")
+    for b in v.backends:
+        t.add_row(b.address, str(b.weight) + ("  (draining)" if b.weight == 0 else ""))
+    out.print(t)
+    if counters:
+        out.print(f"packets {v.packets}  bytes {v.bytes}")
+
+
+def cmd_vip_add(args) -> int:
+    req = pb.AddVipRequest(id=parse_vip(args.vip), flags=args.flag, backends=[parse_backend(b) for b in args.backend])
+    with _client(args) as c:
+        _print_vip(c.call("AddVip", req))
+    return 0
+
+
+def cmd_vip_del(args) -> int:
+    with _client(args) as c:
+        c.call("DeleteVip", pb.DeleteVipRequest(id=parse_vip(args.vip)))
+    out.print(f"deleted {args.vip}")
+    return 0
+
+
+def cmd_vip_list(args) -> int:
+    with _client(args) as c:
+        vips = c.call("ListVips", pb.ListVipsRequest()).vips
+    t = Table(title="VIPs")
+    for col in ("vip", "flags", "backends", "draining"):
+        t.add_column(col)
+    for v in vips:
+        t.add_row(vip_text(v.id), ",".join(v.flags) or "-", str(len(v.backends)),
+                  str(sum(1 for b in v.backends if b.weight == 0)))
+    out.print(t)
+    return 0
+
+
+def cmd_vip_show(args) -> int:
+    with _client(args) as c:
+        _print_vip(c.call("GetVip", pb.GetVipRequest(id=parse_vip(args.vip))), counters=True)
+    return 0
+
+
+def _backend_call(args, rpc: str, req) -> int:
+    with _client(args) as c:
+        _print_vip(c.call(rpc, req))
+    return 0
+
+
+def cmd_backend_add(args) -> int:
+    return _backend_call(args, "AddBackends", pb.AddBackendsRequest(
+        id=parse_vip(args.vip), backends=[parse_backend(b) for b in args.backends]))
+
+
+def cmd_backend_del(args) -> int:
+    return _backend_call(args, "RemoveBackends", pb.RemoveBackendsRequest(id=parse_vip(args.vip), addresses=args.backends))
+
+
+def cmd_backend_weight(args) -> int:
+    bs = []
+    for b in args.backends:
+        if "=" not in b:
+            from l4lb.errors import ValidationError  # noqa: PLC0415
+
+            raise ValidationError(f"backend {b!r}: write ADDRESS=WEIGHT")
+        bs.append(parse_backend(b))
+    return _backend_call(args, "SetBackendWeights", pb.SetBackendWeightsRequest(id=parse_vip(args.vip), backends=bs))
+
+
+def cmd_backend_drain(args) -> int:
+    return _backend_call(args, "SetBackendWeights", pb.SetBackendWeightsRequest(
+        id=parse_vip(args.vip), backends=[pb.Backend(address=a, weight=0) for a in args.backends]))
+
+
+def _print_stats(s: pb.Stats) -> None:
+    t = Table(title="counters")
+    t.add_column("counter"), t.add_column("value", justify="right")
+    for k, v in s.counters.items():
+        t.add_row(k, str(v))
+    out.print(t)
+    if s.vips:
+        vt = Table(title="VIPs")
+        vt.add_column("vip"), vt.add_column("packets", justify="right"), vt.add_column("bytes", justify="right")
+        for v in s.vips:
+            vt.add_row(vip_text(v.id), str(v.packets), str(v.bytes))
+        out.print(vt)
+
+
+def cmd_stats(args) -> int:
+    req_id = parse_vip(args.vip) if args.vip else None
+    with _client(args) as c:
+        if not args.watch:
+            _print_stats(c.call("GetStats", pb.GetStatsRequest(id=req_id)))
+            return 0
+        stream = c.stub.WatchStats(pb.WatchStatsRequest(id=req_id, interval_seconds=args.interval))
+        for s in stream:
+            out.clear()
+            out.print(time.strftime("%H:%M:%S"))
+            _print_stats(s)
+    return 0
+
+
+def cmd_status(args) -> int:
+    with _client(args) as c:
+        s = c.call("GetStatus", pb.GetStatusRequest())
+    t = Table(title="l4lb")
+    t.add_column("what"), t.add_column("value")
+    rows = [("interface", s.interface), ("attach mode", s.attach_mode), ("program id", str(s.program_id)),
+            ("VIPs", f"{s.vips} / {s.capacity.max_vips}"), ("backends", f"{s.backends} / {s.capacity.max_backends}"),
+            ("connection table", f"{s.conntrack_used} / {s.capacity.conntrack_entries}"),
+            ("ring size", str(s.capacity.ring_size)),
+            ("kernel memory", f"{s.capacity.kernel_bytes / 2**20:.1f} MiB"), ("uptime", f"{s.uptime_seconds:.0f} s")]
+    for r in rows:
+        t.add_row(*r)
+    out.print(t)
+    return 0
+
+
+def _hostport(text: str) -> tuple[str, int]:
+    from l4lb.errors import ValidationError  # noqa: PLC0415
+
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValidationError(f"{text!r}: write ADDRESS:PORT ([ADDRESS]:PORT for IPv6)")
+    return host.strip("[]"), int(port)
+
+
+def cmd_lookup(args) -> int:
+    (src, sport), (dst, dport) = _hostport(args.src), _hostport(args.dst)
+    with _client(args) as c:
+        r = c.call("LookupFlow", pb.LookupFlowRequest(src=src, dst=dst, sport=sport, dport=dport, protocol=args.protocol))
+    out.print(f"{r.verdict}" + (f" -> {r.backend}" if r.backend else ""))
+    return 0
+
+
+def cmd_gateway(args) -> int:
+    with _client(args) as c:
+        if args.mac or args.ip:
+            req = pb.SetGatewayRequest(mac=args.mac) if args.mac else pb.SetGatewayRequest(ip=args.ip)
+            g = c.call("SetGateway", req)
+        else:
+            g = c.call("GetGateway", pb.GetGatewayRequest())
+    out.print(f"gateway {g.mac}" + (f" ({g.ip})" if g.ip else ""))
+    return 0
+
+
+def cmd_apply(args) -> int:
+    from l4lb.config import load_config  # noqa: PLC0415
+
+    cfg = load_config(args.file)
+    with _client(args) as c:
+        current = {}
+        for v in c.call("ListVips", pb.ListVipsRequest()).vips:
+            current[(v.id.address, v.id.port, v.id.protocol)] = v
+        want = {(s.key.address, s.key.port, s.key.protocol): s for s in cfg.vips}
+        changes = 0
+        if cfg.gateway_set:
+            c.call("SetGateway", pb.SetGatewayRequest(mac=cfg.runtime.gateway_mac))
+        for k, v in current.items():
+            if k not in want:
+                c.call("DeleteVip", pb.DeleteVipRequest(id=v.id))
+                out.print(f"deleted {vip_text(v.id)}")
+                changes += 1
+        for k, spec in want.items():
+            vid = pb.VipId(address=k[0], port=k[1], protocol=k[2])
+            if k not in current:
+                c.call("AddVip", pb.AddVipRequest(id=vid, flags=sorted(spec.flags), backends=[
+                    pb.Backend(address=a, weight=w) for a, w in spec.backends.items()]))
+                out.print(f"added {vip_text(vid)}")
+                changes += 1
+                continue
+            cur = current[k]
+            if set(cur.flags) != set(spec.flags):
+                c.call("ModifyVip", pb.ModifyVipRequest(id=vid, flags=sorted(spec.flags)))
+                changes += 1
+            have = {b.address: b.weight for b in cur.backends}
+            gone = [a for a in have if a not in spec.backends]
+            new = {a: w for a, w in spec.backends.items() if a not in have}
+            reweigh = {a: w for a, w in spec.backends.items() if a in have and have[a] != w}
+            if new:
+                c.call("AddBackends", pb.AddBackendsRequest(id=vid, backends=[pb.Backend(address=a, weight=w) for a, w in new.items()]))
+            if reweigh:
+                c.call("SetBackendWeights", pb.SetBackendWeightsRequest(id=vid, backends=[pb.Backend(address=a, weight=w) for a, w in reweigh.items()]))
+            if gone:
+                c.call("RemoveBackends", pb.RemoveBackendsRequest(id=vid, addresses=gone))
+            if new or reweigh or gone:
+                out.print(f"changed {vip_text(vid)}: +{len(new)} -{len(gone)} ~{len(reweigh)}")
+                changes += 1
+    out.print(f"{changes} change(s) applied")
+    return 0

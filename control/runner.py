@@ -51,6 +51,8 @@ def run(args) -> int:
             raise StateError(f"the pinned maps were made with {asdict(old)}, this run asks for "
                              f"{asdict(cap)}; run with the same sizes, or stop traffic and remove "
                              f"{pin_dir} and {state_file} to start over")
+    if saved and saved.get("source_hash") != bpf.source_hash(cap):
+        _check_layout(cap, str(pin_dir))
     current = netlink.xdp_program(ifname)
     if current and current[1] != consts.PROG_BALANCER and not args.force:
         raise StateError(f"{ifname} runs XDP program {current[1] or '?'} (id {current[0]}), not l4lb's; "
@@ -61,6 +63,7 @@ def run(args) -> int:
     runtime = cfg.runtime if cfg else None
     ctrl = Controller(dp, runtime or RuntimeConfig(),
                       state_file, ifname)
+    ctrl.source_hash = bpf.source_hash(cap)
     if saved:
         ctrl.adopt(saved)
         log.info("adopted pinned state: %d VIPs, %d backends", len(ctrl.state.vips), len(ctrl.state.backends))
@@ -83,8 +86,11 @@ def run(args) -> int:
         ctrl.attach_mode = saved.get("attach_mode", "native")
         prog.ifname, prog.attach_mode = ifname, ctrl.attach_mode
     else:
-        # attaching over a running program swaps it in one step (no detach)
-        ctrl.attach_mode = prog.attach(ifname, args.attach_mode)
+        # a running program is swapped in one step (XDP_FLAGS_REPLACE), never detached first
+        mode = args.attach_mode
+        if attached and mode == "auto" and saved:
+            mode = saved.get("attach_mode", "auto")
+        ctrl.attach_mode = prog.attach(ifname, mode, replace_id=attached[0] if attached else None)
         attached = netlink.xdp_program(ifname)
     ctrl.save()
     log.info("attached to %s (%s mode, program id %s)", ifname, ctrl.attach_mode, attached[0] if attached else "?")
@@ -117,6 +123,21 @@ def run(args) -> int:
 
     serve(server, on_stop)
     return 0
+
+
+def _check_layout(cap: consts.Capacity, pin_dir: str) -> None:
+    """A new program may only adopt pinned maps of exactly its own layout."""
+    probe = bpf.load_balancer(cap)  # not pinned: only to learn the new layout
+    try:
+        new = bpf.layout_of(probe)
+    finally:
+        probe.close()
+    old = bpf.pinned_layout(pin_dir)
+    diff = [f"{n}: pinned {old[n]}, new {new[n]}" for n in old if n in new and old[n] != new[n]]
+    if diff:
+        raise StateError("the pinned maps have another layout than this program "
+                         f"((key, value, entries): {'; '.join(diff)}); a layout change needs new map "
+                         f"names, or stop traffic and remove {pin_dir} to start over")
 
 
 def _locked_lookup(ctrl, prog, *args):

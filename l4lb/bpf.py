@@ -21,12 +21,6 @@ log = logging.getLogger("l4lb.bpf")
 XDP_DIR = Path(__file__).resolve().parent.parent / "xdp"
 BPFFS = "/sys/fs/bpf"
 
-XDP_FLAGS_UPDATE_IF_NOEXIST = 1 << 0
-XDP_FLAGS_SKB_MODE = 1 << 1
-XDP_FLAGS_DRV_MODE = 1 << 2
-XDP_FLAGS_REPLACE = 1 << 4
-
-
 def _bcc():
     try:
         import bcc  # noqa: PLC0415
@@ -123,23 +117,22 @@ class Program:
     def run(self, packet: bytes, repeat: int = 1) -> testrun.RunResult:
         return testrun.run(self.fd, packet, repeat=repeat)
 
-    def attach(self, ifname: str, mode: str = "auto") -> str:
+    def attach(self, ifname: str, mode: str = "auto", replace_id: int | None = None) -> str:
         """Attaches natively ('native'), in generic mode ('generic') or natively
-        with a fallback to generic ('auto'). Returns the mode in use."""
-        bcc = _bcc()
+        with a fallback to generic ('auto'). With replace_id the running
+        program is swapped atomically (XDP_FLAGS_REPLACE). Returns the mode."""
+        from . import netlink  # noqa: PLC0415
+
         if mode not in ("auto", "native", "generic"):
             raise BpfError(f"attach mode {mode!r}: use auto, native or generic")
-        tries = [("native", XDP_FLAGS_DRV_MODE), ("generic", XDP_FLAGS_SKB_MODE)]
-        if mode != "auto":
-            tries = [t for t in tries if t[0] == mode]
+        tries = ["native", "generic"] if mode == "auto" else [mode]
         last = None
-        for name, flags in tries:
-            with _quiet_stderr():
-                try:
-                    bcc.BPF.attach_xdp(ifname, self.fn, flags)
-                except Exception as e:
-                    last = e
-                    continue
+        for name in tries:
+            try:
+                netlink.xdp_attach(ifname, self.fd, name, replace_id)
+            except BpfError as e:
+                last = e
+                continue
             if mode == "auto" and name == "generic":
                 log.warning("native XDP is not available on %s (%s); attached in generic mode, "
                             "which is much slower", ifname, last)
@@ -148,15 +141,11 @@ class Program:
         raise BpfError(f"cannot attach {self.name} to {ifname}: {last}")
 
     def detach(self) -> None:
+        from . import netlink  # noqa: PLC0415
+
         if not self.ifname:
             return
-        bcc = _bcc()
-        flags = XDP_FLAGS_DRV_MODE if self.attach_mode == "native" else XDP_FLAGS_SKB_MODE
-        with _quiet_stderr():
-            try:
-                bcc.BPF.remove_xdp(self.ifname, flags)
-            except Exception as e:
-                raise BpfError(f"cannot detach from {self.ifname}: {e}") from e
+        netlink.xdp_detach(self.ifname, self.attach_mode)
         self.ifname = self.attach_mode = None
 
     def close(self) -> None:
@@ -193,3 +182,45 @@ def leaf_from_bytes(table, raw: bytes):
     if len(raw) != ctypes.sizeof(leaf_t):
         raise BpfError(f"value for map {table.name!r}: {len(raw)} bytes, layout has {ctypes.sizeof(leaf_t)}")
     return leaf_t.from_buffer_copy(raw)
+
+
+BALANCER_MAPS = (consts.MAP_VIPS, consts.MAP_VIP_ADDRS, consts.MAP_RINGS, consts.MAP_BACKENDS,
+                 consts.MAP_CONNTRACK, consts.MAP_CONFIG, consts.MAP_VIP_STATS, consts.MAP_GLOBAL_STATS,
+                 consts.MAP_CPU_STATE)
+
+
+def source_hash(capacity: Capacity) -> str:
+    """Fingerprint of the C sources and the constants they are compiled with."""
+    import hashlib  # noqa: PLC0415
+
+    h = hashlib.sha256(" ".join(consts.cflags(capacity)).encode())
+    for f in sorted(XDP_DIR.glob("*.[ch]")):
+        h.update(f.name.encode() + f.read_bytes())
+    return h.hexdigest()
+
+
+def layout_of(prog: Program) -> dict[str, tuple[int, int, int]]:
+    """(key size, value size, max entries) of each map, from the compiled program."""
+    out = {}
+    for name in BALANCER_MAPS:
+        t = prog.table(name)
+        leaf = getattr(t, "sLeaf", t.Leaf)
+        out[name] = (ctypes.sizeof(t.Key), ctypes.sizeof(leaf), t.max_entries)
+    return out
+
+
+def pinned_layout(pin_dir: str) -> dict[str, tuple[int, int, int]]:
+    """The same for maps pinned in pin_dir (what the running program uses)."""
+    import json  # noqa: PLC0415
+
+    out = {}
+    for name in BALANCER_MAPS:
+        path = os.path.join(pin_dir, name)
+        if not os.path.exists(path):
+            continue
+        r = subprocess.run(["bpftool", "-j", "map", "show", "pinned", path], capture_output=True, text=True)
+        if r.returncode:
+            raise BpfError(f"cannot inspect pinned map {path}: {r.stderr.strip()}")
+        m = json.loads(r.stdout)
+        out[name] = (m["bytes_key"], m["bytes_value"], m["max_entries"])
+    return out

@@ -43,6 +43,7 @@ class Controller:
         self.interface = interface
         self.attach_mode = attach_mode
         self.gateway_ip = ""
+        self.source_hash = ""
         self.started = time.monotonic()
         self.lock = threading.RLock()
 
@@ -53,7 +54,8 @@ class Controller:
         rt = asdict(self.runtime)
         rt["encap_v4"], rt["encap_v6"] = str(self.runtime.encap_v4), str(self.runtime.encap_v6)
         doc = {"version": STATE_VERSION, "capacity": asdict(self.capacity), "runtime": rt,
-               "gateway_ip": self.gateway_ip, "attach_mode": self.attach_mode, "state": state_to_dict(self.state)}
+               "gateway_ip": self.gateway_ip, "attach_mode": self.attach_mode,
+               "source_hash": self.source_hash, "state": state_to_dict(self.state)}
         tmp = self.state_file.with_suffix(".tmp")
         tmp.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "w") as f:

@@ -185,3 +185,51 @@ def test_restart_adopts_state_and_keeps_the_same_program(server):
         again = [c.call("LookupFlow", pb.LookupFlowRequest(src="198.18.0.9", dst=vid.address, sport=1000 + i,
                                                            dport=53, protocol="udp")).backend for i in range(20)]
         assert again == picks
+
+
+def _run_once(s: Server, *extra) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["nsenter", f"--net=/run/netns/{s.ns}", L4LB, "run", "--interface", s.ifname,
+         "--listen", f"unix:{s.sock}", "--state-dir", str(s.state), "--max-vips", "8",
+         "--max-backends", "64", "--ct-size", "4096", *extra], capture_output=True, text=True, timeout=120)
+
+
+def test_a_foreign_xdp_program_is_replaced_only_with_force(tmp_path):
+    s = Server(tmp_path)
+    try:
+        subprocess.run(["nsenter", f"--net=/run/netns/{s.ns}", sys.executable, "-c",
+                        f"from l4lb import bpf; p = bpf.load_decap(); p.attach({s.ifname!r}, 'native')"],
+                       check=True, capture_output=True, timeout=120)
+        foreign = s.xdp_id()
+        r = _run_once(s)
+        assert r.returncode == 2 and "not l4lb's" in r.stderr and "--force" in r.stderr
+        assert s.xdp_id() == foreign
+        s.start("--force")
+        assert s.xdp_id() not in ("", foreign)
+    finally:
+        s.cleanup()
+
+
+def test_pinned_maps_of_another_layout_are_refused(tmp_path):
+    import json
+
+    s = Server(tmp_path)
+    try:
+        s.start()
+        s.stop()
+        state_file = s.state / s.ifname / "state.json"
+        doc = json.loads(state_file.read_text())
+        # as if the new build had a smaller connection table but claimed the same state
+        doc["capacity"]["ct_size"] = 2048
+        doc["source_hash"] = "older build"
+        state_file.write_text(json.dumps(doc))
+        r = subprocess.run(
+            ["nsenter", f"--net=/run/netns/{s.ns}", L4LB, "run", "--interface", s.ifname,
+             "--listen", f"unix:{s.sock}", "--state-dir", str(s.state), "--max-vips", "8",
+             "--max-backends", "64", "--ct-size", "2048"], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2
+        assert "another layout" in r.stderr and "conntrack" in r.stderr
+        r = _run_once(s)  # sizes differing from the saved state are refused before any compile
+        assert r.returncode == 2 and "pinned maps were made with" in r.stderr
+    finally:
+        s.cleanup()

@@ -163,3 +163,16 @@ class LoadBalancerServicer(pb_grpc.LoadBalancerServicer):
         verdict, backend, from_ct = self.lookup_flow(request.src, request.dst, request.sport,
                                                      request.dport, request.protocol)
         return pb.LookupFlowResponse(verdict=verdict, backend=backend, from_conntrack=from_ct)
+
+    @rpc
+    def ListFlows(self, request, context):
+        key = vip_key(request.id if request.HasField("id") else None)
+        if request.limit > 100000:
+            raise ValidationError(f"limit: {request.limit} is too large (at most 100000)")
+        flows, total = self.ctrl.list_flows(key, request.limit or 1000)
+        return pb.ListFlowsResponse(flows=[pb.Flow(**f) for f in flows], total=total)
+
+    @rpc
+    def FlushFlows(self, request, context):
+        key = vip_key(request.id if request.HasField("id") else None)
+        return pb.FlushFlowsResponse(flushed=self.ctrl.flush_flows(key))

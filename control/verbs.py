@@ -13,7 +13,7 @@ from .client import Client, parse_backend, parse_vip, vip_text
 from .l4lb.v1 import l4lb_pb2 as pb
 from .server import DEFAULT_SOCKET
 
-out = Console()
+out = Console(markup=False, highlight=False)
 
 
 def _client(args) -> Client:
@@ -88,6 +88,15 @@ def add_parsers(sub) -> None:
     lk.add_argument("protocol", choices=sorted(consts.PROTOCOLS))
     lk.set_defaults(func=cmd_lookup)
     _conn(lk)
+    fl = sub.add_parser("flows", help="connection-table entries of a VIP").add_subparsers(dest="verb", required=True)
+    fs = fl.add_parser("show", help="list a VIP's entries")
+    fs.add_argument("vip")
+    fs.add_argument("--limit", type=int, default=100)
+    fs.set_defaults(func=cmd_flows_show)
+    ff = fl.add_parser("flush", help="delete a VIP's entries (their next packets re-pick)")
+    ff.add_argument("vip")
+    ff.set_defaults(func=cmd_flows_flush)
+    _conn(fs), _conn(ff)
     gw = sub.add_parser("gateway", help="show or set the gateway")
     gw.add_argument("mac", nargs="?", help="MAC to set")
     gw.add_argument("--ip", help="resolve the MAC of this neighbour")
@@ -290,4 +299,23 @@ def cmd_apply(args) -> int:
                 out.print(f"changed {vip_text(vid)}: +{len(new)} -{len(gone)} ~{len(reweigh)}")
                 changes += 1
     out.print(f"{changes} change(s) applied")
+    return 0
+
+
+def cmd_flows_show(args) -> int:
+    with _client(args) as c:
+        r = c.call("ListFlows", pb.ListFlowsRequest(id=parse_vip(args.vip), limit=args.limit))
+    t = Table(title=f"{args.vip}: {r.total} entries" + (f" (first {len(r.flows)})" if r.total > len(r.flows) else ""))
+    for col in ("client", "vip", "backend"):
+        t.add_column(col)
+    for f in r.flows:
+        t.add_row(f"{f.src}:{f.sport}", f"{f.dst}:{f.dport}/{f.protocol}", f.backend or "(stale: re-picks)")
+    out.print(t)
+    return 0
+
+
+def cmd_flows_flush(args) -> int:
+    with _client(args) as c:
+        r = c.call("FlushFlows", pb.FlushFlowsRequest(id=parse_vip(args.vip)))
+    out.print(f"flushed {r.flushed} entries of {args.vip}")
     return 0

@@ -162,6 +162,28 @@ class Controller:
             self.save()
             return vip
 
+    # ---- connection table ------------------------------------------------------------------
+    def list_flows(self, key: VipKey, limit: int = 1000):
+        from .dataplane import flow_key_text  # noqa: PLC0415
+
+        with self.lock:
+            self.state._get(key)
+            by_index = {b.index: (a, b.generation) for a, b in self.state.backends.items()}
+            entries = self.dp.flows(key)
+            out = []
+            for k, v in entries[:limit]:
+                src, dst, sport, dport = flow_key_text(k)
+                addr, gen = by_index.get(v.backend, ("", None))
+                stale = gen != v.generation
+                out.append({"src": src, "dst": dst, "sport": sport, "dport": dport, "protocol": key.protocol,
+                            "backend": "" if stale else addr, "stale": stale})
+            return out, len(entries)
+
+    def flush_flows(self, key: VipKey) -> int:
+        with self.lock:
+            self.state._get(key)
+            return self.dp.delete_flows([k for k, _ in self.dp.flows(key)])
+
     # ---- gateway, stats, status -----------------------------------------------------------
     def set_gateway(self, mac: str, ip: str = "") -> None:
         with self.lock:

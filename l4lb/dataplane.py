@@ -152,6 +152,29 @@ class Dataplane:
         v = t[t.Key(2 * vip_id + copy)]
         return np.frombuffer(bytes(v), dtype=np.uint32).copy()
 
+    def flows(self, key: VipKey):
+        """Connection-table entries of one VIP: (flow_key, ct_entry) pairs."""
+        t = self.t[consts.MAP_CONNTRACK]
+        want = _words(key.address)
+        port = int.from_bytes(key.port.to_bytes(2, "big"), "little")
+        out = []
+        for k, v in t.items():
+            if (list(k.dst) == want and k.proto == key.proto_number and k.family == key.family
+                    and (key.port == 0 or k.dport == port)):
+                out.append((k, v))
+        return out
+
+    def delete_flows(self, keys) -> int:
+        t = self.t[consts.MAP_CONNTRACK]
+        n = 0
+        for k in keys:
+            try:
+                del t[k]
+                n += 1
+            except KeyError:
+                pass  # expired or evicted meanwhile
+        return n
+
     def conntrack_size(self) -> int:
         return sum(1 for _ in self.t[consts.MAP_CONNTRACK].keys())
 
@@ -163,3 +186,13 @@ class Dataplane:
             if "No space" in msg or "E2BIG" in msg or "Argument list too long" in msg:
                 raise CapacityError(f"map {t.name!r} is full: {msg}") from e
             raise BpfError(f"writing map {t.name!r} failed: {msg}") from e
+
+
+def flow_key_text(k) -> tuple[str, str, int, int]:
+    """(src, dst, sport, dport) of a bcc flow_key."""
+    n = 4 if k.family == consts.FAMILY_V4 else 16
+    def addr(words):
+        raw = b"".join(int(w).to_bytes(4, "little") for w in words)[:n]
+        return str(ipaddress.ip_address(raw))
+    port = lambda p: int.from_bytes(int(p).to_bytes(2, "little"), "big")  # noqa: E731
+    return addr(k.src), addr(k.dst), port(k.sport), port(k.dport)

@@ -230,3 +230,49 @@ class LookupFlowResponse(_message.Message):
     backend: str
     from_conntrack: bool
     def __init__(self, verdict: _Optional[str] = ..., backend: _Optional[str] = ..., from_conntrack: _Optional[bool] = ...) -> None: ...
+
+class Flow(_message.Message):
+    __slots__ = ("src", "dst", "sport", "dport", "protocol", "backend", "stale")
+    SRC_FIELD_NUMBER: _ClassVar[int]
+    DST_FIELD_NUMBER: _ClassVar[int]
+    SPORT_FIELD_NUMBER: _ClassVar[int]
+    DPORT_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    STALE_FIELD_NUMBER: _ClassVar[int]
+    src: str
+    dst: str
+    sport: int
+    dport: int
+    protocol: str
+    backend: str
+    stale: bool
+    def __init__(self, src: _Optional[str] = ..., dst: _Optional[str] = ..., sport: _Optional[int] = ..., dport: _Optional[int] = ..., protocol: _Optional[str] = ..., backend: _Optional[str] = ..., stale: _Optional[bool] = ...) -> None: ...
+
+class ListFlowsRequest(_message.Message):
+    __slots__ = ("id", "limit")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    id: VipId
+    limit: int
+    def __init__(self, id: _Optional[_Union[VipId, _Mapping]] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class ListFlowsResponse(_message.Message):
+    __slots__ = ("flows", "total")
+    FLOWS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    flows: _containers.RepeatedCompositeFieldContainer[Flow]
+    total: int
+    def __init__(self, flows: _Optional[_Iterable[_Union[Flow, _Mapping]]] = ..., total: _Optional[int] = ...) -> None: ...
+
+class FlushFlowsRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: VipId
+    def __init__(self, id: _Optional[_Union[VipId, _Mapping]] = ...) -> None: ...
+
+class FlushFlowsResponse(_message.Message):
+    __slots__ = ("flushed",)
+    FLUSHED_FIELD_NUMBER: _ClassVar[int]
+    flushed: int
+    def __init__(self, flushed: _Optional[int] = ...) -> None: ...

@@ -104,6 +104,16 @@ class LoadBalancerStub:
                 request_serializer=control_dot_l4lb_dot_v1_dot_l4lb__pb2.LookupFlowRequest.SerializeToString,
                 response_deserializer=control_dot_l4lb_dot_v1_dot_l4lb__pb2.LookupFlowResponse.FromString,
                 _registered_method=True)
+        self.ListFlows = channel.unary_unary(
+                '/l4lb.v1.LoadBalancer/ListFlows',
+                request_serializer=control_dot_l4lb_dot_v1_dot_l4lb__pb2.ListFlowsRequest.SerializeToString,
+                response_deserializer=control_dot_l4lb_dot_v1_dot_l4lb__pb2.ListFlowsResponse.FromString,
+                _registered_method=True)
+        self.FlushFlows = channel.unary_unary(
+                '/l4lb.v1.LoadBalancer/FlushFlows',
+                request_serializer=control_dot_l4lb_dot_v1_dot_l4lb__pb2.FlushFlowsRequest.SerializeToString,
+                response_deserializer=control_dot_l4lb_dot_v1_dot_l4lb__pb2.FlushFlowsResponse.FromString,
+                _registered_method=True)
 
 
 class LoadBalancerServicer:
@@ -193,6 +203,18 @@ class LoadBalancerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListFlows(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FlushFlows(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LoadBalancerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -265,6 +287,16 @@ def add_LoadBalancerServicer_to_server(servicer, server):
                     servicer.LookupFlow,
                     request_deserializer=control_dot_l4lb_dot_v1_dot_l4lb__pb2.LookupFlowRequest.FromString,
                     response_serializer=control_dot_l4lb_dot_v1_dot_l4lb__pb2.LookupFlowResponse.SerializeToString,
+            ),
+            'ListFlows': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListFlows,
+                    request_deserializer=control_dot_l4lb_dot_v1_dot_l4lb__pb2.ListFlowsRequest.FromString,
+                    response_serializer=control_dot_l4lb_dot_v1_dot_l4lb__pb2.ListFlowsResponse.SerializeToString,
+            ),
+            'FlushFlows': grpc.unary_unary_rpc_method_handler(
+                    servicer.FlushFlows,
+                    request_deserializer=control_dot_l4lb_dot_v1_dot_l4lb__pb2.FlushFlowsRequest.FromString,
+                    response_serializer=control_dot_l4lb_dot_v1_dot_l4lb__pb2.FlushFlowsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -645,6 +677,60 @@ class LoadBalancer:
             '/l4lb.v1.LoadBalancer/LookupFlow',
             control_dot_l4lb_dot_v1_dot_l4lb__pb2.LookupFlowRequest.SerializeToString,
             control_dot_l4lb_dot_v1_dot_l4lb__pb2.LookupFlowResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListFlows(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/l4lb.v1.LoadBalancer/ListFlows',
+            control_dot_l4lb_dot_v1_dot_l4lb__pb2.ListFlowsRequest.SerializeToString,
+            control_dot_l4lb_dot_v1_dot_l4lb__pb2.ListFlowsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FlushFlows(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/l4lb.v1.LoadBalancer/FlushFlows',
+            control_dot_l4lb_dot_v1_dot_l4lb__pb2.FlushFlowsRequest.SerializeToString,
+            control_dot_l4lb_dot_v1_dot_l4lb__pb2.FlushFlowsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -101,6 +101,7 @@ def run(args) -> int:
         now = netlink.xdp_program(ifname)
         s["program_id"] = now[0] if now else 0
         s["conntrack_used"] = dp.conntrack_size()
+        s["kernel_bytes"] = bpf.maps_memory(str(pin_dir))
         return s
 
     ctrl.status = status

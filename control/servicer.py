@@ -154,7 +154,7 @@ class LoadBalancerServicer(pb_grpc.LoadBalancerServicer):
                          uptime_seconds=s["uptime"], conntrack_used=s.get("conntrack_used", 0),
                          capacity=pb.Capacity(max_vips=cap.max_vips, max_backends=cap.max_backends,
                                               conntrack_entries=cap.ct_size, ring_size=cap.ring_size,
-                                              kernel_bytes=cap.kernel_bytes()))
+                                              kernel_bytes=s.get("kernel_bytes") or cap.kernel_bytes()))
 
     @rpc
     def LookupFlow(self, request, context):

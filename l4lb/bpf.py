@@ -209,6 +209,19 @@ def layout_of(prog: Program) -> dict[str, tuple[int, int, int]]:
     return out
 
 
+def maps_memory(pin_dir: str) -> int:
+    """Kernel memory charged for the pinned maps (bpftool's bytes_memlock)."""
+    import json  # noqa: PLC0415
+
+    total = 0
+    for name in BALANCER_MAPS:
+        path = os.path.join(pin_dir, name)
+        r = subprocess.run(["bpftool", "-j", "map", "show", "pinned", path], capture_output=True, text=True)
+        if r.returncode == 0:
+            total += int(json.loads(r.stdout).get("bytes_memlock", 0))
+    return total
+
+
 def pinned_layout(pin_dir: str) -> dict[str, tuple[int, int, int]]:
     """The same for maps pinned in pin_dir (what the running program uses)."""
     import json  # noqa: PLC0415

@@ -182,6 +182,8 @@ def test_restart_adopts_state_and_keeps_the_same_program(server):
         status = c.call("GetStatus", pb.GetStatusRequest())
         assert str(status.program_id) == prog_id == server.xdp_id()
         assert status.capacity.max_vips == 8 and status.capacity.max_backends == 64
+        # the maps' real kernel memory: at least the 2 x 8 rings of 65537 slots
+        assert status.capacity.kernel_bytes >= 16 * 65537 * 4
         again = [c.call("LookupFlow", pb.LookupFlowRequest(src="198.18.0.9", dst=vid.address, sport=1000 + i,
                                                            dport=53, protocol="udp")).backend for i in range(20)]
         assert again == picks
@@ -231,5 +233,42 @@ def test_pinned_maps_of_another_layout_are_refused(tmp_path):
         assert "another layout" in r.stderr and "conntrack" in r.stderr
         r = _run_once(s)  # sizes differing from the saved state are refused before any compile
         assert r.returncode == 2 and "pinned maps were made with" in r.stderr
+    finally:
+        s.cleanup()
+
+
+def test_gateway_is_resolved_from_the_neighbour_table(server):
+    _ip("-n", server.ns, "neigh", "replace", "198.18.1.254", "lladdr", "02:00:00:00:00:fe", "dev", server.ifname,
+        "nud", "permanent")
+    with server.client() as c:
+        g = c.call("SetGateway", pb.SetGatewayRequest(ip="198.18.1.254"))
+        assert (g.mac, g.ip) == ("02:00:00:00:00:fe", "198.18.1.254")
+        assert c.call("GetGateway", pb.GetGatewayRequest()).mac == "02:00:00:00:00:fe"
+        c.call("SetGateway", pb.SetGatewayRequest(mac="02:00:00:00:00:01"))
+
+
+def test_run_applies_its_config_file(tmp_path):
+    cfg = tmp_path / "lb.yaml"
+    cfg.write_text("""
+gateway_mac: "02:00:00:00:00:07"
+vips:
+  - {address: 198.18.10.70, port: 8080, protocol: tcp, backends: [{address: 198.18.2.7, weight: 2}]}
+""")
+    s = Server(tmp_path)
+    try:
+        s.start("--config", str(cfg))
+        with s.client() as c:
+            v = c.call("GetVip", pb.GetVipRequest(id=pb.VipId(address="198.18.10.70", port=8080, protocol="tcp")))
+            assert [(b.address, b.weight) for b in v.backends] == [("198.18.2.7", 2)]
+            assert c.call("GetGateway", pb.GetGatewayRequest()).mac == "02:00:00:00:00:07"
+            r = c.call("LookupFlow", pb.LookupFlowRequest(src="198.18.0.1", dst="198.18.10.70", sport=1, dport=8080, protocol="tcp"))
+            assert (r.verdict, r.backend) == ("TX", "198.18.2.7")
+        bad = tmp_path / "bad.yaml"
+        bad.write_text("vips: [{address: 198.18.10.70, protocol: tcp, port: -1}]")
+        s.stop()
+        r = subprocess.run(["nsenter", f"--net=/run/netns/{s.ns}", L4LB, "run", "--interface", s.ifname,
+                            "--listen", f"unix:{s.sock}", "--state-dir", str(s.state), "--config", str(bad)],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and "vips[0].port" in r.stderr
     finally:
         s.cleanup()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import ipaddress
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -77,7 +78,10 @@ class Dataplane:
         self._update(t, t.Key(0), v)
 
     # ---- Sink (see state.py) -----------------------------------------------------------
-    def put_backend(self, index: int, address: str, generation: int, valid: bool) -> None:
+    def put_backend(self, index: int, address: str, generation: int, valid: bool,
+                    vips: Iterable[int] = ()) -> None:
+        """vips: ids of the VIPs that list the backend (a connection-table hit
+        is only used for those)."""
         t = self.t[consts.MAP_BACKENDS]
         v = t.Leaf()
         for i, w in enumerate(_words(address)):
@@ -85,6 +89,9 @@ class Dataplane:
         v.generation = generation
         v.family = family_of(ipaddress.ip_address(address))
         v.flags = consts.BACKEND_F_VALID if valid else 0
+        if valid:
+            for vip_id in vips:
+                v.vips[vip_id // 64] |= 1 << (vip_id % 64)
         self._update(t, t.Key(index), v)
 
     def write_ring(self, vip_id: int, copy: int, slots: np.ndarray) -> None:

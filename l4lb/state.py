@@ -9,6 +9,7 @@ more is invalidated last."""
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -21,7 +22,8 @@ from .model import VipKey, VipSpec, check_backend_family, flags_to_bits, parse_a
 
 
 class Sink(Protocol):
-    def put_backend(self, index: int, address: str, generation: int, valid: bool) -> None: ...
+    def put_backend(self, index: int, address: str, generation: int, valid: bool,
+                    vips: Iterable[int] = ()) -> None: ...
     def write_ring(self, vip_id: int, copy: int, slots: np.ndarray) -> None: ...
     def put_vip(self, key: VipKey, vip_id: int, flags: int, ring: int) -> None: ...
     def delete_vip(self, key: VipKey) -> None: ...
@@ -96,10 +98,11 @@ class LbState:
         indices = self._free_backend_indices(len(new_addrs))
         vip = VipState(spec.key, vip_id, spec.flags, dict(spec.backends), ring=0)
         # backends first, then the ring, then the VIP that points to the ring
-        self._acquire(new_addrs, indices, spec.backends)
+        self._acquire(new_addrs, indices, vip_id)
         for a in spec.backends:
             if a not in new_addrs:
                 self.backends[a].refs += 1
+                self._put_listed(a, vip_id)
         self.sink.write_ring(vip_id, 0, self.ring_slots(vip.backends))
         self.sink.clear_vip_stats(vip_id)
         self.sink.put_vip(spec.key, vip_id, flags_to_bits(spec.flags), 0)
@@ -127,10 +130,11 @@ class LbState:
         removed = [a for a in vip.backends if a not in backends]
         new_addrs = [a for a in added if a not in self.backends]
         indices = self._free_backend_indices(len(new_addrs))
-        self._acquire(new_addrs, indices, backends)
+        self._acquire(new_addrs, indices, vip.vip_id)
         for a in added:
             if a not in new_addrs:
                 self.backends[a].refs += 1
+                self._put_listed(a, vip.vip_id)
         idle = 1 - vip.ring
         self.sink.write_ring(vip.vip_id, idle, self.ring_slots(backends))
         self.sink.put_vip(key, vip.vip_id, flags_to_bits(vip.flags), idle)
@@ -150,19 +154,31 @@ class LbState:
         except KeyError:
             raise NotFoundError(f"VIP {key} does not exist") from None
 
-    def _acquire(self, addrs: list[str], indices: list[int], weights: dict[str, int]) -> None:
+    def _acquire(self, addrs: list[str], indices: list[int], vip_id: int) -> None:
         for addr, idx in zip(addrs, indices):
             self.generations[idx] += 1
             self.backends[addr] = BackendState(idx, self.generations[idx], refs=1)
-            self.sink.put_backend(idx, addr, self.generations[idx], True)
+            self.sink.put_backend(idx, addr, self.generations[idx], True, [vip_id])
 
     def _release(self, addrs: list[str]) -> None:
+        """After the VIP stopped listing addrs (its ring flipped, its backends updated)."""
         for addr in addrs:
             b = self.backends[addr]
             b.refs -= 1
             if b.refs == 0:
                 self.sink.put_backend(b.index, addr, b.generation, False)
                 del self.backends[addr]
+            else:  # other VIPs keep it: only this VIP's connection-table entries re-pick
+                self._put_listed(addr)
+
+    def _put_listed(self, addr: str, also: int | None = None) -> None:
+        """Rewrites a live backend with the VIPs that list it (and VIP `also`,
+        which is about to): written before a ring names it, after one stops."""
+        b = self.backends[addr]
+        ids = {v.vip_id for v in self.vips.values() if addr in v.backends}
+        if also is not None:
+            ids.add(also)
+        self.sink.put_backend(b.index, addr, b.generation, True, sorted(ids))
 
     def _sync_address(self, address: str) -> None:
         n = sum(1 for k in self.vips if k.address == address)

@@ -1,6 +1,6 @@
 /* balancer.c - the l4lb data plane, read top to bottom as a packet's path:
  * parse -> VIP? -> connection table -> Maglev ring -> encapsulate -> XDP_TX.
- * Anything not for a VIP leaves with XDP_PASS, untouched. README.md lists
+ * Anything not for a VIP leaves with XDP_PASS, untouched. docs/dataplane.md lists
  * every verdict and the counter it moves. */
 #include <uapi/linux/bpf.h>
 #include <linux/if_ether.h>
@@ -93,6 +93,17 @@ static __always_inline int maglev_pick(const struct vip_meta *vip, __u32 hash, _
     return 0;
 }
 
+/* Does the VIP still list this backend? (A removed backend may live on for
+ * other VIPs.) */
+static __always_inline int listed_by(const struct backend *b, __u32 vip_id)
+{
+    __u32 word = vip_id / 64;
+
+    if (word >= VIP_MASK_WORDS)
+        return 0;
+    return (b->vips[word] >> (vip_id % 64)) & 1;
+}
+
 /* The backend for this flow: a valid connection-table entry, else a fresh
  * Maglev pick, remembered unless the flow or the rate limit says otherwise. */
 static __always_inline int pick_backend(struct pkt *p, const struct vip_meta *vip,
@@ -113,7 +124,8 @@ static __always_inline int pick_backend(struct pkt *p, const struct vip_meta *vi
         if (e) {
             idx = e->backend;
             b = backends.lookup(&idx);
-            if (b && (b->flags & BACKEND_F_VALID) && b->generation == e->generation) {
+            if (b && (b->flags & BACKEND_F_VALID) && b->generation == e->generation &&
+                listed_by(b, vip->vip_id)) {
                 if (p->flow.proto != PROTO_UDP) {
                     gs->ct_hit++;
                     *out = b;
@@ -219,11 +231,13 @@ static __always_inline int handle_icmp(struct xdp_md *ctx, struct pkt *p, void *
 {
     void *data = (void *)(long)ctx->data;
     void *data_end = (void *)(long)ctx->data_end;
+    /* ICMP bytes inside the IP length: Ethernet padding may follow them */
+    __u32 icmp_len = p->ip_len - (__u32)(l4 - data - p->l3off);
     struct vip_meta *vip;
     __u8 type;
     int res;
 
-    if ((void *)l4 + 8 > data_end) {
+    if ((void *)l4 + 8 > data_end || icmp_len < 8) {
         if (!is_vip_address(p))
             goto pass;
         gs->malformed++;
@@ -238,7 +252,7 @@ static __always_inline int handle_icmp(struct xdp_md *ctx, struct pkt *p, void *
         }
         if (type != ICMP_DEST_UNREACH)
             goto pass;
-        res = parse_quoted_v4(l4 + 8, data_end, p);
+        res = parse_quoted_v4(l4 + 8, data_end, p, icmp_len - 8);
     } else {
         if (type == ICMPV6_ECHO_REQUEST) {
             if (!is_vip_address(p))
@@ -247,7 +261,7 @@ static __always_inline int handle_icmp(struct xdp_md *ctx, struct pkt *p, void *
         }
         if (type != ICMPV6_DEST_UNREACH && type != ICMPV6_PKT_TOOBIG)
             goto pass;
-        res = parse_quoted_v6(l4 + 8, data_end, p);
+        res = parse_quoted_v6(l4 + 8, data_end, p, icmp_len - 8);
     }
     if (res != PARSE_OK)
         goto pass;

@@ -134,8 +134,10 @@ static __always_inline int parse_l4(void *l4, void *data_end, struct pkt *p, __u
 
 /* An ICMP error quotes the packet that caused it: IP header and 8 bytes of
  * L4. That packet went from a VIP (a backend's DSR reply) to a client, so the
- * flow it belongs to is the quote with source and destination swapped. */
-static __always_inline int parse_quoted_v4(void *quote, void *data_end, struct pkt *p)
+ * flow it belongs to is the quote with source and destination swapped.
+ * avail: bytes of the quote inside the error's IP length; whatever lies
+ * beyond is Ethernet padding, not part of the quote. */
+static __always_inline int parse_quoted_v4(void *quote, void *data_end, struct pkt *p, __u32 avail)
 {
     struct iphdr *in = quote;
     __u32 ihl;
@@ -144,7 +146,7 @@ static __always_inline int parse_quoted_v4(void *quote, void *data_end, struct p
     if ((void *)(in + 1) > data_end)
         return PARSE_L4_SHORT;
     ihl = in->ihl * 4;
-    if (in->version != 4 || ihl < sizeof(*in))
+    if (in->version != 4 || ihl < sizeof(*in) || ihl + 4 > avail)
         return PARSE_L4_SHORT;
     if (in->protocol != PROTO_TCP && in->protocol != PROTO_UDP)
         return PARSE_NOT_IP;
@@ -161,12 +163,12 @@ static __always_inline int parse_quoted_v4(void *quote, void *data_end, struct p
     return PARSE_OK;
 }
 
-static __always_inline int parse_quoted_v6(void *quote, void *data_end, struct pkt *p)
+static __always_inline int parse_quoted_v6(void *quote, void *data_end, struct pkt *p, __u32 avail)
 {
     struct ipv6hdr *in = quote;
     __be16 *ports = (void *)(in + 1);
 
-    if ((void *)(ports + 2) > data_end)
+    if ((void *)(ports + 2) > data_end || sizeof(*in) + 4 > avail)
         return PARSE_L4_SHORT;
     if (in->nexthdr != PROTO_TCP && in->nexthdr != PROTO_UDP)
         return PARSE_NOT_IP;

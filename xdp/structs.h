@@ -31,13 +31,18 @@ struct ring {
     __u32 slot[RING_SIZE];
 };
 
-/* Entry of the shared backend array; index 0 is never a backend. */
+/* Entry of the shared backend array; index 0 is never a backend. One address
+ * has one index whatever the number of VIPs that list it, so the entry also
+ * says which VIPs list it: a backend removed from one VIP but kept by another
+ * stays valid, yet the first VIP's connection-table entries must re-pick. */
+#define VIP_MASK_WORDS ((MAX_VIPS + 63) / 64)
 struct backend {
     __be32 addr[4];
     __u32 generation; /* changes whenever the index is given to another backend */
     __u8 family;
     __u8 flags;       /* BACKEND_F_VALID while the slot holds a live backend */
     __u16 pad;
+    __u64 vips[VIP_MASK_WORDS]; /* bit vip_id set while that VIP lists this backend */
 };
 
 /* A flow as the LB sees it: client -> VIP. Key of the connection table. */
@@ -81,7 +86,7 @@ struct vip_stats {
     __u64 bytes;
 };
 
-/* Global counters (per CPU); README.md documents each one. */
+/* Global counters (per CPU); docs/dataplane.md documents each one. */
 struct global_stats {
     __u64 pass;            /* not for a VIP: XDP_PASS */
     __u64 tx;              /* encapsulated and sent (XDP_TX) */

@@ -45,7 +45,7 @@ def vip_key(addr: str, port: int, proto: int) -> bytes:
 
 def test_maps_follow_every_change(server):  # noqa: F811
     pin = f"/sys/fs/bpf/l4lb/{server.ifname}"
-    vips, rings, backends = Pinned(f"{pin}/vips", 20, 16), Pinned(f"{pin}/rings", 4, 4 * M), Pinned(f"{pin}/backends", 4, 24)
+    vips, rings, backends = Pinned(f"{pin}/vips", 20, 16), Pinned(f"{pin}/rings", 4, 4 * M), Pinned(f"{pin}/backends", 4, 32)  # max_vips 8: one word of VIP bits
     vid = pb.VipId(address="198.18.10.80", port=80, protocol="tcp")
 
     def check(expect_backends: dict[str, int]):
@@ -62,6 +62,7 @@ def test_maps_follow_every_change(server):  # noqa: F811
             b = backends.get(struct.pack("<I", idx))
             fam, bflags = b[20], b[21]
             assert bflags & 1, f"ring names invalid backend index {idx}"
+            assert struct.unpack("<Q", b[24:32])[0] >> vip_id & 1, f"backend {idx} lacks VIP {vip_id}'s bit"
             index_addr[idx] = str(ipaddress.ip_address(b[:4] if fam == 4 else b[:16]))
         got = [index_addr.get(i) for i in slots.tolist()]
         assert got == maglev_table(expect_backends, M)

@@ -1,0 +1,516 @@
+"""A reference model of the balancer's documented behaviour (docs/dataplane.md).
+
+`expect(frame, model)` reads a raw Ethernet frame with nothing but byte
+offsets and returns what the data plane should do with it: the verdict, the
+exact change of every global counter, the VIP counters, and for XDP_TX the
+whole output frame (with the backend and the encapsulation kind for packets
+sent to a backend). It does not change the model: `commit(model, expected)`
+applies the connection-table write that the packet makes.
+
+The model is deliberately written from the spec, not from the C: it shares no
+code with xdp/ and uses l4lb only for the documented hash (l4lb.flowhash) and
+the Maglev table (l4lb.maglev.maglev_table). What it leaves out: the rate
+limits (the test configures them out of reach), UDP expiry (the test uses a
+long timeout), LRU eviction (the test stays far below the table size), helper
+failures (BPF_PROG_TEST_RUN always leaves headroom) and an unconfigured program.
+
+Where the spec is silent the model takes these readings:
+- every XDP_PASS of a configured program counts `pass`;
+- a quoted IPv4 header must say version 4 and IHL >= 5; a quoted IPv6
+  header's version is not looked at;
+- an ICMP error about a VIP flow is never answered with "too big" (it is
+  forwarded whatever its size; generated errors stay far below the MTU).
+"""
+from __future__ import annotations
+
+import ipaddress
+import struct
+from dataclasses import dataclass, field
+
+from l4lb import flowhash, maglev
+
+PASS, DROP, TX = "PASS", "DROP", "TX"
+
+COUNTERS = ("pass", "tx", "ct_hit", "ct_miss", "ct_stale", "ct_insert", "ct_limited",
+            "no_backend", "too_big", "icmp_echo", "icmp_fwd", "icmp_limited", "fragment",
+            "ext_header", "malformed", "error")
+
+ETH_IP, ETH_IPV6, ETH_8021Q, ETH_8021AD = 0x0800, 0x86DD, 0x8100, 0x88A8
+TCP, UDP, ICMP, ICMPV6 = 6, 17, 1, 58
+IPV6_EXT_HEADERS = frozenset({0, 43, 44, 50, 51, 60, 135, 139, 140})
+TCP_FIN, TCP_SYN, TCP_RST, TCP_ACK = 0x01, 0x02, 0x04, 0x10
+OUTER_TTL = 64
+IPV6_MIN_MTU = 1280
+
+
+# --- the configuration the data plane was given ------------------------------------
+
+
+@dataclass(frozen=True)
+class Flow:
+    """client -> VIP, as the connection table keys it."""
+    family: int      # 4 or 6
+    src: bytes       # packed address
+    dst: bytes
+    sport: int
+    dport: int
+    proto: int
+
+    def __str__(self) -> str:
+        s, d = ipaddress.ip_address(self.src), ipaddress.ip_address(self.dst)
+        return f"{s}:{self.sport} -> {d}:{self.dport}/{self.proto}"
+
+
+@dataclass(frozen=True)
+class CtEntry:
+    index: int
+    generation: int
+    address: str
+
+
+@dataclass(frozen=True)
+class Vip:
+    address: str
+    port: int
+    proto: int
+    vip_id: int
+    no_sport: bool
+    no_conntrack: bool
+    table: tuple  # backend address (or None) per ring slot
+
+
+@dataclass
+class LbModel:
+    vips: dict           # (family, packed address, port, proto) -> Vip
+    backends: dict       # index -> (address, generation) of every valid backend
+    gw_mac: bytes
+    encap_v4: ipaddress.IPv4Network
+    encap_v6: ipaddress.IPv6Network
+    mtu: int
+    ring_size: int
+    conntrack: dict = field(default_factory=dict)  # Flow -> CtEntry
+    listed: dict = field(default_factory=dict)     # backend index -> ids of the VIPs that list it
+
+    @property
+    def vip_addresses(self) -> set:
+        return {(fam, addr) for fam, addr, _port, _proto in self.vips}
+
+    @property
+    def portless(self) -> bool:
+        return any(port == 0 for _f, _a, port, _p in self.vips)
+
+    @classmethod
+    def from_state(cls, state, runtime, ring_size: int, conntrack: dict | None = None) -> "LbModel":
+        """The model of a balancer configured through l4lb.state.LbState and a
+        l4lb.dataplane.RuntimeConfig; the connection table is carried over."""
+        vips = {}
+        for key, v in state.vips.items():
+            ip = ipaddress.ip_address(key.address)
+            table = tuple(maglev.maglev_table(v.backends, ring_size)) if v.backends else (None,) * ring_size
+            vips[(ip.version, ip.packed, key.port, key.proto_number)] = Vip(
+                key.address, key.port, key.proto_number, v.vip_id,
+                "no_source_port" in v.flags, "no_conntrack" in v.flags, table)
+        backends = {b.index: (addr, b.generation) for addr, b in state.backends.items()}
+        listed = {b.index: {v.vip_id for v in state.vips.values() if addr in v.backends}
+                  for addr, b in state.backends.items()}
+        return cls(vips, backends, bytes(int(x, 16) for x in runtime.gateway_mac.split(":")),
+                   runtime.encap_v4, runtime.encap_v6, runtime.mtu, ring_size,
+                   dict(conntrack or {}), listed)
+
+    def index_of(self, address: str) -> tuple[int, int]:
+        for idx, (addr, gen) in self.backends.items():
+            if addr == address:
+                return idx, gen
+        raise KeyError(address)
+
+
+# --- what the model predicts -----------------------------------------------------------
+
+
+@dataclass
+class Expected:
+    verdict: str
+    counters: dict = field(default_factory=dict)
+    trace: list = field(default_factory=list)   # why, step by step
+    vip_id: int | None = None                   # VIP whose packets/bytes count this frame
+    vip_bytes: int = 0
+    backend: str | None = None                  # TX to a backend: its address
+    kind: str | None = None                     # 4in4, 4in6, 6in6, echo4, echo6, too_big4, too_big6
+    output: bytes | None = None                 # TX: the whole frame sent; PASS: the input
+    inner_offset: int | None = None             # encapsulation: where the inner packet starts
+    flow: Flow | None = None
+    ct_write: tuple | None = None               # (Flow, CtEntry) written to the table
+
+    def count(self, name: str, n: int = 1) -> None:
+        assert name in COUNTERS, name
+        self.counters[name] = self.counters.get(name, 0) + n
+
+    def deltas(self) -> dict:
+        return {c: self.counters.get(c, 0) for c in COUNTERS}
+
+    def describe(self) -> str:
+        parts = [self.verdict, " > ".join(self.trace)]
+        if self.backend:
+            parts.append(f"backend {self.backend} ({self.kind})")
+        elif self.kind:
+            parts.append(self.kind)
+        nz = {k: v for k, v in self.counters.items() if v}
+        parts.append(f"counters {nz}")
+        return "; ".join(parts)
+
+
+def commit(model: LbModel, exp: Expected) -> None:
+    """Applies the packet's effect on the connection table to the model."""
+    if exp.ct_write:
+        flow, entry = exp.ct_write
+        model.conntrack[flow] = entry
+
+
+# --- checksums ---------------------------------------------------------------------------
+
+
+def _fold(s: int) -> int:
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return s
+
+
+def inet_checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    return ~_fold(sum(struct.unpack(f"!{len(data) // 2}H", data))) & 0xFFFF
+
+
+def checksum_update(check: int, old: int, new: int) -> int:
+    """RFC 1624 eqn. 3: HC' = ~(~HC + ~m + m')."""
+    return ~_fold((~check & 0xFFFF) + (~old & 0xFFFF) + new) & 0xFFFF
+
+
+# --- parsing -------------------------------------------------------------------------------
+
+
+def _be16(b: bytes, off: int) -> int:
+    return (b[off] << 8) | b[off + 1]
+
+
+@dataclass
+class _Ip:
+    family: int
+    l3: int          # offset of the IP header
+    l4: int          # offset after the IP header
+    end: int         # offset where the IP packet ends (l3 + its length)
+    ip_len: int
+    src: bytes
+    dst: bytes
+    proto: int
+    tos: int
+    df: bool
+
+
+def expect(frame: bytes, model: LbModel) -> Expected:
+    """The documented fate of one frame, given the model's configuration and connection table."""
+    n = len(frame)
+    if n < 14:
+        return _drop("malformed", f"frame of {n} bytes: Ethernet header truncated")
+    etype, l3 = _be16(frame, 12), 14
+    trace = []
+    if etype in (ETH_8021Q, ETH_8021AD):
+        if n < 18:
+            return _drop("malformed", f"VLAN tag truncated ({n} bytes)")
+        etype, l3 = _be16(frame, 16), 18
+        trace.append("vlan")
+    if etype == ETH_IP:
+        ip = _parse_ipv4(frame, l3, trace)
+    elif etype == ETH_IPV6:
+        ip = _parse_ipv6(frame, l3, trace)
+    else:
+        return _pass(frame, trace + [f"ethertype {etype:#06x} is not IP"])
+    if isinstance(ip, Expected):
+        return ip
+    vip_addr = (ip.family, ip.dst) in model.vip_addresses
+    trace.append("to a VIP address" if vip_addr else "not to a VIP address")
+
+    if ip.family == 4:
+        frag = _be16(frame, ip.l3 + 6) & 0x3FFF
+        if frag:
+            return _drop("fragment", *trace, "IPv4 fragment") if vip_addr else \
+                _pass(frame, trace + ["IPv4 fragment"])
+    if ip.family == 6 and ip.proto in IPV6_EXT_HEADERS:
+        return _drop("ext_header", *trace, f"extension header {ip.proto}") if vip_addr else \
+            _pass(frame, trace + [f"extension header {ip.proto}"])
+    if (ip.family, ip.proto) in ((4, ICMP), (6, ICMPV6)):
+        return _icmp(frame, ip, model, vip_addr, trace)
+    if ip.proto not in (TCP, UDP):
+        return _pass(frame, trace + [f"IP protocol {ip.proto}"])
+
+    need = 20 if ip.proto == TCP else 8
+    if ip.end - ip.l4 < need:  # ip.end <= len(frame) was checked
+        what = f"{'TCP' if ip.proto == TCP else 'UDP'} header truncated ({ip.end - ip.l4} bytes)"
+        return _drop("malformed", *trace, what) if vip_addr else _pass(frame, trace + [what])
+    sport, dport = _be16(frame, ip.l4), _be16(frame, ip.l4 + 2)
+    flags = frame[ip.l4 + 13] if ip.proto == TCP else 0
+    flow = Flow(ip.family, ip.src, ip.dst, sport, dport, ip.proto)
+    vip = _find_vip(model, flow)
+    if vip is None:
+        return _pass(frame, trace + [f"no VIP for {flow}"])
+    return _balance(frame, ip, model, vip, flow, flags, icmp_error=False, trace=trace)
+
+
+def _parse_ipv4(frame: bytes, l3: int, trace: list):
+    n = len(frame)
+    if n < l3 + 20:
+        return _drop("malformed", *trace, "IPv4 header truncated")
+    ver, ihl = frame[l3] >> 4, (frame[l3] & 0xF) * 4
+    if ver != 4:
+        return _drop("malformed", *trace, f"IPv4 ethertype, version {ver}")
+    if ihl < 20:
+        return _drop("malformed", *trace, f"IHL {ihl // 4}")
+    tot = _be16(frame, l3 + 2)
+    if tot < ihl:
+        return _drop("malformed", *trace, f"tot_len {tot} < IHL*4 {ihl}")
+    if l3 + tot > n:
+        return _drop("malformed", *trace, f"tot_len {tot} beyond the frame ({n - l3} bytes of IP)")
+    trace.append("ipv4" + (f" ihl={ihl}" if ihl != 20 else "") + (f" pad={n - l3 - tot}" if n > l3 + tot else ""))
+    return _Ip(4, l3, l3 + ihl, l3 + tot, tot, frame[l3 + 12:l3 + 16], frame[l3 + 16:l3 + 20],
+               frame[l3 + 9], frame[l3 + 1], bool(frame[l3 + 6] & 0x40))
+
+
+def _parse_ipv6(frame: bytes, l3: int, trace: list):
+    n = len(frame)
+    if n < l3 + 40:
+        return _drop("malformed", *trace, "IPv6 header truncated")
+    ver = frame[l3] >> 4
+    if ver != 6:
+        return _drop("malformed", *trace, f"IPv6 ethertype, version {ver}")
+    plen = _be16(frame, l3 + 4)
+    if l3 + 40 + plen > n:
+        return _drop("malformed", *trace, f"payload_len {plen} beyond the frame ({n - l3 - 40} bytes)")
+    trace.append("ipv6" + (f" pad={n - l3 - 40 - plen}" if n > l3 + 40 + plen else ""))
+    tclass = ((frame[l3] & 0xF) << 4) | (frame[l3 + 1] >> 4)
+    return _Ip(6, l3, l3 + 40, l3 + 40 + plen, 40 + plen, frame[l3 + 8:l3 + 24],
+               frame[l3 + 24:l3 + 40], frame[l3 + 6], tclass, True)
+
+
+def _find_vip(model: LbModel, flow: Flow) -> Vip | None:
+    vip = model.vips.get((flow.family, flow.dst, flow.dport, flow.proto))
+    if vip is None and model.portless:
+        vip = model.vips.get((flow.family, flow.dst, 0, flow.proto))
+    return vip
+
+
+# --- ICMP ------------------------------------------------------------------------------------
+
+
+def _icmp(frame: bytes, ip: _Ip, model: LbModel, vip_addr: bool, trace: list) -> Expected:
+    # "ICMP header truncated (< 8 bytes)": the header must lie inside the IP packet
+    if ip.end - ip.l4 < 8:
+        what = f"ICMP header truncated ({ip.end - ip.l4} bytes)"
+        return _drop("malformed", *trace, what) if vip_addr else _pass(frame, trace + [what])
+    typ = frame[ip.l4]
+    echo, errors = (8, (3,)) if ip.family == 4 else (128, (1, 2))
+    if typ == echo:
+        if not vip_addr:
+            return _pass(frame, trace + ["echo request"])
+        return _echo(frame, ip, trace + ["echo request"])
+    if typ not in errors:
+        return _pass(frame, trace + [f"ICMP type {typ}"])
+    trace = trace + [f"ICMP error type {typ}"]
+    flow = _quoted_flow(frame, ip, trace)
+    if flow is None:
+        return _pass(frame, trace)
+    vip = _find_vip(model, flow)
+    if vip is None:
+        return _pass(frame, trace + [f"no VIP for quoted flow {flow}"])
+    return _balance(frame, ip, model, vip, flow, 0, icmp_error=True, trace=trace)
+
+
+def _quoted_flow(frame: bytes, ip: _Ip, trace: list) -> Flow | None:
+    """The flow an ICMP error is about: the quoted packet went VIP -> client,
+    so the flow is the quote reversed. None (with the reason in trace) if the
+    quote is not a TCP/UDP packet from the error's destination."""
+    q, end = ip.l4 + 8, ip.end
+    if ip.family == 4:
+        if end < q + 20:
+            trace.append("quoted IPv4 header truncated")
+            return None
+        ver, ihl, proto = frame[q] >> 4, (frame[q] & 0xF) * 4, frame[q + 9]
+        if ver != 4 or ihl < 20:
+            trace.append(f"quoted header version {ver} IHL {ihl // 4}")
+            return None
+        qsrc, qdst, ports = frame[q + 12:q + 16], frame[q + 16:q + 20], q + ihl
+    else:
+        if end < q + 40:
+            trace.append("quoted IPv6 header truncated")
+            return None
+        # (the quoted IPv6 version is not checked: see the notes at the top)
+        proto, qsrc, qdst, ports = frame[q + 6], frame[q + 8:q + 24], frame[q + 24:q + 40], q + 40
+    if proto not in (TCP, UDP):
+        trace.append(f"quoted protocol {proto}")
+        return None
+    if end < ports + 4:
+        trace.append("quoted ports truncated")
+        return None
+    if qsrc != ip.dst:
+        trace.append("quoted source is not the error's destination")
+        return None
+    return Flow(ip.family, qdst, qsrc, _be16(frame, ports + 2), _be16(frame, ports), proto)
+
+
+def _echo(frame: bytes, ip: _Ip, trace: list) -> Expected:
+    e = Expected(TX, trace=trace + ["echo reply"], kind=f"echo{ip.family}")
+    e.count("icmp_echo")
+    out = bytearray(frame)
+    out[0:6], out[6:12] = frame[6:12], frame[0:6]
+    c = ip.l4 + 2
+    reply = 0 if ip.family == 4 else 129
+    old = _be16(frame, ip.l4)
+    new = (reply << 8) | frame[ip.l4 + 1]
+    out[ip.l4] = reply
+    out[c:c + 2] = checksum_update(_be16(frame, c), old, new).to_bytes(2, "big")
+    if ip.family == 4:
+        l3 = ip.l3
+        old = _be16(frame, l3 + 8)
+        out[l3 + 8] = OUTER_TTL
+        out[l3 + 10:l3 + 12] = checksum_update(_be16(frame, l3 + 10), old, _be16(out, l3 + 8)).to_bytes(2, "big")
+        out[l3 + 12:l3 + 16], out[l3 + 16:l3 + 20] = ip.dst, ip.src
+    else:
+        l3 = ip.l3
+        out[l3 + 7] = OUTER_TTL
+        out[l3 + 8:l3 + 24], out[l3 + 24:l3 + 40] = ip.dst, ip.src
+    e.output = bytes(out)
+    return e
+
+
+# --- a VIP packet ------------------------------------------------------------------------------
+
+
+def _balance(frame: bytes, ip: _Ip, model: LbModel, vip: Vip, flow: Flow, tcp_flags: int,
+             icmp_error: bool, trace: list) -> Expected:
+    e = Expected(DROP, trace=trace + [f"VIP {vip.address}:{vip.port}/{vip.proto} (id {vip.vip_id})"],
+                 vip_id=vip.vip_id, vip_bytes=len(frame), flow=flow)
+    h = flowhash.flow_hash(str(ipaddress.ip_address(flow.src)), str(ipaddress.ip_address(flow.dst)),
+                           0 if vip.no_sport else flow.sport, flow.dport, flow.proto)
+    use_ct = not vip.no_conntrack
+    syn = flow.proto == TCP and tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+    rst = flow.proto == TCP and bool(tcp_flags & TCP_RST)
+    backend = None
+    if use_ct and not syn:
+        entry = model.conntrack.get(flow)
+        if entry is not None:
+            live = model.backends.get(entry.index)
+            if live is not None and live[1] == entry.generation and \
+                    vip.vip_id in model.listed.get(entry.index, ()):
+                e.count("ct_hit")
+                e.trace.append(f"ct hit -> {entry.address}")
+                backend = entry.address
+            else:
+                e.count("ct_stale")
+                why = ("backend gone" if live is None else f"generation {entry.generation} != {live[1]}"
+                       if live[1] != entry.generation else f"not listed by VIP {vip.vip_id} any more")
+                e.trace.append(f"ct stale ({entry.address}: {why})")
+    if backend is None:
+        e.count("ct_miss")
+        slot = flowhash.ring_slot(h, model.ring_size)
+        backend = vip.table[slot]
+        e.trace.append(f"maglev slot {slot} -> {backend}")
+        if backend is None:
+            e.count("no_backend")
+            return e
+        if not use_ct:
+            e.trace.append("no_conntrack VIP")
+        elif icmp_error:
+            e.trace.append("ICMP error: no insert")
+        elif rst:
+            e.trace.append("RST: no insert")
+        else:
+            idx, gen = model.index_of(backend)
+            e.count("ct_insert")
+            e.ct_write = (flow, CtEntry(idx, gen, backend))
+    b_family = ipaddress.ip_address(backend).version
+    overhead = 20 if b_family == 4 else 40
+    if ip.ip_len + overhead > model.mtu and ip.df and not icmp_error:
+        e.verdict, e.kind = TX, f"too_big{ip.family}"
+        e.count("too_big")
+        e.trace.append(f"{ip.ip_len} + {overhead} > mtu {model.mtu}, DF")
+        e.output = _too_big(frame, ip, model.mtu - overhead)
+        return e
+    if ip.ip_len + overhead > model.mtu:
+        e.trace.append(f"{ip.ip_len} + {overhead} > mtu {model.mtu}, " +
+                       ("an ICMP error" if icmp_error else "no DF: sent, outer DF clear"))
+    e.verdict, e.backend = TX, backend
+    e.kind = {(4, 4): "4in4", (4, 6): "4in6", (6, 6): "6in6"}[(ip.family, b_family)]
+    e.count("tx")
+    if icmp_error:
+        e.count("icmp_fwd")
+    e.output, e.inner_offset = _encap(frame, ip, model, backend, h)
+    return e
+
+
+def _l2(frame: bytes, l3: int, dst: bytes, src: bytes, etype: int) -> bytes:
+    if l3 == 14:
+        return dst + src + etype.to_bytes(2, "big")
+    return dst + src + frame[12:16] + etype.to_bytes(2, "big")  # the tag kept, same TCI
+
+
+def _hashed_word(prefix_word: bytes, host_bits: int, h: int) -> bytes:
+    """The last 32 bits of an outer source: the prefix's network bits, the
+    flow hash's bits (as the hash word lies in memory) in the host part."""
+    mask = ((1 << host_bits) - 1).to_bytes(4, "big")
+    hw = h.to_bytes(4, "little")
+    return bytes((p & ~m & 0xFF) | (x & m) for p, m, x in zip(prefix_word, mask, hw))
+
+
+def _encap(frame: bytes, ip: _Ip, model: LbModel, backend: str, h: int) -> tuple[bytes, int]:
+    dst = ipaddress.ip_address(backend)
+    own_mac = frame[0:6]
+    if dst.version == 4:
+        net = model.encap_v4
+        src = _hashed_word(net.network_address.packed, min(32, 32 - net.prefixlen), h)
+        hdr = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, ip.tos, ip.ip_len + 20, 0,
+                                    0x4000 if ip.df else 0, OUTER_TTL, 4, 0, src, dst.packed))
+        hdr[10:12] = inet_checksum(bytes(hdr)).to_bytes(2, "big")
+        l2 = _l2(frame, ip.l3, model.gw_mac, own_mac, ETH_IP)
+    else:
+        net = model.encap_v6
+        packed = net.network_address.packed
+        src = packed[:12] + _hashed_word(packed[12:], min(32, 128 - net.prefixlen), h)
+        word0 = (6 << 28) | (ip.tos << 20) | (h & 0xFFFFF)
+        hdr = struct.pack("!IHBB16s16s", word0, ip.ip_len, 4 if ip.family == 4 else 41, OUTER_TTL,
+                          src, dst.packed)
+        l2 = _l2(frame, ip.l3, model.gw_mac, own_mac, ETH_IPV6)
+    out = l2 + bytes(hdr) + frame[ip.l3:]  # the inner packet and any padding after it
+    return out, len(l2) + len(hdr)
+
+
+def _too_big(frame: bytes, ip: _Ip, mtu: int) -> bytes:
+    own_mac, peer_mac = frame[0:6], frame[6:12]
+    if ip.family == 4:
+        ihl = ip.l4 - ip.l3
+        quote = frame[ip.l3:ip.l3 + ihl + 8]
+        icmp = bytearray(struct.pack("!BBHHH", 3, 4, 0, 0, mtu) + quote)
+        icmp[2:4] = inet_checksum(bytes(icmp)).to_bytes(2, "big")
+        hdr = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(icmp), 0, 0, OUTER_TTL, ICMP, 0,
+                                    ip.dst, ip.src))
+        hdr[10:12] = inet_checksum(bytes(hdr)).to_bytes(2, "big")
+        return _l2(frame, ip.l3, peer_mac, own_mac, ETH_IP) + bytes(hdr) + bytes(icmp)
+    quote = frame[ip.l3:ip.l3 + 48]
+    icmp = bytearray(struct.pack("!BBHI", 2, 0, 0, max(mtu, IPV6_MIN_MTU)) + quote)
+    pseudo = ip.dst + ip.src + struct.pack("!I3xB", len(icmp), ICMPV6)
+    icmp[2:4] = inet_checksum(pseudo + bytes(icmp)).to_bytes(2, "big")
+    hdr = struct.pack("!IHBB16s16s", 6 << 28, len(icmp), ICMPV6, OUTER_TTL, ip.dst, ip.src)
+    return _l2(frame, ip.l3, peer_mac, own_mac, ETH_IPV6) + hdr + bytes(icmp)
+
+
+# --- small constructors ------------------------------------------------------------------------
+
+
+def _drop(counter: str, *trace: str) -> Expected:
+    e = Expected(DROP, trace=list(trace))
+    e.count(counter)
+    return e
+
+
+def _pass(frame: bytes, trace: list) -> Expected:
+    e = Expected(PASS, trace=list(trace), output=frame)
+    e.count("pass")
+    return e

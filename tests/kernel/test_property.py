@@ -1,0 +1,617 @@
+"""Property test: random, truncated and corrupted frames through the real
+program, each verdict, output frame and counter change compared with the
+reference model of docs/dataplane.md (refmodel.py).
+
+The frames come from one fixed-seed random.Random, so a run is reproducible:
+a failure names the seed and the case number (L4LB_PROPERTY_SEED and
+L4LB_PROPERTY_CASES change them). Cases run in order on one connection table:
+the model keeps its own copy of the table, and flows come back (ACKs, RSTs,
+SYNs again, UDP again, ICMP errors about them), before and after backends
+change, so hits, stale entries and re-picks are all exercised; the kernel's
+table is compared with the model's at each change and at the end.
+
+ICMP whose headers would run past the IP length into Ethernet padding
+(icmp_reads_padding) must be judged by the IP length alone; the run must
+meet such frames, and the tests at the end pin the cases down.
+"""
+from __future__ import annotations
+
+import ipaddress
+import os
+import random
+import struct
+from collections import Counter
+from dataclasses import dataclass
+
+import pytest
+from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption_NOP, IPOption_EOL
+from scapy.layers.inet6 import (ICMPv6DestUnreach, ICMPv6EchoReply, ICMPv6EchoRequest,
+                                ICMPv6PacketTooBig, ICMPv6TimeExceeded, IPv6)
+from scapy.layers.l2 import ARP, Ether
+
+import refmodel
+from lbfixture import CLIENT_MAC, LB_MAC
+from refmodel import COUNTERS, CtEntry, Flow, LbModel
+
+SEED = int(os.environ.get("L4LB_PROPERTY_SEED", "1318"))
+CASES = int(os.environ.get("L4LB_PROPERTY_CASES", "3000"))
+
+V4_TCP = ("198.18.10.10", 80, "tcp")          # 4in4, three backends
+V4_UDP_ANY = ("198.18.10.11", 0, "udp")       # port-less, no source port, 4in4 and 4in6
+V4_UDP_53 = ("198.18.10.11", 53, "udp")       # same address: the exact port wins over port 0
+V6_TCP = ("fd00:198:18:10::10", 443, "tcp")   # 6in6
+V6_UDP_NOCT = ("fd00:198:18:10::10", 53, "udp")  # same address, no connection table
+V4_EMPTY = ("198.18.10.12", 8080, "tcp")      # no backend at all
+
+VIPS = [
+    (V4_TCP, {"198.18.2.1": 1, "198.18.2.2": 1, "198.18.2.3": 2}, ()),
+    (V4_UDP_ANY, {"198.18.2.4": 1, "fd00:198:18:2::4": 1}, ("no_source_port",)),
+    (V4_UDP_53, {"198.18.2.6": 1}, ()),
+    (V6_TCP, {"fd00:198:18:2::1": 1, "fd00:198:18:2::2": 1}, ()),
+    (V6_UDP_NOCT, {"fd00:198:18:2::3": 1}, ("no_conntrack",)),
+    (V4_EMPTY, {}, ()),
+]
+# Changes in the middle of the run, at 1/3 and 2/3 of the cases (see
+# reconfigure): 198.18.2.3 leaves and 198.18.2.5 takes its backend index with
+# a new generation, so the entries of 2.3 go stale; the 4in6 backend leaves;
+# fd00:198:18:2::2 drains (weight 0: its entries still hit); the MTU drops to
+# 1300, below the IPv6 minimum once 40 bytes of encapsulation are taken off.
+BACKEND_INDICES = 9  # exactly what VIPS needs, so that a freed index is reused
+MTU, LATER_MTU = 1500, 1300
+NON_VIP4 = ["198.18.1.1", "198.18.10.99", "198.18.2.1"]
+NON_VIP6 = ["fd00:198:18:1::1", "fd00:198:18:10::99"]
+EXT_HEADERS = [0, 43, 44, 50, 51, 60, 135, 139, 140]
+TCP_FLAGS = ["S", "S", "SA", "A", "PA", "FA", "R", "RA", "SR", "F", "", "SEC", "U"]
+
+# --- frames --------------------------------------------------------------------------------
+
+
+@dataclass
+class Case:
+    desc: str
+    frame: bytes
+
+
+def l2(etype: int, vlan: tuple | None, dst: str = LB_MAC, src: str = CLIENT_MAC) -> bytes:
+    mac = lambda m: bytes(int(x, 16) for x in m.split(":"))  # noqa: E731
+    if vlan is None:
+        return mac(dst) + mac(src) + etype.to_bytes(2, "big")
+    tpid, tci = vlan
+    return mac(dst) + mac(src) + struct.pack("!HHH", tpid, tci, etype)
+
+
+class Generator:
+    """Random frames: valid traffic to VIPs and elsewhere, then mutations."""
+
+    def __init__(self, rnd: random.Random):
+        self.r = rnd
+        self.mtu = MTU
+        self.flows: list[tuple] = []  # (family, client, vip, cport, vport, proto) already sent
+        self.kinds = [
+            (14, self.tcp_vip4), (10, self.tcp_vip6), (8, self.udp_any4), (4, self.udp_noct6),
+            (2, self.tcp_empty), (18, self.again), (7, self.not_vip), (5, self.echo),
+            (3, self.other_icmp), (9, self.icmp_error), (4, self.fragment), (4, self.ext_header),
+            (3, self.other_proto), (3, self.not_ip), (6, self.big), (3, self.garbage),
+        ]
+        self.total = sum(w for w, _ in self.kinds)
+
+    # helpers
+    def client4(self) -> str:
+        return f"198.18.0.{self.r.randint(1, 254)}"
+
+    def client6(self) -> str:
+        return f"fd00:198:18::{self.r.randint(1, 0xffff):x}"
+
+    def vlan(self):
+        x = self.r.random()
+        if x < 0.2:
+            return (0x8100, self.r.randint(0, 0xffff))
+        if x < 0.25:
+            return (0x88A8, self.r.randint(0, 0xffff))
+        return None
+
+    def ip4(self, src, dst, **kw) -> IP:
+        if self.r.random() < 0.1:
+            kw["options"] = [IPOption_NOP()] * self.r.choice([3, 7, 39]) + [IPOption_EOL()]
+        kw.setdefault("tos", self.r.choice([0, 0, 0x10, 0xb8, self.r.randint(0, 255)]))
+        kw.setdefault("flags", self.r.choice(["", "DF", "DF"]))
+        kw.setdefault("ttl", self.r.randint(1, 255))
+        return IP(src=src, dst=dst, id=self.r.randint(0, 0xffff), **kw)
+
+    def ip6(self, src, dst, **kw) -> IPv6:
+        kw.setdefault("tc", self.r.choice([0, 0, 0xb8, self.r.randint(0, 255)]))
+        kw.setdefault("fl", self.r.randint(0, 0xfffff))
+        kw.setdefault("hlim", self.r.randint(1, 255))
+        return IPv6(src=src, dst=dst, **kw)
+
+    def payload(self, hi: int = 64) -> bytes:
+        return self.r.randbytes(self.r.choice([0, 0, 1, 7, self.r.randint(0, hi)]))
+
+    def frame(self, l3pkt) -> bytes:
+        raw = bytes(l3pkt)
+        out = l2(0x0800 if raw[0] >> 4 == 4 else 0x86DD, self.vlan()) + raw
+        if self.r.random() < 0.1:  # Ethernet padding after the IP packet
+            out += self.r.randbytes(self.r.randint(1, 30))
+        return out
+
+    def l4(self, proto, sport, dport, flags=None):
+        if proto == "tcp":
+            return TCP(sport=sport, dport=dport, flags=flags if flags is not None else self.r.choice(TCP_FLAGS),
+                       seq=self.r.getrandbits(32), ack=self.r.getrandbits(32), window=self.r.randint(0, 0xffff))
+        return UDP(sport=sport, dport=dport)
+
+    def flow_frame(self, fam, client, vip, cport, vport, proto, flags=None, size=None):
+        ip = self.ip4(client, vip) if fam == 4 else self.ip6(client, vip)
+        pkt = ip / self.l4(proto, cport, vport, flags)
+        if size is None:
+            return self.frame(pkt / self.payload())
+        hdr = len(bytes(pkt))
+        return self.frame(pkt / self.r.randbytes(max(0, size - hdr)))
+
+    def remember(self, *flow):
+        self.flows.append(flow)
+        return flow
+
+    # kinds of traffic
+    def tcp_vip4(self):
+        f = self.remember(4, self.client4(), V4_TCP[0], self.r.randint(1024, 65535), 80, "tcp")
+        return "tcp4 to VIP", self.flow_frame(*f)
+
+    def tcp_vip6(self):
+        f = self.remember(6, self.client6(), V6_TCP[0], self.r.randint(1, 65535), 443, "tcp")
+        return "tcp6 to VIP", self.flow_frame(*f)
+
+    def udp_any4(self):
+        f = self.remember(4, self.client4(), V4_UDP_ANY[0], self.r.randint(1, 65535),
+                          self.r.choice([443, 53, self.r.randint(0, 65535)]), "udp")
+        return "udp4 to port-less VIP", self.flow_frame(*f)
+
+    def udp_noct6(self):
+        f = self.remember(6, self.client6(), V6_UDP_NOCT[0], self.r.randint(1, 65535), 53, "udp")
+        return "udp6 to no_conntrack VIP", self.flow_frame(*f)
+
+    def tcp_empty(self):
+        f = self.remember(4, self.client4(), V4_EMPTY[0], self.r.randint(1024, 65535), 8080, "tcp")
+        return "tcp4 to VIP without backends", self.flow_frame(*f)
+
+    def again(self):
+        if not self.flows:
+            return self.tcp_vip4()
+        f = self.r.choice(self.flows)
+        flags = self.r.choice(["A", "A", "PA", "FA", "R", "RA", "S", "SA", ""])
+        return f"again {f[5]}{f[0]} {flags}", self.flow_frame(*f, flags=flags)
+
+    def not_vip(self):
+        x = self.r.randrange(5)
+        if x == 0:
+            return "tcp4 to a VIP address, other port", self.flow_frame(
+                4, self.client4(), V4_TCP[0], self.r.randint(1, 65535), self.r.choice([81, 443, 8080]), "tcp")
+        if x == 1:
+            return "tcp4 to the port-less UDP VIP's address", self.flow_frame(
+                4, self.client4(), V4_UDP_ANY[0], self.r.randint(1, 65535), self.r.randint(0, 65535), "tcp")
+        if x == 2:
+            return "udp6 to a VIP address, no UDP VIP on that port", self.flow_frame(
+                6, self.client6(), V6_TCP[0], self.r.randint(1, 65535), 443, "udp")
+        if x == 3:
+            return "tcp/udp4 to no VIP", self.flow_frame(
+                4, self.client4(), self.r.choice(NON_VIP4), self.r.randint(1, 65535), 80, self.r.choice(["tcp", "udp"]))
+        return "tcp/udp6 to no VIP", self.flow_frame(
+            6, self.client6(), self.r.choice(NON_VIP6), self.r.randint(1, 65535), 443, self.r.choice(["tcp", "udp"]))
+
+    def echo(self):
+        if self.r.random() < 0.5:
+            dst = self.r.choice([V4_TCP[0], V4_UDP_ANY[0], V4_EMPTY[0], self.r.choice(NON_VIP4)])
+            pkt = self.ip4(self.client4(), dst) / ICMP(type=8, id=self.r.randint(0, 0xffff), seq=self.r.randint(0, 99))
+            return f"echo4 to {dst}", self.frame(pkt / self.payload())
+        dst = self.r.choice([V6_TCP[0], V6_TCP[0], self.r.choice(NON_VIP6)])
+        pkt = self.ip6(self.client6(), dst) / ICMPv6EchoRequest(id=self.r.randint(0, 0xffff))
+        return f"echo6 to {dst}", self.frame(pkt / self.payload())
+
+    def other_icmp(self):
+        if self.r.random() < 0.5:
+            dst = self.r.choice([V4_TCP[0], self.r.choice(NON_VIP4)])
+            t = self.r.choice([0, 5, 11, 12, 13, 42])
+            pkt = self.ip4(self.client4(), dst) / ICMP(type=t, code=self.r.randint(0, 3)) / self.payload()
+            return f"icmp4 type {t}", self.frame(pkt)
+        dst = self.r.choice([V6_TCP[0], self.r.choice(NON_VIP6)])
+        pkt = self.r.choice([ICMPv6EchoReply(), ICMPv6TimeExceeded() / self.payload(48)])
+        if self.r.random() < 0.3:
+            pkt = bytes([self.r.choice([3, 4, 133, 135, 136, 200])]) + self.r.randbytes(self.r.randint(7, 40))
+            return "icmp6 other type", self.frame(self.ip6(self.client6(), dst, nh=58) / pkt)
+        return f"icmp6 {pkt.name}", self.frame(self.ip6(self.client6(), dst) / pkt)
+
+    def icmp_error(self):
+        """An ICMP error about a packet a backend sent from a VIP to a client."""
+        if self.flows and self.r.random() < 0.6:
+            fam, client, vip, cport, vport, proto = self.r.choice(self.flows)
+        elif self.r.random() < 0.5:
+            fam, client, vip, cport, vport, proto = 4, self.client4(), self.r.choice(
+                [V4_TCP[0], V4_UDP_ANY[0], V4_EMPTY[0]]), self.r.randint(1, 65535), 80, self.r.choice(["tcp", "udp"])
+        else:
+            fam, client, vip, cport, vport, proto = 6, self.client6(), V6_TCP[0], self.r.randint(1, 65535), \
+                self.r.choice([443, 53]), self.r.choice(["tcp", "udp"])
+        desc = f"icmp error about {proto}{fam} {vip}:{vport}"
+        qsrc, dst = vip, vip
+        x = self.r.random()
+        if x < 0.1:  # the quote is about another address
+            qsrc = self.client4() if fam == 4 else self.client6()
+            desc += ", quote from elsewhere"
+        elif x < 0.15:  # sent to an address that carries no VIP
+            dst = qsrc = self.r.choice(NON_VIP4 if fam == 4 else NON_VIP6)
+            desc += ", to no VIP"
+        quoted_l4 = self.l4(proto, vport, cport, "SA" if proto == "tcp" else None)
+        if self.r.random() < 0.08:
+            quoted_l4 = ICMP() if fam == 4 else ICMPv6EchoReply()
+            desc += ", quoting ICMP"
+        router = self.r.choice(["198.18.1.254", client]) if fam == 4 else self.r.choice(["fd00:198:18:1::fe", client])
+        if fam == 4:
+            quote = bytes(self.ip4(qsrc, client) / quoted_l4 / self.payload(400))
+            keep = self.r.choice([len(quote), 28, 28, self.r.randint(0, len(quote))])
+            icmp = ICMP(type=3, code=self.r.randint(0, 15), nexthopmtu=self.r.choice([0, 1400]))
+            pkt = self.ip4(router, dst) / icmp / quote[:keep]
+        else:
+            quote = bytes(self.ip6(qsrc, client) / quoted_l4 / self.payload(400))
+            keep = self.r.choice([len(quote), 48, 48, self.r.randint(0, len(quote))])
+            icmp = self.r.choice([ICMPv6PacketTooBig(mtu=1280), ICMPv6DestUnreach(code=self.r.randint(0, 6))])
+            pkt = self.ip6(router, dst) / icmp / quote[:keep]
+        return desc + f", quote {keep} bytes", self.frame(pkt)
+
+    def fragment(self):
+        dst = self.r.choice([V4_TCP[0], V4_UDP_ANY[0], V4_EMPTY[0], self.r.choice(NON_VIP4)])
+        flags, frag = self.r.choice([("MF", 0), ("MF", self.r.randint(1, 8191)), ("", self.r.randint(1, 8191)),
+                                     ("MF+DF", 0)])
+        proto = self.r.choice(["tcp", "udp", "icmp"])
+        l4 = ICMP(type=8) if proto == "icmp" else self.l4(proto, self.r.randint(1, 65535), 80, "S")
+        pkt = self.ip4(self.client4(), dst, flags=flags, frag=frag) / l4 / self.payload()
+        return f"fragment {flags} offset {frag} {proto} to {dst}", self.frame(pkt)
+
+    def ext_header(self):
+        dst = self.r.choice([V6_TCP[0], V6_TCP[0], self.r.choice(NON_VIP6)])
+        nh = self.r.choice(EXT_HEADERS)
+        ext = bytes([6, 0]) + bytes(6)  # 8 bytes, then TCP
+        pkt = self.ip6(self.client6(), dst, nh=nh) / (ext + bytes(self.l4("tcp", self.r.randint(1, 65535), 443, "S")))
+        return f"ipv6 extension header {nh} to {dst}", self.frame(pkt)
+
+    def other_proto(self):
+        body = self.r.randbytes(self.r.randint(0, 60))
+        if self.r.random() < 0.5:
+            dst = self.r.choice([V4_TCP[0], self.r.choice(NON_VIP4)])
+            proto = self.r.choice([0, 4, 41, 47, 50, 58, 132, 255])
+            return f"ipv4 protocol {proto} to {dst}", self.frame(self.ip4(self.client4(), dst, proto=proto) / body)
+        dst = self.r.choice([V6_TCP[0], self.r.choice(NON_VIP6)])
+        nh = self.r.choice([1, 4, 41, 47, 59, 132, 253])
+        return f"ipv6 next header {nh} to {dst}", self.frame(self.ip6(self.client6(), dst, nh=nh) / body)
+
+    def not_ip(self):
+        x = self.r.randrange(4)
+        if x == 0:
+            arp = ARP(op=1, psrc=self.client4(), pdst=V4_TCP[0], hwsrc=CLIENT_MAC)
+            return "ARP", l2(0x0806, self.vlan()) + bytes(arp)
+        if x == 1:  # two tags: the inner one is not IP
+            return "QinQ", l2(0x8100, (0x88A8, 5)) + bytes.fromhex("0007 0800") + bytes(
+                self.ip4(self.client4(), V4_TCP[0]) / TCP(dport=80, flags="S"))
+        et = self.r.choice([0x88CC, 0x8847, 0x0801, 0x86DC, self.r.randint(0, 0xffff)])
+        return f"ethertype {et:#06x}", l2(et, self.vlan()) + self.r.randbytes(self.r.randint(0, 60))
+
+    def big(self):
+        """Around the MTU: outer overhead 20 (4in4) or 40 (4in6, 6in6)."""
+        size = self.r.randint(self.mtu - 70, self.mtu + 10)
+        x = self.r.randrange(3)
+        if x == 0:
+            f = self.remember(4, self.client4(), V4_TCP[0], self.r.randint(1024, 65535), 80, "tcp")
+        elif x == 1:
+            f = self.remember(4, self.client4(), V4_UDP_ANY[0], self.r.randint(1, 65535), 443, "udp")
+        else:
+            f = self.remember(6, self.client6(), V6_TCP[0], self.r.randint(1, 65535), 443, "tcp")
+        return f"big {f[5]}{f[0]} ip_len {size}", self.flow_frame(*f, size=size)
+
+    def garbage(self):
+        if self.r.random() < 0.5:
+            return "garbage", self.r.randbytes(self.r.randint(14, 90))
+        et = self.r.choice([0x0800, 0x86DD, 0x8100])
+        return f"garbage after ethertype {et:#06x}", l2(et, None) + self.r.randbytes(self.r.randint(0, 80))
+
+    # mutations
+    def mutate(self, frame: bytes) -> tuple[str, bytes]:
+        f = bytearray(frame)
+        l3 = 18 if len(f) >= 14 and f[12:14] in (b"\x81\x00", b"\x88\xa8") else 14
+        ip4 = len(f) > l3 and f[l3] >> 4 == 4
+        l4 = l3 + ((f[l3] & 15) * 4 if ip4 else 40) if len(f) > l3 else l3
+        x = self.r.random()
+        if x < 0.35:
+            cut = self.r.choice([14, 15, 17, 18, l3 + self.r.randint(0, 19), l3 + 19,
+                                 l3 + 20, l3 + 39, l3 + 40, l4 - 1, l4, l4 + 3, l4 + 7, l4 + 8, l4 + 19,
+                                 l4 + 20, l4 + 27, l4 + 28, l4 + 47, l4 + 48, len(f) - 1])
+            cut = max(14, min(cut, len(f)))  # BPF_PROG_TEST_RUN refuses frames under 14 bytes
+            if self.r.random() < 0.5 and cut > l3 + 4:  # cut, and the IP length made to agree
+                if ip4:
+                    f[l3 + 2:l3 + 4] = (cut - l3).to_bytes(2, "big")
+                elif cut >= l3 + 40:
+                    f[l3 + 4:l3 + 6] = (cut - l3 - 40).to_bytes(2, "big")
+                return f"cut at {cut}, length fixed", bytes(f[:cut])
+            return f"cut at {cut}", bytes(f[:cut])
+        if len(f) <= l3 + 8:
+            return "", frame
+        if x < 0.6:
+            off = self.r.choice([12, 13, l3, l3, l3 + 1, l3 + 2, l3 + 3, l3 + 4, l3 + 5, l3 + 6, l3 + 9,
+                                 l3 + 19, l3 + 39, l4, l4 + 1, l4 + 2, l4 + 3, l4 + 8, l4 + 9, l4 + 13,
+                                 l4 + 17, l4 + 20, l4 + 28, self.r.randrange(len(f))])
+            if off >= len(f):
+                off = self.r.randrange(len(f))
+            v = self.r.randint(1, 255)
+            f[off] ^= v
+            return f"byte {off} ^= {v:#04x}", bytes(f)
+        if x < 0.7:
+            v = self.r.randint(0, 15)
+            f[l3] = (f[l3] & 0xF0) | v
+            return f"IHL/low nibble {v}", bytes(f)
+        if x < 0.8:
+            v = self.r.choice([0, 4, 6, 5, 15])
+            f[l3] = (v << 4) | (f[l3] & 15)
+            return f"version {v}", bytes(f)
+        lo = 2 if ip4 else 4
+        iplen = max(0, len(f) - l3 - (0 if ip4 else 40))
+        v = self.r.choice([iplen + 1, iplen + self.r.randint(2, 100), self.r.randint(0, 0xffff),
+                           max(0, iplen - self.r.randint(1, 30)), self.r.randint(0, 24)]) & 0xFFFF
+        f[l3 + lo:l3 + lo + 2] = v.to_bytes(2, "big")
+        return f"{'tot_len' if ip4 else 'payload_len'} {v} (frame has {iplen})", bytes(f)
+
+    def case(self) -> Case:
+        pick = self.r.randrange(self.total)
+        for w, fn in self.kinds:
+            if pick < w:
+                break
+            pick -= w
+        desc, frame = fn()
+        if self.r.random() < 0.3:
+            what, frame = self.mutate(frame)
+            if what:
+                desc += f" [{what}]"
+        return Case(desc, frame)
+
+
+# --- running and comparing ------------------------------------------------------------------
+
+
+def configure(lb):
+    lb.few_backend_indices(BACKEND_INDICES)
+    lb.configure(mtu=MTU, new_flow_rate=1_000_000_000, icmp_rate=1_000_000_000, udp_timeout_s=3600)
+    for (addr, port, proto), backends, flags in VIPS:
+        lb.add_vip(addr, port, proto, backends, flags)
+
+
+def reconfigure(lb, gen: Generator, stage: int) -> None:
+    if stage == 1:
+        index, generation = lb.index_of("198.18.2.3")
+        lb.set_backends(*V4_TCP, {"198.18.2.1": 1, "198.18.2.2": 1})
+        lb.set_backends(*V4_TCP, {"198.18.2.1": 1, "198.18.2.2": 1, "198.18.2.5": 1})
+        assert lb.index_of("198.18.2.5") == (index, generation + 1), "the freed index is reused"
+    elif stage == 2:
+        lb.set_backends(*V4_UDP_ANY, {"198.18.2.4": 1})
+        lb.set_backends(*V6_TCP, {"fd00:198:18:2::1": 1, "fd00:198:18:2::2": 0})
+        lb.configure(mtu=LATER_MTU)
+        gen.mtu = LATER_MTU
+
+
+def model_of(lb, conntrack=None) -> LbModel:
+    return LbModel.from_state(lb.state, lb.config, lb.capacity.ring_size, conntrack)
+
+
+def kernel_conntrack(lb, model: LbModel) -> dict:
+    """The kernel's connection table in the model's terms (after a mismatch)."""
+    out = {}
+    for k, v in lb.dp.t["conntrack"].items():
+        src, dst, sport, dport, proto, fam, _ = struct.unpack("!16s16sHHBBH", bytes(k))
+        n = 4 if fam == 4 else 16
+        addr = model.backends.get(v.backend, ("?", 0))[0]
+        out[Flow(fam, src[:n], dst[:n], sport, dport, proto)] = CtEntry(v.backend, v.generation, addr)
+    return out
+
+
+def check_conntrack(lb, model: LbModel) -> None:
+    """The kernel's table holds exactly the model's flows, each with the same
+    backend index and generation."""
+    kernel = {f: (e.index, e.generation) for f, e in kernel_conntrack(lb, model).items()}
+    mine = {f: (e.index, e.generation) for f, e in model.conntrack.items()}
+    differ = [(str(f), kernel[f], mine[f]) for f in kernel.keys() & mine.keys() if kernel[f] != mine[f]]
+    assert kernel == mine, (f"connection table: kernel only {[str(f) for f in kernel.keys() - mine.keys()]}, "
+                            f"model only {[str(f) for f in mine.keys() - kernel.keys()]}, differing {differ}")
+
+
+def icmp_reads_padding(frame: bytes) -> bool:
+    """An ICMP packet followed by Ethernet padding whose ICMP header, or the
+    quoted header and ports of an ICMP error, do not fit in the IP length:
+    the bytes in the padding must not be read as part of the packet."""
+    if len(frame) < 14:
+        return False
+    l3 = 18 if frame[12:14] in (b"\x81\x00", b"\x88\xa8") else 14
+    et = frame[l3 - 2:l3]
+    if et == b"\x08\x00" and len(frame) >= l3 + 20 and frame[l3] >> 4 == 4 and frame[l3] & 15 >= 5:
+        ihl, end = (frame[l3] & 15) * 4, l3 + int.from_bytes(frame[l3 + 2:l3 + 4], "big")
+        if frame[l3 + 9] != 1 or int.from_bytes(frame[l3 + 6:l3 + 8], "big") & 0x3FFF or \
+                not l3 + ihl <= end <= len(frame):
+            return False
+        l4, errors = l3 + ihl, (3,)
+        q = l4 + 8
+        need = 8 + (max(20, (frame[q] & 15) * 4) if len(frame) > q else 20) + 4
+    elif et == b"\x86\xdd" and len(frame) >= l3 + 40 and frame[l3] >> 4 == 6:
+        end = l3 + 40 + int.from_bytes(frame[l3 + 4:l3 + 6], "big")
+        if frame[l3 + 6] != 58 or end > len(frame):
+            return False
+        l4, errors, need = l3 + 40, (1, 2), 8 + 44
+    else:
+        return False
+    if end == len(frame):
+        return False  # no padding: nothing to read beyond the packet
+    if end - l4 < 8:
+        return True
+    return frame[l4] in errors and end - l4 < need
+
+
+def paths(exp: refmodel.Expected, model: LbModel) -> list[tuple[str, bool]]:
+    """Finer paths the run must reach at least once, and whether exp took each."""
+    trace = " > ".join(exp.trace)
+    return [
+        ("stale: backend gone", "backend gone" in trace),
+        ("stale: generation changed", "ct stale" in trace and "generation" in trace),
+        ("hit on a drained backend", "ct hit -> fd00:198:18:2::2" in trace and model.mtu == LATER_MTU),
+        ("RST: no insert", "RST: no insert" in trace),
+        ("no_conntrack VIP", "no_conntrack VIP" in trace),
+        ("ICMP error: hit", "ICMP error" in trace and "ct hit" in trace),
+        ("ICMP error: no insert", "ICMP error: no insert" in trace),
+        ("exact port over port-less", exp.vip_id is not None and "VIP 198.18.10.11:53/" in trace),
+        ("IPv4 options", "ihl=" in trace and exp.verdict == "TX"),
+        ("Ethernet padding kept", "pad=" in trace and exp.backend is not None),
+        ("VLAN encapsulated", "vlan" in trace and exp.backend is not None),
+        ("VLAN too big", "vlan" in trace and (exp.kind or "").startswith("too_big")),
+        ("IPv4 too big without DF", "no DF: sent" in trace),
+        ("too_big6 at the IPv6 minimum MTU", exp.kind == "too_big6" and model.mtu == LATER_MTU),
+    ]
+
+
+def vip_counters(lb, ids) -> dict:
+    return {i: lb.dp.vip_stats(i) for i in ids}
+
+
+def describe_frame(frame: bytes) -> str:
+    try:
+        return Ether(frame).summary()
+    except Exception as e:  # scapy cannot always dissect what the generator makes
+        return f"(scapy: {e})"
+
+
+def compare(exp: refmodel.Expected, verdict: str, out: bytes, frame: bytes, gdelta: dict, vdelta: dict) -> list[str]:
+    problems = []
+    if verdict != exp.verdict:
+        problems.append(f"verdict {verdict}, model says {exp.verdict}")
+    want = exp.deltas()
+    if gdelta != want:
+        diff = {k: (gdelta[k], want[k]) for k in COUNTERS if gdelta[k] != want[k]}
+        problems.append(f"global counters differ (kernel, model): {diff}")
+    for vid, d in vdelta.items():
+        w = {"packets": 1, "bytes": exp.vip_bytes} if vid == exp.vip_id else {"packets": 0, "bytes": 0}
+        if d != w:
+            problems.append(f"vip_stats[{vid}] moved {d}, model says {w}")
+    if verdict == exp.verdict and exp.output is not None:
+        if exp.backend is not None:  # spelled out, though the whole frame is compared below
+            l2len = 18 if frame[12:14] in (b"\x81\x00", b"\x88\xa8") else 14
+            dst = out[l2len + 16:l2len + 20] if exp.kind == "4in4" else out[l2len + 24:l2len + 40]
+            if len(out) < l2len + 40 or ipaddress.ip_address(dst) != ipaddress.ip_address(exp.backend):
+                problems.append(f"outer destination {dst.hex()}, model's backend {exp.backend}")
+            if out[exp.inner_offset:] != frame[l2len:]:
+                problems.append("inner packet not intact")
+        if out != exp.output:
+            at = next((i for i in range(min(len(out), len(exp.output))) if out[i] != exp.output[i]),
+                      min(len(out), len(exp.output)))
+            problems.append(f"output frame differs from byte {at} (lengths {len(out)}, model {len(exp.output)}):\n"
+                            f"      kernel {out[max(0, at - 8):at + 24].hex(' ')}\n"
+                            f"      model  {exp.output[max(0, at - 8):at + 24].hex(' ')}")
+    return problems
+
+
+def test_random_frames_match_the_reference_model(lb):
+    configure(lb)
+    rnd = random.Random(SEED)
+    gen = Generator(rnd)
+    model = model_of(lb)
+    vip_ids = sorted(v.vip_id for v in lb.state.vips.values())
+    before = lb.stats()
+    vbefore = vip_counters(lb, vip_ids)
+    failures, seen_counters, seen_kinds, seen_paths = [], Counter(), Counter(), Counter()
+    stages = {CASES // 3: 1, 2 * CASES // 3: 2}
+    held_back = 0
+    for i in range(CASES):
+        if i in stages:
+            check_conntrack(lb, model)
+            reconfigure(lb, gen, stages[i])
+            model = model_of(lb, model.conntrack)
+        case = gen.case()
+        if icmp_reads_padding(case.frame):
+            held_back += 1  # counted: the run must meet such frames
+        exp = refmodel.expect(case.frame, model)
+        r = lb.prog.run(case.frame)
+        after, vafter = lb.stats(), vip_counters(lb, vip_ids)
+        gdelta = {k: after[k] - before[k] for k in COUNTERS}
+        vdelta = {v: {f: vafter[v][f] - vbefore[v][f] for f in ("packets", "bytes")} for v in vip_ids}
+        before, vbefore = after, vafter
+        problems = compare(exp, r.verdict_name, r.data, case.frame, gdelta, vdelta)
+        if problems:
+            failures.append(
+                f"case {i} (seed {SEED}): {case.desc}\n"
+                f"  frame ({len(case.frame)} bytes) {case.frame.hex()}\n"
+                f"  scapy: {describe_frame(case.frame)}\n"
+                f"  model: {exp.describe()}\n" + "".join(f"  - {p}\n" for p in problems))
+            model.conntrack = kernel_conntrack(lb, model)  # go on from the kernel's table
+            if len(failures) >= 10:
+                break
+            continue
+        refmodel.commit(model, exp)
+        seen_counters.update({k: v for k, v in exp.counters.items() if v})
+        seen_kinds[exp.kind or exp.verdict] += 1
+        seen_paths.update(path for path, hit in paths(exp, model) if hit)
+    if not failures:
+        check_conntrack(lb, model)
+    assert not failures, (f"{len(failures)} frame(s) differ from the model "
+                          f"(L4LB_PROPERTY_SEED={SEED}, L4LB_PROPERTY_CASES={CASES}):\n" + "\n".join(failures))
+    # the generator must keep reaching every documented path
+    want_counters = {"pass", "tx", "ct_hit", "ct_miss", "ct_stale", "ct_insert", "no_backend", "too_big",
+                     "icmp_echo", "icmp_fwd", "fragment", "ext_header", "malformed"}
+    want_kinds = {"PASS", "DROP", "4in4", "4in6", "6in6", "echo4", "echo6", "too_big4", "too_big6"}
+    missing = (want_counters - set(seen_counters)) | (want_kinds - set(seen_kinds)) | \
+        ({p for p, _ in paths(refmodel.Expected("PASS"), model)} - set(seen_paths))
+    assert not missing, (f"{CASES} cases never reached {sorted(missing)}: {dict(seen_counters)} "
+                         f"{dict(seen_kinds)} {dict(seen_paths)}")
+    assert held_back > 0, "no ICMP frame with headers reaching into padding was generated"
+    print(f"\n{CASES} frames compared ({held_back} with ICMP headers reaching into padding), seed {SEED}: {dict(seen_kinds)}; "
+          f"counters {dict(seen_counters)}; paths {dict(seen_paths)}")
+
+
+# --- ICMP bounded by the IP length, not the frame (icmp_reads_padding) ---------------------------
+#
+# Frames shorter than 60 bytes are padded on the wire, so a short ICMP packet
+# normally arrives with padding after it: headers are bounded by the IP
+# length, and whatever lies in the padding is not part of the packet.
+
+
+def _padded(frame: bytes, to: int = 60) -> bytes:
+    return frame + bytes(max(0, to - len(frame)))
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_icmp_echo_whose_header_lies_in_the_padding_is_malformed(lb, family):
+    lb.add_vip(V4_TCP[0], 80, "tcp", {"198.18.2.1": 1})
+    lb.add_vip(V6_TCP[0], 443, "tcp", {"fd00:198:18:2::1": 1})
+    if family == 4:  # IP length: 20 + 4 bytes of ICMP (type 8, code 0, checksum)
+        ip = IP(src="198.18.0.5", dst=V4_TCP[0], proto=1, len=24, flags="DF") / bytes.fromhex("0800f7ff")
+        frame = _padded(l2(0x0800, None) + bytes(ip))
+    else:  # payload length 4
+        ip = IPv6(src="fd00:198:18::5", dst=V6_TCP[0], nh=58, plen=4) / bytes.fromhex("80000000")
+        frame = _padded(l2(0x86DD, None) + bytes(ip), 70)
+    exp = refmodel.expect(frame, model_of(lb))
+    assert (exp.verdict, exp.deltas()["malformed"]) == ("DROP", 1)
+    before = lb.stats()
+    r = lb.prog.run(frame)
+    after = lb.stats()
+    assert (r.verdict_name, {k: after[k] - before[k] for k in COUNTERS}) == ("DROP", exp.deltas())
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_icmp_error_whose_quoted_ports_lie_in_the_padding_passes(lb, family):
+    lb.add_vip(V4_TCP[0], 80, "tcp", {"198.18.2.1": 1})
+    lb.add_vip(V6_TCP[0], 443, "tcp", {"fd00:198:18:2::1": 1})
+    ports = struct.pack("!HH", 80 if family == 4 else 443, 40000)
+    if family == 4:  # the quote is the backend's reply VIP:80 -> client:40000, header only
+        quote = bytes(IP(src=V4_TCP[0], dst="198.18.0.5", proto=6, len=40))
+        pkt = IP(src="198.18.1.254", dst=V4_TCP[0]) / ICMP(type=3, code=4, nexthopmtu=1400) / quote
+        frame = l2(0x0800, None) + bytes(pkt) + ports + bytes(16)
+    else:
+        quote = bytes(IPv6(src=V6_TCP[0], dst="fd00:198:18::5", nh=6, plen=20))
+        pkt = IPv6(src="fd00:198:18:1::fe", dst=V6_TCP[0]) / ICMPv6PacketTooBig(mtu=1280) / quote
+        frame = l2(0x86DD, None) + bytes(pkt) + ports + bytes(16)
+    exp = refmodel.expect(frame, model_of(lb))
+    assert (exp.verdict, exp.deltas()["pass"]) == ("PASS", 1)
+    before = lb.stats()
+    r = lb.prog.run(frame)
+    after = lb.stats()
+    assert (r.verdict_name, {k: after[k] - before[k] for k in COUNTERS}) == ("PASS", exp.deltas())
+    assert r.data == frame

@@ -76,8 +76,8 @@ def compile_program(source: str, cflags: list[str], fn_names: list[str]):
     bcc = _bcc()
     with _quiet_stderr() as err:
         try:
-            b = bcc.BPF(src_file=str(XDP_DIR / source), cflags=cflags + [f"-I{XDP_DIR}"])
-            fns = {n: b.load_func(n, bcc.BPF.XDP) for n in fn_names}
+            b = bcc.BPF(src_file=str(XDP_DIR / source).encode(), cflags=cflags + [f"-I{XDP_DIR}"])
+            fns = {n: b.load_func(n.encode(), bcc.BPF.XDP) for n in fn_names}
         except Exception as e:  # bcc raises bare Exception
             detail = err.text().strip().splitlines()
             tail = "\n".join(detail[-30:])

@@ -16,6 +16,14 @@ test-unit:
 test-kernel:
 	@$(PYTEST) -q tests/kernel
 
+bench:
+	@$(PY) -m bench.pktcost
+	@$(PY) -m bench.controlplane
+
+bench-quick:
+	@$(PY) -m bench.pktcost --quick --rounds 3
+	@$(PY) -m bench.controlplane --quick
+
 clean:
 	rm -rf build .pytest_cache l4lb/_maglev_fill.*.so
 

@@ -1,0 +1,139 @@
+"""The connection table seen from the benchmark: count its entries, delete
+given flows in a chosen order, empty it -- with the kernel's batch map
+operations (a few syscalls for a million entries, where one syscall per
+entry would take seconds).
+
+Why the order of deletion matters: a new entry takes the first node of this
+CPU's free list, and a deleted entry's node goes back to the front of it.
+Deleting a round's flows newest first therefore leaves the free list exactly
+as the round found it, so every round of the SYN case inserts into the same
+nodes in the same order (an emptied table otherwise hands out its nodes in
+hash-bucket order, scattered over memory, and costs far more per insert)."""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import ipaddress
+import os
+
+import numpy as np
+from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.l2 import Ether
+
+from l4lb.errors import BpfError
+
+from .harness import Vary
+
+_libbpf = None
+_CHUNK = 16384
+
+
+def _lib():
+    global _libbpf
+    if _libbpf is None:
+        name = ctypes.util.find_library("bpf") or "libbpf.so.1"
+        try:
+            lib = ctypes.CDLL(name, use_errno=True)
+        except OSError as e:
+            raise BpfError(f"cannot load libbpf ({name}): {e}; run `make setup`") from e
+        batch = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                 ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32), ctypes.c_void_p]
+        for fn in (lib.bpf_map_lookup_batch, lib.bpf_map_lookup_and_delete_batch):
+            fn.argtypes = batch
+            fn.restype = ctypes.c_int
+        lib.bpf_map_delete_batch.argtypes = [ctypes.c_int, ctypes.c_void_p,
+                                             ctypes.POINTER(ctypes.c_uint32), ctypes.c_void_p]
+        lib.bpf_map_delete_batch.restype = ctypes.c_int
+        _libbpf = lib
+    return _libbpf
+
+
+def _walk(table, delete: bool) -> int:
+    lib = _lib()
+    fn = lib.bpf_map_lookup_and_delete_batch if delete else lib.bpf_map_lookup_batch
+    ksz, vsz = ctypes.sizeof(table.Key), ctypes.sizeof(table.Leaf)
+    keys = ctypes.create_string_buffer(ksz * _CHUNK)
+    values = ctypes.create_string_buffer(vsz * _CHUNK)
+    token_in = ctypes.create_string_buffer(max(ksz, 8))  # a hash map's token is a bucket number
+    token_out = ctypes.create_string_buffer(max(ksz, 8))
+    total, first = 0, True
+    while True:
+        count = ctypes.c_uint32(_CHUNK)
+        rc = fn(table.map_fd, None if first else token_in, token_out, keys, values,
+                ctypes.byref(count), None)
+        err = ctypes.get_errno()
+        total += count.value
+        if rc:
+            if err == errno.ENOENT:  # walked the whole map
+                return total
+            raise BpfError(f"batch walk of map {table.name!r} failed: {os.strerror(err)}")
+        ctypes.memmove(token_in, token_out, len(token_in))
+        first = False
+
+
+def count(table) -> int:
+    """Entries in a hash map."""
+    return _walk(table, delete=False)
+
+
+def drain(table) -> int:
+    """Deletes every entry of a hash map; returns how many there were."""
+    return _walk(table, delete=True)
+
+
+def delete_keys(table, keys: bytes) -> int:
+    """Deletes the given keys (packed one after another), in that order.
+    Returns how many existed; stops at the first that did not."""
+    lib = _lib()
+    ksz = ctypes.sizeof(table.Key)
+    n = len(keys) // ksz
+    if n * ksz != len(keys):
+        raise BpfError(f"{len(keys)} bytes of keys for map {table.name!r}: not a multiple of {ksz}")
+    if not n:
+        return 0
+    buf = ctypes.create_string_buffer(keys, len(keys))
+    done = ctypes.c_uint32(n)
+    rc = lib.bpf_map_delete_batch(table.map_fd, buf, ctypes.byref(done), None)
+    err = ctypes.get_errno()
+    if rc and err != errno.ENOENT:
+        raise BpfError(f"deleting {n} keys from map {table.name!r} failed: {os.strerror(err)}")
+    return done.value
+
+
+def flow_keys(table, frame: bytes, vary: Vary, first: int, n: int,
+              newest_first: bool = True) -> bytes:
+    """Connection-table keys of the flows the harness makes from `frame` with
+    flow numbers first .. first+n-1 (IPv4 TCP/UDP frames), packed in the map's
+    key layout (taken from the compiled program)."""
+    pkt = Ether(frame)
+    if IP not in pkt or not (TCP in pkt or UDP in pkt):
+        raise BpfError("flow keys are built for IPv4 TCP/UDP frames only")
+    ip = pkt[IP]
+    l4 = pkt[TCP] if TCP in pkt else pkt[UDP]
+    ip_start = len(frame) - len(bytes(ip))
+    src_off = ip_start + 12
+    if vary.sport_off != ip_start + ip.ihl * 4 or not src_off <= vary.addr_off <= src_off + 2:
+        raise BpfError("the harness varies fields this key builder does not know")
+    key_t = table.Key
+    ksz = ctypes.sizeof(key_t)
+    base = bytearray(ksz)
+    base[key_t.src.offset:key_t.src.offset + 4] = ipaddress.IPv4Address(ip.src).packed
+    base[key_t.dst.offset:key_t.dst.offset + 4] = ipaddress.IPv4Address(ip.dst).packed
+    base[key_t.dport.offset:key_t.dport.offset + 2] = l4.dport.to_bytes(2, "big")
+    base[key_t.proto.offset] = ip.proto
+    base[key_t.family.offset] = 4
+
+    flows = (np.arange(first, first + n, dtype=np.uint64) & 0xFFFFFFFF)
+    sport = ((l4.sport + (flows & 0xFFFF)) & 0xFFFF).astype(np.uint16)
+    a = key_t.src.offset + (vary.addr_off - src_off)
+    word = int.from_bytes(frame[vary.addr_off:vary.addr_off + 2], "big")
+    addr = ((word + (flows >> 16)) & 0xFFFF).astype(np.uint16)
+    keys = np.tile(np.frombuffer(bytes(base), dtype=np.uint8), (n, 1))
+    keys[:, key_t.sport.offset] = sport >> 8
+    keys[:, key_t.sport.offset + 1] = sport & 0xFF
+    keys[:, a] = addr >> 8
+    keys[:, a + 1] = addr & 0xFF
+    if newest_first:
+        keys = keys[::-1]
+    return np.ascontiguousarray(keys).tobytes()

@@ -1,0 +1,186 @@
+"""The measuring harness (harness.c) and the two baseline programs, seen from
+Python: load them, give the harness its packet and its target, time a run,
+and read back what the harness saw.
+
+Why a harness at all: BPF_PROG_TEST_RUN with repeat > 1 does not restore the
+input between runs, so a program that moves the head would time its own
+output. See harness.c for what it does on every run."""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from l4lb import testrun
+from l4lb.bpf import Program
+from l4lb.errors import BpfError
+
+BENCH_DIR = Path(__file__).resolve().parent
+COPY_MAX = 128  # harness.c: bytes of the frame restored on every run
+
+
+@contextlib.contextmanager
+def _stderr_to_file():
+    """bcc prints warnings and verifier logs on fd 2: keep them, show them on failure."""
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+") as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield tmp
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def load_program(source: str, fn_name: str, cflags: list[str] | None = None) -> Program:
+    """Compiles bench/<source> with bcc and loads `fn_name` as an XDP program."""
+    try:
+        import bcc  # noqa: PLC0415
+    except ImportError as e:
+        raise BpfError("bcc is not importable: run `make setup`") from e
+    with _stderr_to_file() as err:
+        try:
+            b = bcc.BPF(src_file=str(BENCH_DIR / source).encode(), cflags=cflags or [])
+            fn = b.load_func(fn_name.encode(), bcc.BPF.XDP)
+        except Exception as e:  # bcc raises bare Exception
+            err.flush()
+            err.seek(0)
+            tail = "\n".join(err.read().strip().splitlines()[-40:])
+            raise BpfError(f"compiling or loading bench/{source} failed: {e}\n{tail}") from e
+    return Program(b, fn, fn_name)
+
+
+@dataclass(frozen=True)
+class Vary:
+    """Byte offsets in the frame of what the harness changes to make every run a new flow:
+    the source port gets the flow number's low 16 bits, the source address's last
+    16-bit word its high 16 bits; the checksums that cover them are updated."""
+
+    sport_off: int
+    addr_off: int = 0
+    ipcsum_off: int = 0
+    l4csum_off: int = 0
+
+    def apply(self, frame: bytes, flow: int) -> bytes:
+        """The frame as the harness leaves it for flow number `flow` (for checks)."""
+        out = bytearray(frame)
+
+        def bump(off: int, by: int, in_ip_header: bool) -> None:
+            old = int.from_bytes(out[off:off + 2], "big")
+            new = (old + by) & 0xFFFF
+            out[off:off + 2] = new.to_bytes(2, "big")
+            for csum_off, covers in ((self.ipcsum_off, in_ip_header), (self.l4csum_off, True)):
+                if csum_off and covers:
+                    c = int.from_bytes(out[csum_off:csum_off + 2], "big")
+                    out[csum_off:csum_off + 2] = _csum_update(c, old, new).to_bytes(2, "big")
+
+        bump(self.sport_off, flow & 0xFFFF, False)
+        if self.addr_off:
+            bump(self.addr_off, flow >> 16, True)
+        return bytes(out)
+
+
+def _csum_update(check: int, old: int, new: int) -> int:
+    s = (~check & 0xFFFF) + (~old & 0xFFFF) + new
+    s = (s & 0xFFFF) + (s >> 16)
+    s = (s & 0xFFFF) + (s >> 16)
+    return ~s & 0xFFFF
+
+
+@dataclass
+class HarnessCounts:
+    runs: int
+    moved: int        # runs that found the head moved and moved it back
+    moved_bytes: int  # sum of those moves (bytes)
+    failed: int
+    flow: int         # the next flow number (on the CPU that ran)
+
+
+@dataclass
+class Timing:
+    kernel_ns: int     # the kernel's mean per run (integer ns, excludes time rescheduled)
+    wall_ns: float     # wall clock around the syscall / repeat
+    result: testrun.RunResult
+
+
+def time_run(prog_fd: int, frame: bytes, repeat: int) -> Timing:
+    t0 = time.perf_counter_ns()
+    r = testrun.run(prog_fd, frame, repeat=repeat)
+    t1 = time.perf_counter_ns()
+    return Timing(r.duration_ns, (t1 - t0) / repeat, r)
+
+
+class Harness:
+    """harness.c loaded, with the baseline programs it is compared with."""
+
+    def __init__(self):
+        self.prog = load_program("harness.c", "harness", [f"-DCOPY_MAX={COPY_MAX}"])
+        self.drop = load_program("baseline_drop.c", "drop")
+        self.encap = load_program("baseline_encap.c", "encap")
+        self._state = self.prog.table("harness_state")
+        self._target = self.prog.table("target")
+        self.frame = b""
+        self.vary: Vary | None = None
+
+    @property
+    def fd(self) -> int:
+        return self.prog.fd
+
+    def set_target(self, fd: int) -> None:
+        """The program the harness tail-calls (slot 0 of its BPF_PROG_ARRAY)."""
+        try:
+            self._target[ctypes.c_int(0)] = ctypes.c_int(fd)
+        except Exception as e:  # bcc raises bare Exception
+            raise BpfError(f"cannot put program fd {fd} into the harness's program array: "
+                           f"{e}") from e
+
+    def load_frame(self, frame: bytes, vary: Vary | None = None, flow: int = 0) -> None:
+        """Stores the frame that every run starts from (on every CPU), clears the
+        harness's counters, and sets the first flow number when `vary` is given."""
+        if len(frame) < 14:
+            raise BpfError(f"frame of {len(frame)} bytes: an Ethernet frame has at least 14")
+        offsets = (vary.sport_off, vary.addr_off, vary.ipcsum_off, vary.l4csum_off) if vary else ()
+        for off in offsets:
+            if off and off + 2 > min(len(frame), COPY_MAX):
+                raise BpfError(f"vary offset {off} is outside the first {COPY_MAX} bytes "
+                               "of the frame")
+        t = self._state
+        leaf_t = getattr(t, "sLeaf", t.Leaf)
+        copy_len = min(len(frame), COPY_MAX)
+        values = t[t.Key(0)]
+        for cpu in range(len(values)):
+            v = leaf_t()
+            v.len = len(frame)
+            v.copy_len = copy_len
+            if vary:
+                v.sport_off, v.addr_off = vary.sport_off, vary.addr_off
+                v.ipcsum_off, v.l4csum_off = vary.ipcsum_off, vary.l4csum_off
+                v.flow = flow & 0xFFFFFFFF
+            ctypes.memmove(v.bytes, frame, copy_len)
+            values[cpu] = v
+        t[t.Key(0)] = values
+        self.frame, self.vary = frame, vary
+
+    def counts(self) -> HarnessCounts:
+        t = self._state
+        values = t[t.Key(0)]
+        ran = [v for v in values if v.runs]
+        return HarnessCounts(
+            runs=sum(v.runs for v in values),
+            moved=sum(v.moved for v in values),
+            moved_bytes=sum(v.moved_bytes for v in values),
+            failed=sum(v.failed for v in values),
+            flow=ran[0].flow if len(ran) == 1 else -1,
+        )
+
+    def time(self, target_fd: int, repeat: int) -> Timing:
+        self.set_target(target_fd)
+        return time_run(self.fd, self.frame, repeat)
+
+    def close(self) -> None:
+        for p in (self.prog, self.drop, self.encap):
+            p.close()

@@ -1,0 +1,134 @@
+"""The per-packet benchmark checked with a tiny repeat: the harness really
+puts the packet back, every case takes the path it claims on every run, and
+the SYN case makes one new connection-table entry per run. Nothing here
+asserts a timing."""
+import io
+import json
+
+import pytest
+from rich.console import Console
+from scapy.layers.inet import IP, TCP
+from scapy.layers.l2 import Ether
+
+from bench import ctmap
+from bench.pktcost import PktCost, run
+from l4lb import testrun
+
+pytestmark = pytest.mark.kernel
+
+REPEAT = 1000
+THROUGH_HARNESS = ["established", "syn", "syn_evict", "udp", "v6", "v4_in_v6", "pass",
+                   "icmp_echo", "encap"]
+ALL_CASES = THROUGH_HARNESS + ["pass_direct", "drop_direct"]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    b = PktCost(REPEAT)
+    yield b
+    b.close()
+
+
+def test_the_cases_are_the_ones_checked_here(bench):
+    assert [c.name for c in bench.cases] == ALL_CASES
+
+
+@pytest.mark.parametrize("name", THROUGH_HARNESS)
+def test_one_run_through_the_harness_equals_a_direct_run(bench, name):
+    case = bench.case(name)
+    direct = bench.direct(case)
+    bench.harness.load_frame(case.frame, case.vary, flow=0)  # flow 0: the frame as built
+    through = bench.harness.time(bench.target_fd(case), 1).result
+    assert direct.verdict == case.verdict
+    assert through.verdict == direct.verdict
+    assert through.data == direct.data
+    if case.vary and not case.fill_table:
+        ct = bench.lb(case).conntrack
+        assert ctmap.delete_keys(ct, ctmap.flow_keys(ct, case.frame, case.vary, 0, 1)) == 1
+
+
+@pytest.mark.parametrize("name", ["established", "encap", "v6"])
+def test_repeat_without_the_harness_times_its_own_output(bench, name):
+    """The pitfall the harness exists for, and the harness fixing it."""
+    case = bench.case(name)
+    once = bench.direct(case)
+    bare = testrun.run(bench.target_fd(case), case.frame, repeat=REPEAT)
+    assert bare.verdict != case.verdict or bare.data != once.data
+    bench.harness.load_frame(case.frame)
+    through = bench.harness.time(bench.target_fd(case), REPEAT).result
+    assert through.verdict == case.verdict and through.data == once.data
+    counts = bench.harness.counts()
+    assert counts.runs == REPEAT and counts.failed == 0
+    assert counts.moved == REPEAT - 1 and counts.moved_bytes == case.head_moves * (REPEAT - 1)
+
+
+@pytest.mark.parametrize("name", ALL_CASES)
+def test_every_case_proves_its_path_on_every_run(bench, name):
+    case = bench.case(name)
+    r = bench.measure(case)
+    assert r.failures == []
+    assert r.verdicts == {testrun.VERDICTS[case.verdict]: REPEAT}
+    if case.target == "lb":
+        assert r.counters == {c: REPEAT for c in case.counters}
+    if case.harness:
+        assert r.harness_counts["runs"] == REPEAT
+        assert r.harness_counts["failed"] == 0
+        assert r.harness_counts["moved_bytes"] == case.head_moves * (REPEAT - 1)
+        assert r.net_ns == r.ns - r.harness_ns
+
+
+def test_syn_case_makes_one_new_entry_per_run(bench):
+    case = bench.case("syn")
+    ct = bench.lb(case).conntrack
+    before = ctmap.count(ct)
+    first = bench.next_flow
+    bench.through_harness(case, REPEAT)
+    assert ctmap.count(ct) - before == REPEAT
+    # each run's own flow is there: deleting exactly those flows finds every one
+    keys = ctmap.flow_keys(ct, case.frame, case.vary, first, REPEAT)
+    assert ctmap.delete_keys(ct, keys) == REPEAT
+    assert ctmap.count(ct) == before
+    r = bench.measure(case)
+    assert r.failures == [] and r.new_entries == REPEAT
+    assert ctmap.count(ct) == before
+
+
+def test_syn_into_the_full_table_evicts_instead_of_growing(bench):
+    case = bench.case("syn_evict")
+    ct = bench.lb(case).conntrack
+    before = ctmap.count(ct)
+    assert before >= bench.share - 16
+    r = bench.measure(case)
+    assert r.failures == [] and r.counters["ct_insert"] == REPEAT
+    assert abs(ctmap.count(ct) - before) <= 16
+
+
+def test_varied_flows_keep_valid_checksums(bench):
+    case = bench.case("syn")
+    flow = 0x0003_1234
+    bench.harness.load_frame(case.frame, case.vary, flow=flow)
+    # XDP_DROP leaves the frame as the harness made it
+    out = bench.harness.time(bench.harness.drop.fd, 1).result.data
+    assert out == case.vary.apply(case.frame, flow)
+    pkt = Ether(out)
+    assert pkt[IP].src == "198.18.0.8" and pkt[TCP].sport == 40000 + 0x1234
+    ip_sum, tcp_sum = pkt[IP].chksum, pkt[TCP].chksum
+    del pkt[IP].chksum
+    del pkt[TCP].chksum
+    rebuilt = Ether(bytes(pkt))
+    assert (rebuilt[IP].chksum, rebuilt[TCP].chksum) == (ip_sum, tcp_sum)
+
+
+def test_report_has_machine_ratios_and_every_round(bench, tmp_path):
+    out = tmp_path / "pktcost.json"
+    console = Console(file=io.StringIO(), width=160)
+    report = run(REPEAT, 1, out, console=console, bench=bench)
+    assert report["ok"], report["failures"]
+    saved = json.loads(out.read_text())
+    assert saved["machine"]["cpu_model"] and saved["machine"]["kernel"]
+    assert saved["settings"]["repeat"] == REPEAT
+    assert {c["name"] for c in saved["cases"]} == set(ALL_CASES)
+    assert all(len(c["rounds"]) == 1 for c in saved["cases"])
+    assert set(saved["summary"]["ratios"]) >= {"established / encap", "syn / encap", "pass / drop"}
+    text = console.file.getvalue()
+    assert "established" in text and "ratios" in text

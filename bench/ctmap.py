@@ -122,7 +122,8 @@ def flow_keys(table, frame: bytes, vary: Vary, first: int, n: int,
     base[key_t.dst.offset:key_t.dst.offset + 4] = ipaddress.IPv4Address(ip.dst).packed
     base[key_t.dport.offset:key_t.dport.offset + 2] = l4.dport.to_bytes(2, "big")
     base[key_t.proto.offset] = ip.proto
-    base[key_t.family.offset] = 4
+    if hasattr(key_t, "family"):
+        base[key_t.family.offset] = 4
 
     flows = (np.arange(first, first + n, dtype=np.uint64) & 0xFFFFFFFF)
     sport = ((l4.sport + (flows & 0xFFFF)) & 0xFFFF).astype(np.uint16)

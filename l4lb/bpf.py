@@ -185,7 +185,7 @@ def leaf_from_bytes(table, raw: bytes):
 
 
 BALANCER_MAPS = (consts.MAP_VIPS, consts.MAP_VIP_ADDRS, consts.MAP_RINGS, consts.MAP_BACKENDS,
-                 consts.MAP_CONNTRACK, consts.MAP_CONFIG, consts.MAP_VIP_STATS, consts.MAP_GLOBAL_STATS,
+                 consts.MAP_CONNTRACK, consts.MAP_CONNTRACK6, consts.MAP_CONFIG, consts.MAP_VIP_STATS, consts.MAP_GLOBAL_STATS,
                  consts.MAP_CPU_STATE)
 
 

@@ -18,6 +18,10 @@ MAGLEV_SEED_SKIP = 0x6D61676C  # mmh3 seed for a backend's skip
 # --- flow hash (xdp/hash.h): MurmurHash3 x86_32 over the flow key bytes --------
 FLOW_HASH_SEED = 0x9E3779B9
 
+# --- VIP address filter (xdp/hash.h vip_filter_bit) -------------------------------
+VIP_FILTER_BITS_LOG2 = 16  # 65536 bits, 8 KiB: one array value
+VIP_FILTER_MULT = 0x9E3779B1
+
 # --- capacity defaults (set at compile time, shown by GetStatus) --------------
 DEFAULT_MAX_VIPS = 64
 DEFAULT_MAX_BACKENDS = 4096  # backend index 0 is reserved: "empty"
@@ -50,8 +54,11 @@ DEFAULT_ICMP_RATE = 1000  # generated ICMP messages per CPU per second; 0 = none
 MAP_VIPS = "vips"
 MAP_VIP_ADDRS = "vip_addrs"
 MAP_RINGS = "rings"
+MAP_VIP_INFO = "vip_info"
+MAP_VIP_FILTER = "vip_filter"
 MAP_BACKENDS = "backends"
-MAP_CONNTRACK = "conntrack"
+MAP_CONNTRACK = "conntrack"  # IPv4 flows
+MAP_CONNTRACK6 = "conntrack6"  # IPv6 flows
 MAP_CONFIG = "config"
 MAP_VIP_STATS = "vip_stats"
 MAP_GLOBAL_STATS = "global_stats"
@@ -78,9 +85,10 @@ class Capacity:
         """Rough kernel memory of the balancer's maps (values and keys, no overhead)."""
         rings = 2 * self.max_vips * self.ring_bytes()
         backends = (self.max_backends + 1) * 24
-        vips = self.max_vips * (20 + 16)
-        ct = self.ct_size * (40 + 16 + 64)  # key, value, hash node
-        return rings + backends + vips + ct
+        vips = self.max_vips * (20 + 16 + 4)
+        filt = (1 << VIP_FILTER_BITS_LOG2) // 8
+        ct = self.ct_size * (40 + 32 + 64)  # key, value, hash node
+        return rings + backends + vips + filt + ct
 
 
 def cflags(cap: Capacity) -> list[str]:
@@ -96,5 +104,6 @@ def cflags(cap: Capacity) -> list[str]:
         "BACKEND_F_VALID": BACKEND_F_VALID,
         "FAMILY_V4": FAMILY_V4,
         "FAMILY_V6": FAMILY_V6,
+        "VIP_FILTER_BITS_LOG2": VIP_FILTER_BITS_LOG2,
     }
     return [f"-D{k}={v}u" for k, v in defs.items()]

@@ -88,6 +88,8 @@ class Controller:
         self.gateway_ip = doc.get("gateway_ip", "")
         state_from_dict(self.state, doc["state"])
         self.dp.portless = self.state.portless
+        for key in self.state.vips:
+            self.dp.vip_addresses[key.address] = self.dp.vip_addresses.get(key.address, 0) + 1
 
     # ---- VIPs --------------------------------------------------------------------------
     def add_vip(self, key: VipKey, flags, backends: list[tuple[str, int]]):
@@ -182,7 +184,7 @@ class Controller:
     def flush_flows(self, key: VipKey) -> int:
         with self.lock:
             self.state._get(key)
-            return self.dp.delete_flows([k for k, _ in self.dp.flows(key)])
+            return self.dp.delete_flows(key.family, [k for k, _ in self.dp.flows(key)])
 
     # ---- gateway, stats, status -----------------------------------------------------------
     def set_gateway(self, mac: str, ip: str = "") -> None:

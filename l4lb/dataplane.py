@@ -46,9 +46,10 @@ class Dataplane:
         self.capacity = capacity
         self.t = {n: program.table(n) for n in (
             consts.MAP_VIPS, consts.MAP_VIP_ADDRS, consts.MAP_RINGS, consts.MAP_BACKENDS,
-            consts.MAP_CONNTRACK, consts.MAP_CONFIG, consts.MAP_VIP_STATS,
-            consts.MAP_GLOBAL_STATS)}
+            consts.MAP_CONNTRACK, consts.MAP_CONNTRACK6, consts.MAP_CONFIG, consts.MAP_VIP_STATS,
+            consts.MAP_GLOBAL_STATS, consts.MAP_VIP_INFO, consts.MAP_VIP_FILTER)}
         self.portless = 0
+        self.vip_addresses: dict[str, int] = {}  # address -> VIPs on it
 
     # ---- configuration ---------------------------------------------------------------
     def write_config(self, cfg: RuntimeConfig, portless_vips: int | None = None) -> None:
@@ -122,11 +123,29 @@ class Dataplane:
         k.family = family_of(ipaddress.ip_address(address))
         if count:
             self._update(t, k, t.Leaf(count))
+            self.vip_addresses[address] = count
         else:
             try:
                 del t[k]
             except KeyError:
                 pass
+            self.vip_addresses.pop(address, None)
+        self.write_filter(self.vip_addresses)
+
+    def write_filter(self, addresses) -> None:
+        """The VIP address filter for these addresses, written whole (one syscall)."""
+        from .flowhash import vip_filter_bit  # noqa: PLC0415
+
+        t = self.t[consts.MAP_VIP_FILTER]
+        v = t.Leaf()
+        for a in addresses:
+            bit = vip_filter_bit(a)
+            v.bits[bit // 64] |= 1 << (bit % 64)
+        self._update(t, t.Key(0), v)
+
+    def put_vip_info(self, vip_id: int, generation: int, flags: int) -> None:
+        t = self.t[consts.MAP_VIP_INFO]
+        self._update(t, t.Key(vip_id), t.Leaf(generation=generation, flags=flags))
 
     def clear_vip_stats(self, vip_id: int) -> None:
         self._zero_percpu(self.t[consts.MAP_VIP_STATS], vip_id)
@@ -159,20 +178,24 @@ class Dataplane:
         v = t[t.Key(2 * vip_id + copy)]
         return np.frombuffer(bytes(v), dtype=np.uint32).copy()
 
-    def flows(self, key: VipKey):
-        """Connection-table entries of one VIP: (flow_key, ct_entry) pairs."""
-        t = self.t[consts.MAP_CONNTRACK]
-        want = _words(key.address)
-        port = int.from_bytes(key.port.to_bytes(2, "big"), "little")
-        out = []
-        for k, v in t.items():
-            if (list(k.dst) == want and k.proto == key.proto_number and k.family == key.family
-                    and (key.port == 0 or k.dport == port)):
-                out.append((k, v))
-        return out
+    def conntrack_table(self, family: int):
+        return self.t[consts.MAP_CONNTRACK if family == consts.FAMILY_V4 else consts.MAP_CONNTRACK6]
 
-    def delete_flows(self, keys) -> int:
-        t = self.t[consts.MAP_CONNTRACK]
+    def flows(self, key: VipKey):
+        """Connection-table entries of one VIP: (flow key, ct_entry) pairs."""
+        t = self.conntrack_table(key.family)
+        port = int.from_bytes(key.port.to_bytes(2, "big"), "little")
+        if key.family == consts.FAMILY_V4:
+            want = _words(key.address)[0]
+            match = lambda k: k.dst == want  # noqa: E731
+        else:
+            want = _words(key.address)
+            match = lambda k: list(k.dst) == want  # noqa: E731
+        return [(k, v) for k, v in t.items()
+                if match(k) and k.proto == key.proto_number and (key.port == 0 or k.dport == port)]
+
+    def delete_flows(self, family: int, keys) -> int:
+        t = self.conntrack_table(family)
         n = 0
         for k in keys:
             try:
@@ -183,7 +206,7 @@ class Dataplane:
         return n
 
     def conntrack_size(self) -> int:
-        return sum(1 for _ in self.t[consts.MAP_CONNTRACK].keys())
+        return sum(1 for name in (consts.MAP_CONNTRACK, consts.MAP_CONNTRACK6) for _ in self.t[name].keys())
 
     def _update(self, t, k, v) -> None:
         try:
@@ -196,10 +219,10 @@ class Dataplane:
 
 
 def flow_key_text(k) -> tuple[str, str, int, int]:
-    """(src, dst, sport, dport) of a bcc flow_key."""
-    n = 4 if k.family == consts.FAMILY_V4 else 16
+    """(src, dst, sport, dport) of a bcc flow4_key or flow_key."""
     def addr(words):
-        raw = b"".join(int(w).to_bytes(4, "little") for w in words)[:n]
+        words = [words] if isinstance(words, int) else list(words)
+        raw = b"".join(int(w).to_bytes(4, "little") for w in words)
         return str(ipaddress.ip_address(raw))
     port = lambda p: int.from_bytes(int(p).to_bytes(2, "little"), "big")  # noqa: E731
     return addr(k.src), addr(k.dst), port(k.sport), port(k.dport)

@@ -6,7 +6,7 @@ import ipaddress
 
 import mmh3
 
-from .consts import FLOW_HASH_SEED
+from .consts import FLOW_HASH_SEED, VIP_FILTER_BITS_LOG2, VIP_FILTER_MULT
 
 
 def flow_bytes(src: str, dst: str, sport: int, dport: int, proto: int) -> bytes:
@@ -23,3 +23,13 @@ def flow_hash(src: str, dst: str, sport: int, dport: int, proto: int) -> int:
 def ring_slot(hash_: int, ring_size: int) -> int:
     """(hash * M) >> 32, as xdp/hash.h computes it."""
     return (hash_ * ring_size) >> 32
+
+
+def vip_filter_bit(address: str) -> int:
+    """The VIP filter bit of an address (xdp/hash.h vip_filter_bit): its 32-bit
+    words as loaded from memory (little-endian here), XORed, then multiplied."""
+    packed = ipaddress.ip_address(address).packed
+    x = 0
+    for i in range(0, len(packed), 4):
+        x ^= int.from_bytes(packed[i:i + 4], "little")
+    return ((x * VIP_FILTER_MULT) & 0xFFFFFFFF) >> (32 - VIP_FILTER_BITS_LOG2)

@@ -28,6 +28,7 @@ class Sink(Protocol):
     def put_vip(self, key: VipKey, vip_id: int, flags: int, ring: int) -> None: ...
     def delete_vip(self, key: VipKey) -> None: ...
     def put_vip_address(self, address: str, count: int) -> None: ...
+    def put_vip_info(self, vip_id: int, generation: int, flags: int) -> None: ...
     def clear_vip_stats(self, vip_id: int) -> None: ...
 
 
@@ -54,6 +55,7 @@ class LbState:
         self.vips: dict[VipKey, VipState] = {}
         self.backends: dict[str, BackendState] = {}
         self.generations = [0] * (capacity.max_backends + 1)  # last generation per index
+        self.vip_generations = [0] * capacity.max_vips  # last generation per VIP id
         self.portless = 0
 
     # ---- allocation -------------------------------------------------------------
@@ -105,6 +107,9 @@ class LbState:
                 self._put_listed(a, vip_id)
         self.sink.write_ring(vip_id, 0, self.ring_slots(vip.backends))
         self.sink.clear_vip_stats(vip_id)
+        # a new generation: entries that an earlier holder of the id made are not ours
+        self.vip_generations[vip_id] += 1
+        self.sink.put_vip_info(vip_id, self.vip_generations[vip_id], flags_to_bits(spec.flags))
         self.sink.put_vip(spec.key, vip_id, flags_to_bits(spec.flags), 0)
         self.vips[spec.key] = vip
         if spec.key.port == 0:
@@ -115,6 +120,9 @@ class LbState:
     def delete_vip(self, key: VipKey) -> None:
         vip = self._get(key)
         self.sink.delete_vip(key)
+        # the VIP's connection-table entries stop being used at once
+        self.vip_generations[vip.vip_id] += 1
+        self.sink.put_vip_info(vip.vip_id, self.vip_generations[vip.vip_id], 0)
         del self.vips[key]
         if key.port == 0:
             self.portless -= 1
@@ -144,6 +152,7 @@ class LbState:
 
     def set_flags(self, key: VipKey, flags: frozenset[str]) -> None:
         vip = self._get(key)
+        self.sink.put_vip_info(vip.vip_id, self.vip_generations[vip.vip_id], flags_to_bits(flags))
         self.sink.put_vip(key, vip.vip_id, flags_to_bits(flags), vip.ring)
         vip.flags = flags
 
@@ -201,6 +210,7 @@ def state_to_dict(st: LbState) -> dict:
         "backends": {a: {"index": b.index, "generation": b.generation, "refs": b.refs}
                      for a, b in st.backends.items()},
         "generations": {str(i): g for i, g in enumerate(st.generations) if g},
+        "vip_generations": {str(i): g for i, g in enumerate(st.vip_generations) if g},
     }
 
 
@@ -209,6 +219,8 @@ def state_from_dict(st: LbState, doc: dict) -> None:
     (the pinned maps already hold them)."""
     for i, g in doc.get("generations", {}).items():
         st.generations[int(i)] = g
+    for i, g in doc.get("vip_generations", {}).items():
+        st.vip_generations[int(i)] = g
     for a, b in doc.get("backends", {}).items():
         st.backends[a] = BackendState(b["index"], b["generation"], b["refs"])
     for v in doc.get("vips", []):

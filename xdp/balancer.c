@@ -42,9 +42,24 @@ static __always_inline int icmp_allowed(const struct lb_config *cfg)
                              bpf_ktime_get_ns());
 }
 
+/* Could a VIP live on the destination address? A clear filter bit says no. */
+static __always_inline int maybe_vip(const struct pkt *p)
+{
+    __u32 zero = 0;
+    struct vip_filter *f = vip_filter.lookup(&zero);
+    __u32 bit = vip_filter_bit(p->flow.dst, p->flow.family);
+
+    if (!f)
+        return 1;
+    return (f->bits[(bit / 64) & (VIP_FILTER_WORDS - 1)] >> (bit % 64)) & 1;
+}
+
 static __always_inline int is_vip_address(const struct pkt *p)
 {
     struct addr_key k = {};
+
+    if (!maybe_vip(p))
+        return 0;
 
     __builtin_memcpy(k.addr, p->flow.dst, 16);
     k.family = p->flow.family;
@@ -104,54 +119,90 @@ static __always_inline int listed_by(const struct backend *b, __u32 vip_id)
     return (b->vips[word] >> (vip_id % 64)) & 1;
 }
 
-/* The backend for this flow: a valid connection-table entry, else a fresh
- * Maglev pick, remembered unless the flow or the rate limit says otherwise. */
+static __always_inline void flow4_of(const struct pkt *p, struct flow4_key *k)
+{
+    k->src = p->flow.src[0];
+    k->dst = p->flow.dst[0];
+    k->sport = p->flow.sport;
+    k->dport = p->flow.dport;
+    /* proto and its padding as one word: byte 12 = proto, 13..15 = 0 */
+    ((__u32 *)k)[3] = p->flow.proto;
+}
+
+/* An established flow: its connection-table entry says where it goes, as
+ * long as the VIP is still the one that made the entry (same generation),
+ * the backend is still the one it named and the VIP still lists it, and a
+ * UDP entry has not expired. Returns 0 with the backend, VIP and hash. */
+static __always_inline int ct_lookup(struct pkt *p, const struct lb_config *cfg,
+                                     struct global_stats *gs, struct backend **out,
+                                     __u32 *vip_id, __u32 *hash)
+{
+    struct ct_entry *e;
+    struct vip_info *vi;
+    struct backend *b;
+    __u32 idx, vid;
+    __u64 now;
+
+    if (p->flow.family == FAMILY_V4) {
+        struct flow4_key k4;
+
+        flow4_of(p, &k4);
+        e = conntrack.lookup(&k4);
+    } else {
+        e = conntrack6.lookup(&p->flow);
+    }
+    if (!e)
+        return -1;
+    idx = e->backend;
+    vid = e->vip_id;
+    b = backends.lookup(&idx);
+    vi = vip_info.lookup(&vid);
+    if (!b || !vi || vi->generation != e->vip_gen)
+        goto stale;
+    if (vi->flags & VIP_F_NO_CONNTRACK)
+        return -1; /* such a VIP never uses the table (the flag came after the entry) */
+    if (!(b->flags & BACKEND_F_VALID) || b->generation != e->generation || !listed_by(b, vid))
+        goto stale;
+    if (p->flow.proto == PROTO_UDP) {
+        now = bpf_ktime_get_ns();
+        if (now - e->last_seen >= cfg->udp_timeout_ns)
+            goto stale;
+        e->last_seen = now;
+    }
+    gs->ct_hit++;
+    *out = b;
+    *vip_id = vid;
+    *hash = e->hash;
+    return 0;
+stale:
+    gs->ct_stale++;
+    return -1;
+}
+
+/* A fresh Maglev pick, remembered unless the flow or the rate limit says
+ * otherwise. */
 static __always_inline int pick_backend(struct pkt *p, const struct vip_meta *vip,
                                         const struct lb_config *cfg, struct global_stats *gs,
                                         __u32 hash, struct backend **out)
 {
-    int use_ct = !(vip->flags & VIP_F_NO_CONNTRACK);
-    int syn = p->flow.proto == PROTO_TCP &&
-              (p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
-    struct ct_entry *e;
     struct backend *b;
-    __u64 now = 0;
-    __u32 idx;
+    __u32 idx, vid = vip->vip_id;
+    struct vip_info *vi;
+    __u64 now;
     int limited;
 
-    if (use_ct && !syn) {
-        e = conntrack.lookup(&p->flow);
-        if (e) {
-            idx = e->backend;
-            b = backends.lookup(&idx);
-            if (b && (b->flags & BACKEND_F_VALID) && b->generation == e->generation &&
-                listed_by(b, vip->vip_id)) {
-                if (p->flow.proto != PROTO_UDP) {
-                    gs->ct_hit++;
-                    *out = b;
-                    return 0;
-                }
-                now = bpf_ktime_get_ns();
-                if (now - e->last_seen < cfg->udp_timeout_ns) {
-                    e->last_seen = now;
-                    gs->ct_hit++;
-                    *out = b;
-                    return 0;
-                }
-            }
-            gs->ct_stale++;
-        }
-    }
     gs->ct_miss++;
     if (maglev_pick(vip, hash, &idx, &b))
         return -1;
     *out = b;
     /* an ICMP error or a RST never creates an entry; neither do no-conntrack VIPs */
-    if (!use_ct || p->icmp_error ||
+    if ((vip->flags & VIP_F_NO_CONNTRACK) || p->icmp_error ||
         (p->flow.proto == PROTO_TCP && (p->tcp_flags & TCP_FLAG_RST)))
         return 0;
-    if (!now)
-        now = bpf_ktime_get_ns();
+    vi = vip_info.lookup(&vid);
+    if (!vi)
+        return 0;
+    now = bpf_ktime_get_ns();
     /* New-flow rate limit: above it, new flows are served by Maglev alone, so
      * a flood of new flows cannot evict the established ones from the LRU. */
     limited = 0;
@@ -165,34 +216,32 @@ static __always_inline int pick_backend(struct pkt *p, const struct vip_meta *vi
     if (limited) {
         gs->ct_limited++;
     } else {
-        struct ct_entry fresh = {.backend = idx, .generation = b->generation, .last_seen = now};
+        struct ct_entry fresh = {.backend = idx, .generation = b->generation, .vip_id = vid,
+                                 .vip_gen = vi->generation, .hash = hash, .last_seen = now};
+        int err;
 
-        if (!conntrack.update(&p->flow, &fresh))
+        if (p->flow.family == FAMILY_V4) {
+            struct flow4_key k4;
+
+            flow4_of(p, &k4);
+            err = conntrack.update(&k4, &fresh);
+        } else {
+            err = conntrack6.update(&p->flow, &fresh);
+        }
+        if (!err)
             gs->ct_insert++;
     }
     return 0;
 }
 
-/* A VIP packet (or an ICMP error about a VIP flow): pick and encapsulate. */
-static __always_inline int balance(struct xdp_md *ctx, struct pkt *p, const struct vip_meta *vip,
-                                   const struct lb_config *cfg, struct global_stats *gs)
+/* Sends a VIP packet to backend b: counters, the too-big check, encapsulation. */
+static __always_inline int forward(struct xdp_md *ctx, struct pkt *p, __u32 vip_id,
+                                   const struct backend *b, const struct lb_config *cfg,
+                                   struct global_stats *gs, __u32 hash)
 {
-    __u32 vip_id = vip->vip_id;
-    struct vip_stats *vs = vip_stats.lookup(&vip_id);
-    __u32 hash, overhead;
-    struct backend *b;
+    __u32 overhead = b->family == FAMILY_V4 ? sizeof(struct iphdr) : sizeof(struct ipv6hdr);
     int action;
 
-    if (vs) {
-        vs->packets++;
-        vs->bytes += ctx->data_end - ctx->data;
-    }
-    hash = flow_hash(&p->flow, (vip->flags & VIP_F_NO_SPORT) ? 0 : p->flow.sport);
-    if (pick_backend(p, vip, cfg, gs, hash, &b)) {
-        gs->no_backend++;
-        return XDP_DROP;
-    }
-    overhead = b->family == FAMILY_V4 ? sizeof(struct iphdr) : sizeof(struct ipv6hdr);
     if (p->ip_len + overhead > cfg->mtu && p->df && !p->icmp_error) {
         /* too big once encapsulated and may not be fragmented: tell the client */
         __u32 mtu = cfg->mtu - overhead;
@@ -224,6 +273,47 @@ static __always_inline int balance(struct xdp_md *ctx, struct pkt *p, const stru
     return action;
 }
 
+static __always_inline void count_vip(struct xdp_md *ctx, __u32 vip_id)
+{
+    struct vip_stats *vs = vip_stats.lookup(&vip_id);
+
+    if (vs) {
+        vs->packets++;
+        vs->bytes += ctx->data_end - ctx->data;
+    }
+}
+
+/* A packet of a VIP flow: established flows go where their entry says (one
+ * hash lookup in all); other packets find their VIP and take a fresh pick. */
+static __always_inline int balance(struct xdp_md *ctx, struct pkt *p, const struct lb_config *cfg,
+                                   struct global_stats *gs)
+{
+    int syn = p->flow.proto == PROTO_TCP &&
+              (p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
+    struct vip_meta *vip;
+    struct backend *b;
+    __u32 vip_id, hash;
+
+    /* a SYN always takes a fresh pick: a reused 5-tuple is a new connection */
+    if (!syn && !ct_lookup(p, cfg, gs, &b, &vip_id, &hash)) {
+        count_vip(ctx, vip_id);
+        return forward(ctx, p, vip_id, b, cfg, gs, hash);
+    }
+    vip = find_vip(p, cfg);
+    if (!vip) {
+        gs->pass++;
+        return XDP_PASS;
+    }
+    vip_id = vip->vip_id;
+    count_vip(ctx, vip_id);
+    hash = flow_hash(&p->flow, (vip->flags & VIP_F_NO_SPORT) ? 0 : p->flow.sport);
+    if (pick_backend(p, vip, cfg, gs, hash, &b)) {
+        gs->no_backend++;
+        return XDP_DROP;
+    }
+    return forward(ctx, p, vip_id, b, cfg, gs, hash);
+}
+
 /* ICMP to a VIP address: echo requests are answered here; errors about a
  * VIP flow follow the flow to its backend; everything else passes. */
 static __always_inline int handle_icmp(struct xdp_md *ctx, struct pkt *p, void *l4,
@@ -233,7 +323,6 @@ static __always_inline int handle_icmp(struct xdp_md *ctx, struct pkt *p, void *
     void *data_end = (void *)(long)ctx->data_end;
     /* ICMP bytes inside the IP length: Ethernet padding may follow them */
     __u32 icmp_len = p->ip_len - (__u32)(l4 - data - p->l3off);
-    struct vip_meta *vip;
     __u8 type;
     int res;
 
@@ -265,10 +354,7 @@ static __always_inline int handle_icmp(struct xdp_md *ctx, struct pkt *p, void *
     }
     if (res != PARSE_OK)
         goto pass;
-    vip = find_vip(p, cfg);
-    if (!vip)
-        goto pass;
-    return balance(ctx, p, vip, cfg, gs);
+    return balance(ctx, p, cfg, gs);
 
 echo:
     if (!icmp_allowed(cfg)) {
@@ -291,7 +377,6 @@ int balancer(struct xdp_md *ctx)
     __u32 zero = 0;
     struct global_stats *gs = global_stats.lookup(&zero);
     struct lb_config *cfg = config.lookup(&zero);
-    struct vip_meta *vip;
     struct pkt p = {};
     void *l4 = NULL;
     __be16 proto;
@@ -325,6 +410,9 @@ int balancer(struct xdp_md *ctx)
         return XDP_DROP;
     }
 
+    /* traffic for the LB itself leaves here, after one array read */
+    if (!maybe_vip(&p))
+        goto pass;
     res = parse_l4(l4, data_end, &p, p.ip_len - (__u32)(l4 - data - p.l3off));
     if (res != PARSE_OK) {
         if (!is_vip_address(&p))
@@ -332,10 +420,7 @@ int balancer(struct xdp_md *ctx)
         gs->malformed++;
         return XDP_DROP;
     }
-    vip = find_vip(&p, cfg);
-    if (!vip)
-        goto pass;
-    return balance(ctx, &p, vip, cfg, gs);
+    return balance(ctx, &p, cfg, gs);
 
 pass:
     gs->pass++;

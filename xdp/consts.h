@@ -26,6 +26,11 @@
 #define FAMILY_V6 6u
 #endif
 
+#ifndef VIP_FILTER_BITS_LOG2
+#define VIP_FILTER_BITS_LOG2 16
+#endif
+#define VIP_FILTER_WORDS ((1u << VIP_FILTER_BITS_LOG2) / 64)
+
 /* A helper returns an XDP verdict to stop, or FURTHER_PROCESSING to go on. */
 #define FURTHER_PROCESSING -1
 

@@ -61,3 +61,14 @@ static __always_inline __u32 ring_slot(__u32 hash)
 {
     return ((__u64)hash * RING_SIZE) >> 32;
 }
+
+/* Bit of an address in the VIP filter: the address words folded and
+ * multiplied (Fibonacci hashing); l4lb/flowhash.py computes the same. */
+static __always_inline __u32 vip_filter_bit(const __be32 *addr, __u8 family)
+{
+    __u32 x = addr[0];
+
+    if (family == FAMILY_V6)
+        x ^= addr[1] ^ addr[2] ^ addr[3];
+    return (x * 0x9E3779B1u) >> (32 - VIP_FILTER_BITS_LOG2);
+}

@@ -17,15 +17,22 @@
 L4LB_MAP("hash", struct vip_key, struct vip_meta, vips, MAX_VIPS, 0);
 /* VIP address -> number of VIPs on it (ICMP echo, fragments, ICMP errors) */
 L4LB_MAP("hash", struct addr_key, __u32, vip_addrs, MAX_VIPS, 0);
+/* vip_id -> generation and flags: the generation changes when the VIP is
+ * deleted or its id given to another, so the old VIP's entries stop being used */
+L4LB_MAP("array", __u32, struct vip_info, vip_info, MAX_VIPS, 0);
+/* index 0 -> bitmap of hashed VIP addresses (see struct vip_filter) */
+L4LB_MAP("array", __u32, struct vip_filter, vip_filter, 1, 0);
 /* 2 * vip_id + copy -> Maglev ring; a whole ring is one value, written in one syscall */
 L4LB_MAP("array", __u32, struct ring, rings, 2 * MAX_VIPS, 0);
 /* backend index -> address, family, generation; index 0 stays empty */
 L4LB_MAP("array", __u32, struct backend, backends, MAX_BACKENDS, 0);
-/* flow -> backend. LRU_HASH with BPF_F_NO_COMMON_LRU: one table that every CPU
+/* IPv4 flow -> backend. LRU_HASH with BPF_F_NO_COMMON_LRU: one table that every CPU
  * reads (veth runs XDP on the sender's CPU, so a flow's packets move between
  * CPUs), with per-CPU LRU lists so inserts on one CPU do not contend with, or
  * evict for, another CPU's flows. */
-L4LB_MAP("lru_hash", struct flow_key, struct ct_entry, conntrack, CT_SIZE, F_NO_COMMON_LRU);
+L4LB_MAP("lru_hash", struct flow4_key, struct ct_entry, conntrack, CT_SIZE, F_NO_COMMON_LRU);
+/* the same for IPv6 flows */
+L4LB_MAP("lru_hash", struct flow_key, struct ct_entry, conntrack6, CT_SIZE, F_NO_COMMON_LRU);
 /* index 0 -> runtime configuration */
 L4LB_MAP("array", __u32, struct lb_config, config, 1, 0);
 /* vip_id -> packets and bytes, per CPU */

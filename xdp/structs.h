@@ -45,7 +45,18 @@ struct backend {
     __u64 vips[VIP_MASK_WORDS]; /* bit vip_id set while that VIP lists this backend */
 };
 
-/* A flow as the LB sees it: client -> VIP. Key of the connection table. */
+/* An IPv4 flow: the key of conntrack (16 bytes: IPv4 flows, the most, hash
+ * and compare less than they would as flow_key). */
+struct flow4_key {
+    __be32 src;
+    __be32 dst;
+    __be16 sport;
+    __be16 dport;
+    __u8 proto;
+    __u8 pad[3];
+};
+
+/* A flow as the LB sees it: client -> VIP. Key of conntrack6 (IPv6 flows). */
 struct flow_key {
     __be32 src[4];
     __be32 dst[4];
@@ -56,11 +67,29 @@ struct flow_key {
     __u16 pad;
 };
 
-/* Connection-table value. */
+/* Connection-table value: everything an established packet needs, so that
+ * it costs one hash lookup (this one) and a few array reads. */
 struct ct_entry {
     __u32 backend;     /* index into backends */
     __u32 generation;  /* the backend's generation when the entry was made */
+    __u32 vip_id;      /* the VIP that picked the backend */
+    __u32 vip_gen;     /* vip_info[vip_id].generation when the entry was made */
+    __u32 hash;        /* the flow hash (outer source, flow label) */
+    __u32 pad;
     __u64 last_seen;   /* ns (bpf_ktime_get_ns), kept for UDP expiry only */
+};
+
+/* What a connection-table hit needs to know about its VIP, by vip_id. */
+struct vip_info {
+    __u32 generation; /* changes when the VIP is deleted or its id given to another */
+    __u32 flags;      /* VIP_F_*, as in vip_meta */
+};
+
+/* A bitmap over hashed destination addresses: a clear bit proves that no VIP
+ * lives on the address, so traffic for the LB itself passes after one array
+ * read. A set bit may be a collision; the VIP lookup decides. */
+struct vip_filter {
+    __u64 bits[VIP_FILTER_WORDS];
 };
 
 /* Runtime configuration, one entry, written by user space. */

@@ -196,9 +196,19 @@ class Lb:
         return self.dp.global_stats()
 
     # ---- connection table -------------------------------------------------------------
+    def _ct(self, f: Flow):
+        return self.dp.conntrack_table(consts.FAMILY_V6 if f.v6 else consts.FAMILY_V4)
+
     def _flow_key(self, f: Flow):
-        t = self.dp.t[consts.MAP_CONNTRACK]
+        t = self._ct(f)
         k = t.Key()
+        if not f.v6:  # flow4_key
+            k.src = int.from_bytes(ipaddress.ip_address(f.src).packed, "little")
+            k.dst = int.from_bytes(ipaddress.ip_address(f.dst).packed, "little")
+            k.sport = int.from_bytes(f.sport.to_bytes(2, "big"), "little")
+            k.dport = int.from_bytes(f.dport.to_bytes(2, "big"), "little")
+            k.proto = PROTO[f.proto]
+            return k
         for name, a in (("src", f.src), ("dst", f.dst)):
             packed = ipaddress.ip_address(a).packed.ljust(16, b"\0")
             words = getattr(k, name)
@@ -212,7 +222,7 @@ class Lb:
 
     def ct_entry(self, f: Flow):
         """(backend index, generation) of the flow's entry, or None."""
-        t = self.dp.t[consts.MAP_CONNTRACK]
+        t = self._ct(f)
         try:
             v = t[self._flow_key(f)]
         except KeyError:
@@ -221,9 +231,22 @@ class Lb:
 
     def ct_put(self, f: Flow, index: int, generation: int) -> None:
         """Writes an entry as the data plane would (last_seen: now)."""
-        t = self.dp.t[consts.MAP_CONNTRACK]
-        t[self._flow_key(f)] = t.Leaf(backend=index, generation=generation,
+        t = self._ct(f)
+        vip = self.vip_of(f)
+        sport = 0 if "no_source_port" in vip.flags else f.sport
+        h = flowhash.flow_hash(f.src, f.dst, sport, f.dport, 6 if f.proto == "tcp" else 17)
+        t[self._flow_key(f)] = t.Leaf(backend=index, generation=generation, vip_id=vip.vip_id,
+                                      vip_gen=self.state.vip_generations[vip.vip_id], hash=h,
                                       last_seen=time_ns_monotonic())
+
+    def vip_of(self, f: Flow):
+        """The VIP that a flow's packets match: exact port first, then port 0."""
+        for port in (f.dport, 0):
+            for key, v in self.state.vips.items():
+                if (ipaddress.ip_address(key.address) == ipaddress.ip_address(f.dst)
+                        and key.port == port and key.protocol == f.proto):
+                    return v
+        raise KeyError(f"no VIP for {f}")
 
     def ct_count(self) -> int:
         return self.dp.conntrack_size()

@@ -16,6 +16,9 @@ test-unit:
 test-kernel:
 	@$(PYTEST) -q tests/kernel
 
+demo:
+	@.venv/bin/l4lb demo
+
 bench:
 	@$(PY) -m bench.pktcost
 	@$(PY) -m bench.controlplane
@@ -30,3 +33,8 @@ clean:
 # the one recorded command that regenerates the gRPC modules (never edit them)
 proto:
 	$(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. control/l4lb/v1/l4lb.proto
+
+# containers: docker/compose.yaml's LB, backends, router and client on a Docker
+# engine (started, and docker.io installed, if none answers); docs/docker.md
+docker-test:
+	@$(PYTEST) -q -ra tests/docker

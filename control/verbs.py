@@ -102,6 +102,8 @@ def add_parsers(sub) -> None:
     gw.add_argument("--ip", help="resolve the MAC of this neighbour")
     gw.set_defaults(func=cmd_gateway)
     _conn(gw)
+    from . import demo
+    demo.add_parser(sub)
 
 
 def cmd_run(args) -> int:

@@ -1,4 +1,4 @@
-"""The only pyroute2 importer: interface facts and neighbour resolution."""
+"""pyroute2 for the control plane: interface facts, neighbour resolution, XDP attach.
 from __future__ import annotations
 
 import json

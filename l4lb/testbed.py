@@ -793,6 +793,9 @@ class Testbed:
             self._client(c)
         for b in self.backends:
             self._backend(b)
+        self.say("backend servers")
+        for b in self.backends:
+            self._start_server(b)
         self.say(f"decapsulation on {len(self.backends)} backends ({self.decap})")
         for b in self.backends:
             self._decap(b)
@@ -800,17 +803,16 @@ class Testbed:
         self.router_program = _take_decap()
         self.router.run(self.router_program.attach, "lb", "native")
 
-        self.say("backend servers")
-        for b in self.backends:
-            self._start_server(b)
         self._wait_links()
         for b in self.backends:
             self._wait_server(b)
         self._wait_routes()
         self.say("waiting for `l4lb run` to serve gRPC")
         self.lb.wait_healthy()
+        from . import consts  # noqa: PLC0415
+
         prog = self.lb.program()
-        if not prog or prog[1] != "balancer":
+        if not prog or prog[1] != consts.PROG_BALANCER:
             raise TestbedError(f"the LB's interface runs {prog}, not the balancer")
         for b in self.backends:
             b._base = b._decap_raw()

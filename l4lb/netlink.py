@@ -1,4 +1,4 @@
-"""pyroute2 for the control plane: interface facts, neighbour resolution, XDP attach.
+"""pyroute2 for the control plane: interface facts, neighbour resolution, XDP attach."""
 from __future__ import annotations
 
 import json

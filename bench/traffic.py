@@ -1,0 +1,136 @@
+"""Traffic rate through the LB in the namespace testbed, beside a plain
+XDP_TX reflector on the same veth, with the same generator, in the same run.
+
+The generator is a BPF program run with BPF_PROG_TEST_RUN in live-frames mode
+(BPF_F_TEST_XDP_LIVE_FRAMES) on the router's end of the LB link: every run's
+frame really leaves that veth and arrives at the LB's, where the balancer
+(or the reflector) sends it back with XDP_TX.
+
+Two measurements:
+- LB against reflector: a sink program on the router's end counts and drops
+  what comes back, so the rate is the LB's (or the reflector's), per second of
+  generation. On veth the receiver's NAPI runs on the generating CPU, so the
+  rate is that of the whole chain (generator, LB, sink) on one CPU; the ratio
+  compares the LB with the reflector in the same chain.
+- End to end: with the router forwarding the tunnelled packets, the rate at
+  which the backends receive them (decapsulated by their XDP program).
+The kernel's pktgen would do the generating where the module exists; this
+generator needs no module.
+
+    .venv/bin/python -m bench.traffic [--quick] [--count N] [--out PATH]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from scapy.layers.inet import IP, TCP
+from scapy.layers.l2 import Ether
+
+from control.client import Client
+from control.l4lb.v1 import l4lb_pb2 as pb
+from l4lb import netlink, testrun
+from l4lb.bpf import percpu_sum
+from l4lb.testbed import Testbed
+
+from .harness import load_program
+
+FLOWS = 4096
+FRAME_LEN = 64
+
+
+def _frame(src_mac: str, dst_mac: str, vip: str) -> bytes:
+    pkt = Ether(src=src_mac, dst=dst_mac) / IP(src="198.18.0.1", dst=vip, ttl=64) / \
+        TCP(sport=10000, dport=80, flags="A", seq=1, ack=1)
+    raw = bytes(pkt)
+    return raw + bytes(max(0, FRAME_LEN - len(raw)))
+
+
+def _returned(tb, sink) -> int:
+    if sink is None:
+        return percpu_sum(tb.router_program.table("decap_stats"))["pass"]
+    return sum(sink.table("sink_count")[sink.table("sink_count").Key(0)])
+
+
+def _backends_received(tb) -> int:
+    return sum(sum(b._decap_raw().values()) for b in tb.backends)
+
+
+def _measure(tb, gen, frame: bytes, count: int, sink=None) -> dict:
+    ifindex = tb.router.run(tb.router.index, "lb")
+    r0, b0 = _returned(tb, sink), _backends_received(tb)
+    t0 = time.perf_counter()
+    tb.router.run(testrun.run_live, gen.fd, frame, count, ifindex)
+    gen_s = time.perf_counter() - t0
+    time.sleep(0.3)  # the last frames drain through the veth queues
+    returned = _returned(tb, sink) - r0
+    backends = _backends_received(tb) - b0
+    return {"sent": count, "seconds": gen_s, "returned": returned, "returned_pps": returned / gen_s,
+            "backends_received": backends, "backends_pps": backends / gen_s,
+            "generated_pps": count / gen_s}
+
+
+def run(quick: bool = False, count: int | None = None, say=print) -> dict:
+    count = count or (200_000 if quick else 2_000_000)
+    out = {"count": count, "flows": FLOWS, "frame_bytes": FRAME_LEN}
+    with Testbed(decap="xdp", clients=1, backends=3, vips=1, progress=lambda m: None) as tb:
+        vip = tb.vip4(0)
+        with Client(tb.lb.grpc_address) as c:
+            c.call("AddVip", pb.AddVipRequest(
+                id=pb.VipId(address=vip, port=80, protocol="tcp"),
+                backends=[pb.Backend(address=b.addr4, weight=1) for b in tb.backends]))
+        lb_mac = tb.lb.run(lambda: tb.lb.ipr.link("get", index=tb.lb.index(tb.lb.ifname))[0].get_attr("IFLA_ADDRESS"))
+        frame = _frame(tb.gateway_mac, lb_mac, vip)
+        gen = load_program("gen.c", "gen", [f"-DFLOWS={FLOWS}"])
+        t = gen.table("gen_frame")
+        t[t.Key(0)] = t.Leaf.from_buffer_copy(frame[:FRAME_LEN])
+        refl = load_program("reflector.c", "reflect")
+        sink = load_program("sink.c", "sink")
+        router_id = tb.router.run(netlink.xdp_program, "lb")[0]
+        try:
+            _measure(tb, gen, frame, min(count, 20_000))  # warm: the flows' entries exist
+            e2e = min(count, 100_000)  # the router's stack forwards these: slow, and enough
+            say(f"  traffic: end to end, {e2e} frames over {FLOWS} flows to the backends ...")
+            out["end_to_end"] = _measure(tb, gen, frame, e2e)
+            tb.router.run(netlink.xdp_attach, "lb", sink.fd, "native", router_id)
+            try:
+                say(f"  traffic: balancer, {count} frames ...")
+                out["balancer"] = _measure(tb, gen, frame, count, sink)
+                prog_id = tb.lb.detach()
+                tb.lb.run(netlink.xdp_attach, tb.lb.ifname, refl.fd, "native")
+                try:
+                    say(f"  traffic: XDP_TX reflector, {count} frames ...")
+                    out["reflector"] = _measure(tb, gen, frame, count, sink)
+                finally:
+                    tb.lb.run(netlink.xdp_detach, tb.lb.ifname, "native")
+                    tb.lb.attach(prog_id)
+            finally:
+                sink_id = tb.router.run(netlink.xdp_program, "lb")[0]
+                tb.router.run(netlink.xdp_attach, "lb", tb.router_program.fd, "native", sink_id)
+        finally:
+            for p in (gen, refl, sink):
+                p.close()
+    out["ratio"] = out["balancer"]["returned_pps"] / out["reflector"]["returned_pps"]
+    say(f"  traffic: balancer {out['balancer']['returned_pps'] / 1e6:.2f} Mpps, reflector "
+        f"{out['reflector']['returned_pps'] / 1e6:.2f} Mpps, ratio {out['ratio']:.2f} "
+        f"; end to end the backends received {out['end_to_end']['backends_pps'] / 1e6:.2f} Mpps")
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--count", type=int)
+    ap.add_argument("--out", default="bench/results/traffic.json")
+    args = ap.parse_args(argv)
+    res = run(args.quick, args.count)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(res, indent=1))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,19 @@
+"""The traffic-rate benchmark's generator and its two measurements, small:
+every frame generated comes back through the LB (and the reflector) and, end
+to end, reaches the backends."""
+import pytest
+
+from bench import traffic
+
+pytestmark = pytest.mark.kernel
+
+
+def test_generator_frames_pass_the_lb_and_the_reflector_and_reach_the_backends():
+    res = traffic.run(count=5000, say=lambda m: None)
+    for part in ("end_to_end", "balancer", "reflector"):
+        assert res[part]["sent"] == 5000
+    # nothing lost at this size: every frame came back, and every one reached a backend
+    assert res["end_to_end"]["backends_received"] == 5000
+    assert res["balancer"]["returned"] == 5000
+    assert 5000 <= res["reflector"]["returned"] <= 5010  # plus a stray neighbour message at most
+    assert res["ratio"] > 0

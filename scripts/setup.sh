@@ -29,7 +29,11 @@ fi
 KREL="$(uname -r)"
 MOD="/lib/modules/$KREL"
 if [ -e "$MOD/build/include" ]; then
-    say "kernel headers: $MOD/build -> $(readlink -f "$MOD/build")"
+    target="$(readlink -f "$MOD/build")"
+    case "$target" in
+        *"$KREL"*) say "kernel headers: exact, $target" ;;
+        *) say "kernel headers: FALLBACK $target (no package for $KREL)" ;;
+    esac
 else
     if apt-get install -y -q --no-install-recommends "linux-headers-$KREL" >/dev/null 2>&1; then
         say "kernel headers: exact package linux-headers-$KREL"

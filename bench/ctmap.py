@@ -12,7 +12,6 @@ hash-bucket order, scattered over memory, and costs far more per insert)."""
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import ipaddress
 import os
@@ -21,22 +20,20 @@ import numpy as np
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import Ether
 
+from l4lb import testrun
 from l4lb.errors import BpfError
 
 from .harness import Vary
 
-_libbpf = None
 _CHUNK = 16384
+_typed = False
 
 
 def _lib():
-    global _libbpf
-    if _libbpf is None:
-        name = ctypes.util.find_library("bpf") or "libbpf.so.1"
-        try:
-            lib = ctypes.CDLL(name, use_errno=True)
-        except OSError as e:
-            raise BpfError(f"cannot load libbpf ({name}): {e}; run `make setup`") from e
+    """libbpf (l4lb.testrun loads it), with the batch functions' types set."""
+    global _typed
+    lib = testrun._lib()
+    if not _typed:
         batch = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                  ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32), ctypes.c_void_p]
         for fn in (lib.bpf_map_lookup_batch, lib.bpf_map_lookup_and_delete_batch):
@@ -45,8 +42,8 @@ def _lib():
         lib.bpf_map_delete_batch.argtypes = [ctypes.c_int, ctypes.c_void_p,
                                              ctypes.POINTER(ctypes.c_uint32), ctypes.c_void_p]
         lib.bpf_map_delete_batch.restype = ctypes.c_int
-        _libbpf = lib
-    return _libbpf
+        _typed = True
+    return lib
 
 
 def _walk(table, delete: bool) -> int:

@@ -7,51 +7,23 @@ input between runs, so a program that moves the head would time its own
 output. See harness.c for what it does on every run."""
 from __future__ import annotations
 
-import contextlib
 import ctypes
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from l4lb import testrun
-from l4lb.bpf import Program
+from l4lb.bpf import Program, compile_program
 from l4lb.errors import BpfError
 
 BENCH_DIR = Path(__file__).resolve().parent
 COPY_MAX = 128  # harness.c: bytes of the frame restored on every run
 
 
-@contextlib.contextmanager
-def _stderr_to_file():
-    """bcc prints warnings and verifier logs on fd 2: keep them, show them on failure."""
-    saved = os.dup(2)
-    with tempfile.TemporaryFile(mode="w+") as tmp:
-        os.dup2(tmp.fileno(), 2)
-        try:
-            yield tmp
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-
-
 def load_program(source: str, fn_name: str, cflags: list[str] | None = None) -> Program:
     """Compiles bench/<source> with bcc and loads `fn_name` as an XDP program."""
-    try:
-        import bcc  # noqa: PLC0415
-    except ImportError as e:
-        raise BpfError("bcc is not importable: run `make setup`") from e
-    with _stderr_to_file() as err:
-        try:
-            b = bcc.BPF(src_file=str(BENCH_DIR / source).encode(), cflags=cflags or [])
-            fn = b.load_func(fn_name.encode(), bcc.BPF.XDP)
-        except Exception as e:  # bcc raises bare Exception
-            err.flush()
-            err.seek(0)
-            tail = "\n".join(err.read().strip().splitlines()[-40:])
-            raise BpfError(f"compiling or loading bench/{source} failed: {e}\n{tail}") from e
-    return Program(b, fn, fn_name)
+    b, fns = compile_program(source, cflags or [], [fn_name], src_dir=BENCH_DIR)
+    return Program(b, fns[fn_name], fn_name)
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,6 @@
 """The `l4lb` verbs: `run` starts the server; the others are gRPC calls."""
 from __future__ import annotations
 
-import argparse
 import time
 
 from rich.console import Console

@@ -71,17 +71,18 @@ class _TempFile(io.FileIO):
             os.unlink(self._path)
 
 
-def compile_program(source: str, cflags: list[str], fn_names: list[str]):
-    """Compiles xdp/<source> and loads the named XDP functions. Returns (bpf, {name: fn})."""
+def compile_program(source: str, cflags: list[str], fn_names: list[str], src_dir: Path = XDP_DIR):
+    """Compiles <src_dir>/<source> (xdp/ by default) and loads the named XDP
+    functions. Returns (bpf, {name: fn})."""
     bcc = _bcc()
     with _quiet_stderr() as err:
         try:
-            b = bcc.BPF(src_file=str(XDP_DIR / source).encode(), cflags=cflags + [f"-I{XDP_DIR}"])
+            b = bcc.BPF(src_file=str(src_dir / source).encode(), cflags=cflags + [f"-I{XDP_DIR}"])
             fns = {n: b.load_func(n.encode(), bcc.BPF.XDP) for n in fn_names}
         except Exception as e:  # bcc raises bare Exception
             detail = err.text().strip().splitlines()
             tail = "\n".join(detail[-30:])
-            raise BpfError(f"compiling or loading xdp/{source} failed: {e}\n{tail}") from e
+            raise BpfError(f"compiling or loading {src_dir.name}/{source} failed: {e}\n{tail}") from e
     return b, fns
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from . import bpf, consts
 from .config import LbConfig, check_capacity
 from .dataplane import Dataplane
-from .errors import ConfigError, L4lbError
+from .errors import ConfigError
 from .state import LbState
 
 LINKTYPE_ETHERNET = 1

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import random
 import subprocess
-import sys
 import threading
-from pathlib import Path
 
 import grpc
 import pytest

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import shutil
 import signal
@@ -45,8 +46,11 @@ class DockerEnvError(L4lbError):
     """No engine, compose or base image could be had; the message says why."""
 
 
+log = logging.getLogger("l4lb.docker")
+
+
 def _say(msg: str) -> None:
-    print(f"l4lb docker: {msg}", file=sys.stderr, flush=True)
+    log.info("%s", msg)
 
 
 def _run(cmd: list[str], timeout: float = 60, **kw) -> subprocess.CompletedProcess:
@@ -362,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="engine: make sure an engine answers (started ones keep running); "
                         "base: also make sure l4lb/bookworm-base exists; stop: stop an engine started by `engine`")
     args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="l4lb docker: %(message)s")
     try:
         if args.what == "stop":
             try:

@@ -20,12 +20,10 @@ demo:
 	@.venv/bin/l4lb demo
 
 bench:
-	@$(PY) -m bench.pktcost
-	@$(PY) -m bench.controlplane
+	@$(PY) -m bench.run
 
 bench-quick:
-	@$(PY) -m bench.pktcost --quick --rounds 3
-	@$(PY) -m bench.controlplane --quick
+	@$(PY) -m bench.run --quick
 
 clean:
 	rm -rf build .pytest_cache l4lb/_maglev_fill.*.so

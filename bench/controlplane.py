@@ -1,13 +1,24 @@
 """Control-plane speed: Maglev table builds, pushing a ring into the kernel,
-and gRPC AddBackends / SetBackendWeights latency against a real server, each
-beside a baseline measured in the same run.
+gRPC AddBackends / SetBackendWeights latency against a real server, each
+beside a baseline measured in the same run, and the time from such an RPC's
+return to the first packet that follows the new table.
 
     .venv/bin/python -m bench.controlplane [--quick] [--out PATH]
+
+RPC to packet: the server runs in this process on the loaded (not attached)
+program. For each change a flow is chosen whose Maglev pick must change with
+it (AddBackends: a flow the new backend takes; SetBackendWeights to 0: a flow
+of the drained backend), and a SYN of that flow (a SYN always takes a fresh
+pick) is run once before the RPC to prove the old pick. As soon as the RPC
+returns, the same packet runs (BPF_PROG_TEST_RUN) in a tight loop until its
+outer destination is the new pick. The ring is written, and the VIP flipped
+to it, before the RPC returns, so the first run should already take the new
+backend: the report gives the time from the return to the end of that first
+run, how many runs were needed, and the time of one run for comparison.
 """
 from __future__ import annotations
 
 import argparse
-import ctypes
 import ipaddress
 import json
 import platform
@@ -23,14 +34,16 @@ from control.client import Client
 from control.l4lb.v1 import l4lb_pb2 as pb
 from control.server import create_server
 from control.servicer import LoadBalancerServicer
-from l4lb import bpf, consts, maglev
+from l4lb import bpf, consts, flowhash, maglev, testrun
 from l4lb.controller import Controller
 from l4lb.dataplane import Dataplane, RuntimeConfig
+from l4lb.reset import clear_maps
 
 
 def _backends(n: int, seed: int = 1) -> dict[str, int]:
-    base = int(ipaddress.IPv4Address("198.18.0.0"))
-    return {str(ipaddress.IPv4Address(base + 512 + i)): 1 for i in range(n)}
+    """n backends from the benchmarks' pool 198.18.32.0/19 (4096 do not fit a /24)."""
+    base = int(ipaddress.IPv4Address("198.18.32.1"))
+    return {str(ipaddress.IPv4Address(base + i)): 1 for i in range(n)}
 
 
 def _best(fn, rounds: int) -> tuple[float, float]:
@@ -64,8 +77,8 @@ def ring_push(prog, cap, rounds):
     # per-entry baseline: the same bytes through one syscall per slot of a plain array map
     import bcc  # noqa: PLC0415
 
-    b = bcc.BPF(text=f"BPF_ARRAY(slots, u32, {cap.ring_size});")
-    s = b["slots"]
+    b = bcc.BPF(text=f"BPF_ARRAY(slots, u32, {cap.ring_size});".encode())
+    s = b[b"slots"]
     n = 4096
     keys = (s.Key * n)(*range(n))
     vals = (s.Leaf * n)(*arr[:n].tolist())
@@ -104,7 +117,8 @@ def rpc_latency(ctrl, requests: int, clients: int):
             def worker(k, kind=kind):
                 with Client(f"unix:{sock}") as c:
                     for i in range(requests // clients):
-                        addr = f"198.18.{3 + k}.{i % 250 + 1}"
+                        # from the pool, past the VIP's 100: 250 addresses per client
+                        addr = str(ipaddress.IPv4Address("198.18.32.1") + 1000 + 250 * k + i % 250)
                         t = time.perf_counter()
                         if kind == "AddBackends":
                             c.call("AddBackends", pb.AddBackendsRequest(id=vid, backends=[pb.Backend(address=addr, weight=1)]))
@@ -135,6 +149,118 @@ def rpc_latency(ctrl, requests: int, clients: int):
         server.stop(0)
 
 
+RTP_VIP = "198.18.10.20"
+RTP_CLIENT = "198.18.0.5"
+RTP_CLIENT_MAC = "02:00:00:00:00:0c"
+RTP_LB_MAC = "02:00:00:00:01:01"
+RTP_TIMEOUT_NS = 1_000_000_000
+
+
+def _syn(sport: int) -> bytes:
+    from scapy.layers.inet import IP, TCP  # noqa: PLC0415
+    from scapy.layers.l2 import Ether  # noqa: PLC0415
+
+    return bytes(Ether(src=RTP_CLIENT_MAC, dst=RTP_LB_MAC) / IP(src=RTP_CLIENT, dst=RTP_VIP) /
+                 TCP(sport=sport, dport=80, flags="S", seq=1))
+
+
+def _outer_dst(r: testrun.RunResult) -> str | None:
+    """The backend of a 4in4 frame the program sent (None for anything else)."""
+    if r.verdict != testrun.XDP_TX or r.data[12:14] != b"\x08\x00" or r.data[23] != 4:
+        return None
+    return str(ipaddress.IPv4Address(r.data[30:34]))
+
+
+def _moving_flow(old: list, new: list, m: int, want) -> tuple[int, str, str]:
+    """A source port whose pick changes from old to new table, with want(old, new) true."""
+    for sport in range(1024, 65536):
+        slot = flowhash.ring_slot(flowhash.flow_hash(RTP_CLIENT, RTP_VIP, sport, 80, 6), m)
+        if old[slot] != new[slot] and want(old[slot], new[slot]):
+            return sport, old[slot], new[slot]
+    raise RuntimeError("no flow changes its pick with this change")
+
+
+def rpc_to_packet(prog, cap, changes: int, log=print) -> dict:
+    """Time from the return of AddBackends / SetBackendWeights to the first packet
+    (BPF_PROG_TEST_RUN on `prog`) that goes to the new pick. See the module's notes."""
+    ctrl = Controller(_emptied(prog, cap), RuntimeConfig())
+    m = cap.ring_size
+    sock = Path(tempfile.mkdtemp(prefix="l4lb-bench-")) / "s.sock"
+    server, _ = create_server(LoadBalancerServicer(ctrl), f"unix:{sock}")
+    out: dict = {"vip": f"{RTP_VIP}:80/tcp", "backends": 100, "ring_size": m, "changes": changes}
+    failures: list[str] = []
+    try:
+        with Client(f"unix:{sock}") as c:
+            c.call("SetGateway", pb.SetGatewayRequest(mac="02:00:00:00:00:01"))
+            vid = pb.VipId(address=RTP_VIP, port=80, protocol="tcp")
+            base = _backends(100)
+            c.call("AddVip", pb.AddVipRequest(
+                id=vid, backends=[pb.Backend(address=a, weight=w) for a, w in base.items()]))
+            old_table = maglev.maglev_table(base, m)
+            one_run = []
+            for kind in ("AddBackends", "SetBackendWeights"):
+                first_us, new_us, runs = [], [], []
+                for i in range(changes):
+                    if kind == "AddBackends":
+                        # a backend the VIP does not have: the pool after its 100
+                        addr = str(ipaddress.IPv4Address("198.18.32.1") + 100 + i % 200)
+                        new = {**base, addr: 1}
+                        req = pb.AddBackendsRequest(id=vid, backends=[pb.Backend(address=addr, weight=1)])
+                        undo = ("RemoveBackends", pb.RemoveBackendsRequest(id=vid, addresses=[addr]))
+                        want = lambda o, n, a=addr: n == a  # noqa: E731
+                    else:
+                        addr = list(base)[i % len(base)]
+                        new = {**base, addr: 0}
+                        req = pb.SetBackendWeightsRequest(id=vid, backends=[pb.Backend(address=addr, weight=0)])
+                        undo = ("SetBackendWeights", pb.SetBackendWeightsRequest(
+                            id=vid, backends=[pb.Backend(address=addr, weight=1)]))
+                        want = lambda o, n, a=addr: o == a  # noqa: E731
+                    new_table = maglev.maglev_table(new, m)
+                    sport, before, after = _moving_flow(old_table, new_table, m, want)
+                    frame = _syn(sport)
+                    t0 = time.perf_counter_ns()
+                    r = testrun.run(prog.fd, frame)
+                    one_run.append(time.perf_counter_ns() - t0)
+                    if _outer_dst(r) != before:
+                        failures.append(f"{kind} #{i}: before the RPC the flow went to "
+                                        f"{_outer_dst(r)}, the old table says {before}")
+                    c.call(kind, req)
+                    returned = time.perf_counter_ns()
+                    n_runs, first = 0, None
+                    while True:
+                        r = testrun.run(prog.fd, frame)
+                        now = time.perf_counter_ns()
+                        n_runs += 1
+                        if first is None:
+                            first = now - returned
+                        if _outer_dst(r) == after:
+                            break
+                        if now - returned > RTP_TIMEOUT_NS:
+                            failures.append(f"{kind} #{i}: no packet went to {after} within 1 s")
+                            break
+                    first_us.append(first / 1e3)
+                    new_us.append((now - returned) / 1e3)
+                    runs.append(n_runs)
+                    c.call(*undo)
+                first_us.sort()
+                out[kind] = {
+                    "first_run_us": {"p50": statistics.median(first_us), "max": first_us[-1],
+                                     "min": first_us[0]},
+                    "to_new_pick_us": {"p50": statistics.median(new_us), "max": max(new_us)},
+                    "runs_needed": {"max": max(runs), "all_first": all(n == 1 for n in runs),
+                                    "histogram": {str(k): runs.count(k) for k in sorted(set(runs))}},
+                }
+                log(f"  {kind} -> first packet on the new table: {out[kind]['first_run_us']['p50']:.1f} us "
+                    f"after the return (p50; max {out[kind]['first_run_us']['max']:.1f} us), "
+                    f"runs needed: max {max(runs)} of {changes} changes")
+            out["one_run_us"] = {"p50": statistics.median(one_run) / 1e3, "min": min(one_run) / 1e3}
+    finally:
+        server.stop(0)
+    out["failures"] = failures
+    out["ok"] = not failures
+    return out
+
+
 def machine() -> dict:
     model = ""
     with open("/proc/cpuinfo") as f:
@@ -147,30 +273,66 @@ def machine() -> dict:
     return {"cpu": model, "cores": os.cpu_count(), "kernel": platform.release(), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
+QUICK = {"rounds": 3, "sizes": (10, 100, 1000), "ring_sizes": (65537,), "requests": 100,
+         "clients": (1,), "changes": 20}
+FULL = {"rounds": 9, "sizes": (10, 100, 1000, 4096), "ring_sizes": (65537, 655373),
+        "requests": 400, "clients": (1, 8), "changes": 100}
+SMOKE = {"rounds": 1, "sizes": (10, 100), "ring_sizes": (65537,), "requests": 8,
+         "clients": (1,), "changes": 3}
+
+
+def _emptied(prog, cap) -> Dataplane:
+    """A Dataplane on prog with every map back to empty (a program may come used)."""
+    from . import ctmap  # noqa: PLC0415
+
+    dp = Dataplane(prog, cap)
+    for name in (consts.MAP_CONNTRACK, consts.MAP_CONNTRACK6):
+        ctmap.drain(dp.t[name])  # batch: a full table would take seconds one key at a time
+    clear_maps(dp)
+    return dp
+
+
+def run(settings: dict = FULL, log=print, prog=None, cap=None) -> dict:
+    """Every measurement with these settings (FULL, QUICK or SMOKE); returns the results.
+    prog, cap: a loaded balancer to use (its maps are emptied; it stays open); by default
+    one of capacity 4 VIPs, 1024 backends, a 4096-entry connection table is loaded."""
+    rounds = settings["rounds"]
+    res = {"benchmark": "controlplane", "machine": machine(),
+           "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}}
+    started = time.time()
+    res["maglev"] = maglev_builds(settings["sizes"], rounds, settings["ring_sizes"])
+    own = prog is None
+    if own:
+        cap = consts.Capacity(max_vips=4, max_backends=1024, ct_size=4096)
+        prog = bpf.load_balancer(cap)
+    res["capacity"] = {"max_vips": cap.max_vips, "max_backends": cap.max_backends,
+                       "ct_size": cap.ct_size, "ring_size": cap.ring_size}
+    try:
+        res["ring_push"] = ring_push(prog, cap, rounds * 3)
+        res["rpc"] = {}
+        for clients in settings["clients"]:
+            ctrl = Controller(_emptied(prog, cap), RuntimeConfig())
+            res["rpc"][str(clients)] = rpc_latency(ctrl, settings["requests"], clients)
+        res["rpc_to_packet"] = rpc_to_packet(prog, cap, settings["changes"], log)
+    finally:
+        if own:
+            prog.close()
+    res["duration_s"] = round(time.time() - started, 1)
+    res["ok"] = res["rpc_to_packet"]["ok"]
+    return res
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default="bench/results/controlplane.json")
     args = ap.parse_args(argv)
-    rounds = 3 if args.quick else 9
     print("control plane:", flush=True)
-    res = {"machine": machine()}
-    sizes = (10, 100, 1000) if args.quick else (10, 100, 1000, 4096)
-    res["maglev"] = maglev_builds(sizes, rounds, (65537,) if args.quick else (65537, 655373))
-    cap = consts.Capacity(max_vips=4, max_backends=1024, ct_size=4096)
-    prog = bpf.load_balancer(cap)
-    try:
-        res["ring_push"] = ring_push(prog, cap, rounds * 3)
-        ctrl = Controller(Dataplane(prog, cap), RuntimeConfig())
-        res["rpc"] = {"1": rpc_latency(ctrl, 100 if args.quick else 400, 1)}
-        if not args.quick:
-            res["rpc"]["8"] = rpc_latency(Controller(Dataplane(prog, cap), RuntimeConfig()), 400, 8)
-    finally:
-        prog.close()
+    res = run(QUICK if args.quick else FULL)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=1))
     print(f"wrote {args.out}")
-    return 0
+    return 0 if res["ok"] else 1
 
 
 if __name__ == "__main__":

@@ -216,9 +216,10 @@ def possible_cpus() -> int:
 
 
 class Balancer:
-    """One loaded balancer with the benchmark's VIPs and configuration."""
+    """One loaded balancer with the benchmark's configuration and VIPs (`setup` adds
+    them: this benchmark's four by default)."""
 
-    def __init__(self, capacity: consts.Capacity):
+    def __init__(self, capacity: consts.Capacity, setup=add_vips):
         self.capacity = capacity
         self.prog = bpf.load_balancer(capacity)
         self.dp = Dataplane(self.prog, capacity)
@@ -226,7 +227,7 @@ class Balancer:
         self.dp.write_config(RuntimeConfig(gateway_mac=GW_MAC, new_flow_rate=0,
                                            icmp_rate=ICMP_RATE_UNLIMITED), portless_vips=0)
         self.state = LbState(capacity, self.dp)
-        add_vips(self.state)
+        setup(self.state)
         self.dp.set_portless(self.state.portless)
         self.conntrack = self.prog.table(consts.MAP_CONNTRACK)
 
@@ -243,7 +244,9 @@ class PktCost:
     every case but one, `full` for the SYN case into a full table, whose
     connection table is filled once and stays full (every insert evicts)."""
 
-    def __init__(self, repeat: int, cpu: int | None = None, full_table: bool = True):
+    def __init__(self, repeat: int, cpu: int | None = None, full_table: bool = True,
+                 harness: Harness | None = None):
+        """harness: one already loaded (it stays open on close()); by default its own."""
         if repeat < 2:
             raise L4lbError(f"repeat {repeat}: give at least 2 (the harness proves its restores "
                             "from the second run on)")
@@ -265,8 +268,9 @@ class PktCost:
         self.next_flow = 0
         self.cases = [c for c in build_cases() if full_table or not c.fill_table]
         self.lbs: dict[str, Balancer] = {}
+        self._own_harness = harness is None
         try:
-            self.harness = Harness()
+            self.harness = harness or Harness()
             self.lbs["main"] = Balancer(self.capacity)
             if full_table:
                 self.lbs["full"] = Balancer(self.capacity)
@@ -280,7 +284,7 @@ class PktCost:
             raise
 
     def close(self) -> None:
-        if hasattr(self, "harness"):
+        if hasattr(self, "harness") and self._own_harness:
             self.harness.close()
         for lb in self.lbs.values():
             lb.close()

@@ -20,6 +20,14 @@
 #include "encap.h"
 #include "icmp.h"
 
+/* The clock of UDP expiry and the rate limits: the coarse monotonic clock
+ * (jiffy resolution) costs far less than a clocksource read, and these only
+ * need milliseconds. */
+static __always_inline __u64 lb_now(void)
+{
+    return bpf_ktime_get_coarse_ns();
+}
+
 /* At most `rate` events per CPU per second; a fixed one-second window. */
 static __always_inline int rate_allows(__u64 *window, __u64 *count, __u32 rate, __u64 now)
 {
@@ -39,7 +47,7 @@ static __always_inline int icmp_allowed(const struct lb_config *cfg)
     struct cpu_state *cs = cpu_state.lookup(&zero);
 
     return cs && rate_allows(&cs->icmp_window, &cs->icmp_count, cfg->icmp_rate,
-                             bpf_ktime_get_ns());
+                             lb_now());
 }
 
 /* Could a VIP live on the destination address? A clear filter bit says no. */
@@ -164,7 +172,7 @@ static __always_inline int ct_lookup(struct pkt *p, const struct lb_config *cfg,
     if (!(b->flags & BACKEND_F_VALID) || b->generation != e->generation || !listed_by(b, vid))
         goto stale;
     if (p->flow.proto == PROTO_UDP) {
-        now = bpf_ktime_get_ns();
+        now = lb_now();
         if (now - e->last_seen >= cfg->udp_timeout_ns)
             goto stale;
         e->last_seen = now;
@@ -202,7 +210,7 @@ static __always_inline int pick_backend(struct pkt *p, const struct vip_meta *vi
     vi = vip_info.lookup(&vid);
     if (!vi)
         return 0;
-    now = bpf_ktime_get_ns();
+    now = lb_now();
     /* New-flow rate limit: above it, new flows are served by Maglev alone, so
      * a flood of new flows cannot evict the established ones from the LRU. */
     limited = 0;

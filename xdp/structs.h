@@ -76,7 +76,7 @@ struct ct_entry {
     __u32 vip_gen;     /* vip_info[vip_id].generation when the entry was made */
     __u32 hash;        /* the flow hash (outer source, flow label) */
     __u32 pad;
-    __u64 last_seen;   /* ns (bpf_ktime_get_ns), kept for UDP expiry only */
+    __u64 last_seen;   /* ns (coarse monotonic clock), kept for UDP expiry only */
 };
 
 /* What a connection-table hit needs to know about its VIP, by vip_id. */

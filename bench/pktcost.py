@@ -203,6 +203,20 @@ class RoundResult:
     failures: list[str] = field(default_factory=list)
 
 
+def pin_to_cpu(cpu: int | None) -> tuple[set[int], int]:
+    """Moves this process to one CPU (the last allowed one by default): the
+    harness's flow numbers, the per-CPU counters and the connection table's
+    per-CPU LRU lists must all be the same CPU's. Returns (the affinity to
+    restore, the CPU)."""
+    saved = os.sched_getaffinity(0)
+    allowed = sorted(saved)
+    cpu = allowed[-1] if cpu is None else cpu
+    if cpu not in allowed:
+        raise L4lbError(f"CPU {cpu}: this process may run on CPUs {allowed}")
+    os.sched_setaffinity(0, {cpu})
+    return saved, cpu
+
+
 def possible_cpus() -> int:
     try:
         text = Path("/sys/devices/system/cpu/possible").read_text().strip()
@@ -251,14 +265,7 @@ class PktCost:
             raise L4lbError(f"repeat {repeat}: give at least 2 (the harness proves its restores "
                             "from the second run on)")
         self.repeat = repeat
-        # One CPU for everything: the harness's flow numbers, the per-CPU counters and the
-        # connection table's per-CPU LRU lists (filled, emptied) must all be the same CPU's.
-        self._affinity = os.sched_getaffinity(0)
-        allowed = sorted(self._affinity)
-        self.cpu = allowed[-1] if cpu is None else cpu
-        if self.cpu not in allowed:
-            raise L4lbError(f"CPU {self.cpu}: this process may run on CPUs {allowed}")
-        os.sched_setaffinity(0, {self.cpu})
+        self._affinity, self.cpu = pin_to_cpu(cpu)
         self.ncpus = possible_cpus()
         # The SYN case needs room for one round of new entries on the CPU that runs it:
         # with per-CPU LRU lists each CPU owns ct_size / possible CPUs of the entries.

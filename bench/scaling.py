@@ -62,7 +62,7 @@ from l4lb.testrun import XDP_TX
 from . import ctmap
 from .harness import Harness, Vary
 from .pktcost import (CLIENT_MAC, LB_MAC, VERDICT_COUNTERS, VIP4, Balancer, Case, PktCost,
-                      RoundResult, build_cases, machine, possible_cpus)
+                      RoundResult, build_cases, machine, pin_to_cpu, possible_cpus)
 
 DEFAULT_REPEAT = 300_000
 QUICK_REPEAT = 50_000
@@ -187,12 +187,7 @@ class Scaling(PktCost):
         if repeat < 2:
             raise L4lbError(f"repeat {repeat}: give at least 2")
         self.repeat = repeat
-        self._affinity = os.sched_getaffinity(0)
-        allowed = sorted(self._affinity)
-        self.cpu = allowed[-1] if cpu is None else cpu
-        if self.cpu not in allowed:
-            raise L4lbError(f"CPU {self.cpu}: this process may run on CPUs {allowed}")
-        os.sched_setaffinity(0, {self.cpu})
+        self._affinity, self.cpu = pin_to_cpu(cpu)
         self.ncpus = possible_cpus()
         self.capacity = balancer.capacity if balancer else capacity_for(repeat, self.ncpus)
         self.share = self.capacity.ct_size // self.ncpus

@@ -9,7 +9,6 @@ changes when it comes back. The program stays attached on exit unless
 from __future__ import annotations
 
 import logging
-import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -116,7 +115,7 @@ def run(args) -> int:
     def on_stop():
         if args.detach:
             prog.detach()
-            shutil.rmtree(pin_dir, ignore_errors=True)
+            bpf.remove_pins(str(pin_dir))
             state_file.unlink(missing_ok=True)
             log.info("detached from %s and removed the pinned maps", ifname)
         else:

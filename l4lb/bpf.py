@@ -154,6 +154,15 @@ class Program:
             self.bpf.cleanup()
 
 
+def remove_pins(pin_dir: str) -> None:
+    """Removes a program's pinned maps, and their parent when nothing else is pinned there."""
+    import shutil  # noqa: PLC0415
+
+    shutil.rmtree(pin_dir, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        os.rmdir(os.path.dirname(os.path.normpath(pin_dir)))  # only if empty
+
+
 def load_balancer(capacity: Capacity = Capacity(), pin_dir: str | None = None) -> Program:
     flags = consts.cflags(capacity)
     if pin_dir:

@@ -100,7 +100,7 @@ class Dataplane:
         arr = np.ascontiguousarray(slots, dtype=np.uint32)
         if arr.shape != (self.capacity.ring_size,):
             raise BpfError(f"ring of {arr.shape} entries, program has {self.capacity.ring_size}")
-        leaf = t.Leaf.from_buffer_copy(arr.tobytes())  # the whole ring: one syscall
+        leaf = t.Leaf.from_buffer_copy(arr)  # the whole ring: one copy, one syscall
         self._update(t, t.Key(2 * vip_id + copy), leaf)
 
     def put_vip(self, key: VipKey, vip_id: int, flags: int, ring: int) -> None:

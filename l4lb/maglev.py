@@ -119,14 +119,14 @@ def _canonical_backends(backends: Mapping[str, int]) -> tuple[list[str], list[by
     for addr, weight in backends.items():
         if not isinstance(addr, str):
             raise ValidationError(
-                f"backend address {addr!r} is not a string; give an IPv4 or IPv6 address such as '10.0.0.1'"
+                f"backend address {addr!r} is not a string; give an IPv4 or IPv6 address such as '198.18.2.1'"
             )
         try:
             ip = ipaddress.ip_address(addr)
         except ValueError:
             raise ValidationError(
                 f"backend address {addr!r} is not an IP address; "
-                "give an IPv4 or IPv6 address such as '10.0.0.1' or 'fd00::1'"
+                "give an IPv4 or IPv6 address such as '198.18.2.1' or 'fd00:198:18:2::1'"
             ) from None
         if getattr(ip, "scope_id", None):
             raise ValidationError(

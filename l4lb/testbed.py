@@ -66,6 +66,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from . import bpf
 from .errors import L4lbError
 
 log = logging.getLogger("l4lb.testbed")
@@ -844,7 +845,7 @@ class Testbed:
             step(f"delete {n.ns}", _remove_ns, n.ns)
         self.nodes = []
         if self.lb:
-            step("remove pinned maps", shutil.rmtree, self.lb.pin_dir, True)
+            step("remove pinned maps", bpf.remove_pins, str(self.lb.pin_dir))
         if self.workdir:
             step("remove temp dir", shutil.rmtree, self.workdir, True)
             self.workdir = None

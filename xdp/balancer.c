@@ -341,6 +341,9 @@ static __always_inline int handle_icmp(struct xdp_md *ctx, struct pkt *p, void *
         return XDP_DROP;
     }
     type = *(__u8 *)l4;
+    /* echo and errors alike concern VIP addresses only: others leave after one array read */
+    if (!maybe_vip(p))
+        goto pass;
     if (p->flow.family == FAMILY_V4) {
         if (type == ICMP_ECHO_REQUEST) {
             if (!is_vip_address(p))

@@ -3,7 +3,6 @@ creates, driven by real gRPC clients."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from control.client import Client
 from control.l4lb.v1 import l4lb_pb2 as pb
+from l4lb import bpf
 from l4lb.flowhash import flow_hash, ring_slot
 from l4lb.maglev import maglev_table
 
@@ -79,7 +79,7 @@ class Server:
     def cleanup(self):
         self.stop()
         subprocess.run(["ip", "-n", self.ns, "link", "set", self.ifname, "xdp", "off"], capture_output=True)
-        shutil.rmtree(f"/sys/fs/bpf/l4lb/{self.ifname}", ignore_errors=True)
+        bpf.remove_pins(f"/sys/fs/bpf/l4lb/{self.ifname}")
         subprocess.run(["ip", "netns", "del", self.ns], capture_output=True)
 
 

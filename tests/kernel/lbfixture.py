@@ -19,6 +19,7 @@ from l4lb.dataplane import Dataplane, RuntimeConfig
 from l4lb.model import VipKey, VipSpec
 from l4lb.reset import clear_maps
 from l4lb.state import LbState
+from l4lb.testbed import inet_checksum
 
 LB_MAC = "02:00:00:00:01:01"
 CLIENT_MAC = "02:00:00:00:00:0c"
@@ -51,14 +52,7 @@ def moved(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
     return {k: after[k] - before[k] for k in after if after[k] != before[k]}
 
 
-def inet_csum(data: bytes) -> int:
-    """RFC 1071 checksum, written out here rather than taken from scapy."""
-    if len(data) % 2:
-        data += b"\0"
-    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return ~s & 0xFFFF
+inet_csum = inet_checksum  # RFC 1071, written out in l4lb.testbed rather than taken from scapy
 
 
 @contextlib.contextmanager

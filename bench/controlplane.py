@@ -34,10 +34,9 @@ from control.client import Client
 from control.l4lb.v1 import l4lb_pb2 as pb
 from control.server import create_server
 from control.servicer import LoadBalancerServicer
-from l4lb import bpf, consts, flowhash, maglev, testrun
+from l4lb import bpf, consts, flowhash, maglev, libbpf
 from l4lb.controller import Controller
 from l4lb.dataplane import Dataplane, RuntimeConfig
-from l4lb.reset import clear_maps
 
 
 def _backends(n: int, seed: int = 1) -> dict[str, int]:
@@ -164,9 +163,9 @@ def _syn(sport: int) -> bytes:
                  TCP(sport=sport, dport=80, flags="S", seq=1))
 
 
-def _outer_dst(r: testrun.RunResult) -> str | None:
+def _outer_dst(r: libbpf.RunResult) -> str | None:
     """The backend of a 4in4 frame the program sent (None for anything else)."""
-    if r.verdict != testrun.XDP_TX or r.data[12:14] != b"\x08\x00" or r.data[23] != 4:
+    if r.verdict != libbpf.XDP_TX or r.data[12:14] != b"\x08\x00" or r.data[23] != 4:
         return None
     return str(ipaddress.IPv4Address(r.data[30:34]))
 
@@ -219,7 +218,7 @@ def rpc_to_packet(prog, cap, changes: int, log=print) -> dict:
                     sport, before, after = _moving_flow(old_table, new_table, m, want)
                     frame = _syn(sport)
                     t0 = time.perf_counter_ns()
-                    r = testrun.run(prog.fd, frame)
+                    r = libbpf.run(prog.fd, frame)
                     one_run.append(time.perf_counter_ns() - t0)
                     if _outer_dst(r) != before:
                         failures.append(f"{kind} #{i}: before the RPC the flow went to "
@@ -228,7 +227,7 @@ def rpc_to_packet(prog, cap, changes: int, log=print) -> dict:
                     returned = time.perf_counter_ns()
                     n_runs, first = 0, None
                     while True:
-                        r = testrun.run(prog.fd, frame)
+                        r = libbpf.run(prog.fd, frame)
                         now = time.perf_counter_ns()
                         n_runs += 1
                         if first is None:
@@ -288,7 +287,7 @@ def _emptied(prog, cap) -> Dataplane:
     dp = Dataplane(prog, cap)
     for name in (consts.MAP_CONNTRACK, consts.MAP_CONNTRACK6):
         ctmap.drain(dp.t[name])  # batch: a full table would take seconds one key at a time
-    clear_maps(dp)
+    dp.clear()
     return dp
 
 

@@ -12,90 +12,37 @@ hash-bucket order, scattered over memory, and costs far more per insert)."""
 from __future__ import annotations
 
 import ctypes
-import errno
 import ipaddress
-import os
 
 import numpy as np
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import Ether
 
-from l4lb import testrun
+from l4lb import libbpf
 from l4lb.errors import BpfError
 
 from .harness import Vary
 
-_CHUNK = 16384
-_typed = False
-
-
-def _lib():
-    """libbpf (l4lb.testrun loads it), with the batch functions' types set."""
-    global _typed
-    lib = testrun._lib()
-    if not _typed:
-        batch = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                 ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32), ctypes.c_void_p]
-        for fn in (lib.bpf_map_lookup_batch, lib.bpf_map_lookup_and_delete_batch):
-            fn.argtypes = batch
-            fn.restype = ctypes.c_int
-        lib.bpf_map_delete_batch.argtypes = [ctypes.c_int, ctypes.c_void_p,
-                                             ctypes.POINTER(ctypes.c_uint32), ctypes.c_void_p]
-        lib.bpf_map_delete_batch.restype = ctypes.c_int
-        _typed = True
-    return lib
-
-
-def _walk(table, delete: bool) -> int:
-    lib = _lib()
-    fn = lib.bpf_map_lookup_and_delete_batch if delete else lib.bpf_map_lookup_batch
-    ksz, vsz = ctypes.sizeof(table.Key), ctypes.sizeof(table.Leaf)
-    keys = ctypes.create_string_buffer(ksz * _CHUNK)
-    values = ctypes.create_string_buffer(vsz * _CHUNK)
-    token_in = ctypes.create_string_buffer(max(ksz, 8))  # a hash map's token is a bucket number
-    token_out = ctypes.create_string_buffer(max(ksz, 8))
-    total, first = 0, True
-    while True:
-        count = ctypes.c_uint32(_CHUNK)
-        rc = fn(table.map_fd, None if first else token_in, token_out, keys, values,
-                ctypes.byref(count), None)
-        err = ctypes.get_errno()
-        total += count.value
-        if rc:
-            if err == errno.ENOENT:  # walked the whole map
-                return total
-            raise BpfError(f"batch walk of map {table.name!r} failed: {os.strerror(err)}")
-        ctypes.memmove(token_in, token_out, len(token_in))
-        first = False
+def _name(table) -> str:
+    name = getattr(table, "name", b"")  # bcc keeps it as bytes, when it keeps it
+    return name.decode() if isinstance(name, bytes) else str(name)
 
 
 def count(table) -> int:
     """Entries in a hash map."""
-    return _walk(table, delete=False)
+    return libbpf.map_walk(table.map_fd, ctypes.sizeof(table.Key), ctypes.sizeof(table.Leaf), name=_name(table))
 
 
 def drain(table) -> int:
     """Deletes every entry of a hash map; returns how many there were."""
-    return _walk(table, delete=True)
+    return libbpf.map_walk(table.map_fd, ctypes.sizeof(table.Key), ctypes.sizeof(table.Leaf),
+                           delete=True, name=_name(table))
 
 
 def delete_keys(table, keys: bytes) -> int:
     """Deletes the given keys (packed one after another), in that order.
     Returns how many existed; stops at the first that did not."""
-    lib = _lib()
-    ksz = ctypes.sizeof(table.Key)
-    n = len(keys) // ksz
-    if n * ksz != len(keys):
-        raise BpfError(f"{len(keys)} bytes of keys for map {table.name!r}: not a multiple of {ksz}")
-    if not n:
-        return 0
-    buf = ctypes.create_string_buffer(keys, len(keys))
-    done = ctypes.c_uint32(n)
-    rc = lib.bpf_map_delete_batch(table.map_fd, buf, ctypes.byref(done), None)
-    err = ctypes.get_errno()
-    if rc and err != errno.ENOENT:
-        raise BpfError(f"deleting {n} keys from map {table.name!r} failed: {os.strerror(err)}")
-    return done.value
+    return libbpf.map_delete_batch(table.map_fd, keys, ctypes.sizeof(table.Key), name=_name(table))
 
 
 def flow_keys(table, frame: bytes, vary: Vary, first: int, n: int,

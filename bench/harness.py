@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from l4lb import testrun
+from l4lb import libbpf
 from l4lb.bpf import Program, compile_program
 from l4lb.errors import BpfError
 
@@ -76,12 +76,12 @@ class HarnessCounts:
 class Timing:
     kernel_ns: int     # the kernel's mean per run (integer ns, excludes time rescheduled)
     wall_ns: float     # wall clock around the syscall / repeat
-    result: testrun.RunResult
+    result: libbpf.RunResult
 
 
 def time_run(prog_fd: int, frame: bytes, repeat: int) -> Timing:
     t0 = time.perf_counter_ns()
-    r = testrun.run(prog_fd, frame, repeat=repeat)
+    r = libbpf.run(prog_fd, frame, repeat=repeat)
     t1 = time.perf_counter_ns()
     return Timing(r.duration_ns, (t1 - t0) / repeat, r)
 

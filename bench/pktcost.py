@@ -55,13 +55,12 @@ from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 from scapy.packet import Raw
 
-from l4lb import bpf, consts, testrun
+from l4lb import bpf, consts, libbpf
 from l4lb.dataplane import Dataplane, RuntimeConfig
 from l4lb.errors import L4lbError
 from l4lb.model import VipKey, VipSpec
-from l4lb.reset import clear_maps
 from l4lb.state import LbState
-from l4lb.testrun import XDP_DROP, XDP_PASS, XDP_TX
+from l4lb.libbpf import XDP_DROP, XDP_PASS, XDP_TX
 
 from . import ctmap
 from .harness import Harness, Timing, Vary, time_run
@@ -237,7 +236,7 @@ class Balancer:
         self.capacity = capacity
         self.prog = bpf.load_balancer(capacity)
         self.dp = Dataplane(self.prog, capacity)
-        clear_maps(self.dp)
+        self.dp.clear()
         self.dp.write_config(RuntimeConfig(gateway_mac=GW_MAC, new_flow_rate=0,
                                            icmp_rate=ICMP_RATE_UNLIMITED), portless_vips=0)
         self.state = LbState(capacity, self.dp)
@@ -311,11 +310,11 @@ class PktCost:
             return self.lb(case).prog.fd
         return {"encap": self.harness.encap.fd, "drop": self.harness.drop.fd}[case.target]
 
-    def direct(self, case: Case, frame: bytes | None = None) -> testrun.RunResult:
+    def direct(self, case: Case, frame: bytes | None = None) -> libbpf.RunResult:
         """One run of the program under test on the frame, without the harness."""
-        return testrun.run(self.target_fd(case), frame if frame is not None else case.frame)
+        return libbpf.run(self.target_fd(case), frame if frame is not None else case.frame)
 
-    def through_harness(self, case: Case, repeat: int = 1) -> testrun.RunResult:
+    def through_harness(self, case: Case, repeat: int = 1) -> libbpf.RunResult:
         """`repeat` untimed runs through the harness (new flows if the case varies them)."""
         self.harness.load_frame(case.frame, case.vary, self.next_flow)
         r = self.harness.time(self.target_fd(case), repeat).result
@@ -405,9 +404,9 @@ class PktCost:
             res.verdicts = {"TX": tx} if tx == repeat else {"TX": tx, "other": repeat - tx}
             res.verdict_source = "head grown by 20 bytes (harness), and the last run's verdict"
         else:
-            res.verdicts = {testrun.VERDICTS[case.verdict]: repeat}
+            res.verdicts = {libbpf.VERDICTS[case.verdict]: repeat}
             res.verdict_source = "single-exit program, and the last run's verdict"
-        want = testrun.VERDICTS[case.verdict]
+        want = libbpf.VERDICTS[case.verdict]
         if sum(res.verdicts.values()) != repeat or res.verdicts.get(want) != repeat:
             fails.append(f"verdicts {res.verdicts}, expected {want}={repeat}")
 
@@ -668,7 +667,7 @@ def run(repeat: int, rounds: int, out: Path | None, cpu: int | None = None,
         "cases": [{"name": c.name, "title": c.title, "target": c.target,
                    "through_harness": c.harness, "frame_bytes": len(c.frame),
                    "head_moves": c.head_moves,
-                   "verdict": testrun.VERDICTS[c.verdict], "counters": list(c.counters),
+                   "verdict": libbpf.VERDICTS[c.verdict], "counters": list(c.counters),
                    "rounds": [asdict(r) for r in results[c.name]]} for c in bench.cases],
         "summary": summarize(results),
         "ok": not failures,

@@ -54,10 +54,10 @@ import numpy as np
 from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import Ether
 
-from l4lb import consts, testrun
+from l4lb import consts, libbpf
 from l4lb.errors import L4lbError
 from l4lb.model import VipKey, VipSpec
-from l4lb.testrun import XDP_TX
+from l4lb.libbpf import XDP_TX
 
 from . import ctmap
 from .harness import Harness, Vary
@@ -305,7 +305,7 @@ class Scaling(PktCost):
             self.harness.load_frame(case.frame, case.vary, flow0)
             t = self.harness.time(self.harness.drop.fd, repeat)
             hb = self.harness.counts()
-            if t.result.verdict != testrun.XDP_DROP or hb.runs != repeat or hb.moved or hb.failed:
+            if t.result.verdict != libbpf.XDP_DROP or hb.runs != repeat or hb.moved or hb.failed:
                 fails.append(f"harness alone: verdict {t.result.verdict_name}, {hb}")
             return t
 

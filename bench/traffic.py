@@ -31,7 +31,7 @@ from scapy.layers.l2 import Ether
 
 from control.client import Client
 from control.l4lb.v1 import l4lb_pb2 as pb
-from l4lb import netlink, testrun
+from l4lb import netlink, libbpf
 from l4lb.bpf import percpu_sum
 from l4lb.testbed import Testbed
 
@@ -40,6 +40,11 @@ from .harness import load_program
 FLOWS = 4096
 FRAME_LEN = 64
 
+
+
+def _attach(node, ifname: str, fd: int, replace_id: int | None = None) -> None:
+    """Attaches (or swaps in) an XDP program natively inside node's namespace."""
+    node.run(lambda: libbpf.xdp_attach(netlink.ifindex(ifname), fd, "native", replace_id))
 
 def _frame(src_mac: str, dst_mac: str, vip: str) -> bytes:
     pkt = Ether(src=src_mac, dst=dst_mac) / IP(src="198.18.0.1", dst=vip, ttl=64) / \
@@ -62,7 +67,7 @@ def _measure(tb, gen, frame: bytes, count: int, sink=None) -> dict:
     ifindex = tb.router.run(tb.router.index, "lb")
     r0, b0 = _returned(tb, sink), _backends_received(tb)
     t0 = time.perf_counter()
-    tb.router.run(testrun.run_live, gen.fd, frame, count, ifindex)
+    tb.router.run(libbpf.run_live, gen.fd, frame, count, ifindex)
     gen_s = time.perf_counter() - t0
     time.sleep(0.3)  # the last frames drain through the veth queues
     returned = _returned(tb, sink) - r0
@@ -94,21 +99,21 @@ def run(quick: bool = False, count: int | None = None, say=print) -> dict:
             e2e = min(count, 100_000)  # the router's stack forwards these: slow, and enough
             say(f"  traffic: end to end, {e2e} frames over {FLOWS} flows to the backends ...")
             out["end_to_end"] = _measure(tb, gen, frame, e2e)
-            tb.router.run(netlink.xdp_attach, "lb", sink.fd, "native", router_id)
+            _attach(tb.router, "lb", sink.fd, router_id)
             try:
                 say(f"  traffic: balancer, {count} frames ...")
                 out["balancer"] = _measure(tb, gen, frame, count, sink)
                 prog_id = tb.lb.detach()
-                tb.lb.run(netlink.xdp_attach, tb.lb.ifname, refl.fd, "native")
+                _attach(tb.lb, tb.lb.ifname, refl.fd)
                 try:
                     say(f"  traffic: XDP_TX reflector, {count} frames ...")
                     out["reflector"] = _measure(tb, gen, frame, count, sink)
                 finally:
-                    tb.lb.run(netlink.xdp_detach, tb.lb.ifname, "native")
+                    tb.lb.run(lambda: libbpf.xdp_detach(netlink.ifindex(tb.lb.ifname), "native"))
                     tb.lb.attach(prog_id)
             finally:
                 sink_id = tb.router.run(netlink.xdp_program, "lb")[0]
-                tb.router.run(netlink.xdp_attach, "lb", tb.router_program.fd, "native", sink_id)
+                _attach(tb.router, "lb", tb.router_program.fd, sink_id)
         finally:
             for p in (gen, refl, sink):
                 p.close()

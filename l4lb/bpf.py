@@ -12,7 +12,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from . import consts, testrun
+from . import consts, libbpf, netlink
 from .consts import Capacity
 from .errors import BpfError
 
@@ -115,22 +115,20 @@ class Program:
         except Exception as e:
             raise BpfError(f"map {name!r} not found in program {self.name}: {e}") from e
 
-    def run(self, packet: bytes, repeat: int = 1) -> testrun.RunResult:
-        return testrun.run(self.fd, packet, repeat=repeat)
+    def run(self, packet: bytes, repeat: int = 1) -> libbpf.RunResult:
+        return libbpf.run(self.fd, packet, repeat=repeat)
 
     def attach(self, ifname: str, mode: str = "auto", replace_id: int | None = None) -> str:
         """Attaches natively ('native'), in generic mode ('generic') or natively
         with a fallback to generic ('auto'). With replace_id the running
         program is swapped atomically (XDP_FLAGS_REPLACE). Returns the mode."""
-        from . import netlink  # noqa: PLC0415
-
         if mode not in ("auto", "native", "generic"):
             raise BpfError(f"attach mode {mode!r}: use auto, native or generic")
         tries = ["native", "generic"] if mode == "auto" else [mode]
         last = None
         for name in tries:
             try:
-                netlink.xdp_attach(ifname, self.fd, name, replace_id)
+                libbpf.xdp_attach(netlink.ifindex(ifname), self.fd, name, replace_id)
             except BpfError as e:
                 last = e
                 continue
@@ -142,11 +140,9 @@ class Program:
         raise BpfError(f"cannot attach {self.name} to {ifname}: {last}")
 
     def detach(self) -> None:
-        from . import netlink  # noqa: PLC0415
-
         if not self.ifname:
             return
-        netlink.xdp_detach(self.ifname, self.attach_mode)
+        libbpf.xdp_detach(netlink.ifindex(self.ifname), self.attach_mode)
         self.ifname = self.attach_mode = None
 
     def close(self) -> None:

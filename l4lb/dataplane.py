@@ -147,6 +147,26 @@ class Dataplane:
         t = self.t[consts.MAP_VIP_INFO]
         self._update(t, t.Key(vip_id), t.Leaf(generation=generation, flags=flags))
 
+    def clear(self) -> None:
+        """Brings every map back to empty: no VIPs, no backends, no flows, zero
+        counters (tests, replay and benchmarks reuse one loaded program)."""
+        for name in (consts.MAP_VIPS, consts.MAP_VIP_ADDRS, consts.MAP_CONNTRACK, consts.MAP_CONNTRACK6):
+            self.t[name].clear()
+        backends = self.t[consts.MAP_BACKENDS]
+        zero = backends.Leaf()
+        for i in range(self.capacity.max_backends + 1):
+            backends[backends.Key(i)] = zero
+        info = self.t[consts.MAP_VIP_INFO]
+        for i in range(self.capacity.max_vips):
+            info[info.Key(i)] = info.Leaf()
+        self.vip_addresses.clear()
+        self.write_filter([])
+        for name in (consts.MAP_VIP_STATS, consts.MAP_GLOBAL_STATS):
+            t = self.t[name]
+            for i in range(t.max_entries):
+                self._zero_percpu(t, i)
+        self._zero_percpu(self.prog.table(consts.MAP_CPU_STATE), 0)
+
     def clear_vip_stats(self, vip_id: int) -> None:
         self._zero_percpu(self.t[consts.MAP_VIP_STATS], vip_id)
 

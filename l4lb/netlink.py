@@ -1,4 +1,5 @@
-"""pyroute2 for the control plane: interface facts, neighbour resolution, XDP attach."""
+"""The only pyroute2 importer: interface facts, the attached XDP program,
+neighbour resolution. (Attaching XDP goes through l4lb.libbpf.)"""
 from __future__ import annotations
 
 import json
@@ -48,74 +49,3 @@ def require_bpftool() -> None:
         subprocess.run(["bpftool", "version"], capture_output=True, check=True)
     except (OSError, subprocess.CalledProcessError) as e:
         raise BpfError("bpftool is missing: run `make setup`") from e
-
-
-XDP_FLAGS_UPDATE_IF_NOEXIST = 1 << 0
-XDP_FLAGS_SKB_MODE = 1 << 1
-XDP_FLAGS_DRV_MODE = 1 << 2
-XDP_FLAGS_REPLACE = 1 << 4
-MODE_FLAGS = {"native": XDP_FLAGS_DRV_MODE, "generic": XDP_FLAGS_SKB_MODE}
-
-
-def _prog_fd_by_id(prog_id: int) -> int:
-    import ctypes  # noqa: PLC0415
-
-    from . import testrun  # noqa: PLC0415
-
-    lib = testrun._lib()
-    lib.bpf_prog_get_fd_by_id.argtypes = [ctypes.c_uint32]
-    fd = lib.bpf_prog_get_fd_by_id(prog_id)
-    if fd < 0:
-        raise BpfError(f"XDP program id {prog_id} vanished while being replaced")
-    return fd
-
-
-class _XdpAttachOpts(__import__("ctypes").Structure):
-    import ctypes as _c
-
-    _fields_ = [("sz", _c.c_size_t), ("old_prog_fd", _c.c_int)]
-
-
-def xdp_attach(ifname: str, fd: int, mode: str, replace_id: int | None = None) -> None:
-    """Attaches program fd to ifname. With replace_id, the kernel swaps the
-    running program for the new one in one step, and only if the running one
-    is still replace_id (XDP_FLAGS_REPLACE): no gap, no detach.
-
-    This goes through libbpf's bpf_xdp_attach: pyroute2 0.7 encodes
-    IFLA_XDP_FLAGS as 16 bits, which the kernel rejects (ERANGE)."""
-    import ctypes  # noqa: PLC0415
-    import os  # noqa: PLC0415
-
-    from . import testrun  # noqa: PLC0415
-
-    lib = testrun._lib()
-    lib.bpf_xdp_attach.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_uint32, ctypes.POINTER(_XdpAttachOpts)]
-    flags = MODE_FLAGS[mode]
-    opts = _XdpAttachOpts(sz=ctypes.sizeof(_XdpAttachOpts), old_prog_fd=0)
-    old_fd = None
-    if replace_id:
-        old_fd = _prog_fd_by_id(replace_id)
-        flags |= XDP_FLAGS_REPLACE
-        opts.old_prog_fd = old_fd
-    else:
-        flags |= XDP_FLAGS_UPDATE_IF_NOEXIST
-    try:
-        err = lib.bpf_xdp_attach(ifindex(ifname), fd, flags, ctypes.byref(opts))
-    finally:
-        if old_fd is not None:
-            os.close(old_fd)
-    if err:
-        raise BpfError(f"cannot attach XDP ({mode}) to {ifname}: {os.strerror(-err)} (errno {-err})")
-
-
-def xdp_detach(ifname: str, mode: str) -> None:
-    import ctypes  # noqa: PLC0415
-    import os  # noqa: PLC0415
-
-    from . import testrun  # noqa: PLC0415
-
-    lib = testrun._lib()
-    lib.bpf_xdp_detach.argtypes = [ctypes.c_int, ctypes.c_uint32, ctypes.c_void_p]
-    err = lib.bpf_xdp_detach(ifindex(ifname), MODE_FLAGS[mode], None)
-    if err:
-        raise BpfError(f"cannot detach XDP from {ifname}: {os.strerror(-err)}")

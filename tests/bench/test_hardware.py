@@ -10,10 +10,9 @@ from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import Ether
 
 from bench.hardware import pktgen, trex_vip
-from l4lb import bpf, consts, flowhash, maglev, testrun
+from l4lb import bpf, consts, flowhash, maglev, libbpf
 from l4lb.dataplane import Dataplane, RuntimeConfig
 from l4lb.model import VipKey, VipSpec
-from l4lb.reset import clear_maps
 from l4lb.state import LbState
 
 GW_MAC = "02:00:00:00:00:01"
@@ -128,7 +127,7 @@ def balancer():
     cap = consts.Capacity(max_vips=4, max_backends=64, ct_size=65536)
     prog = bpf.load_balancer(cap)
     dp = Dataplane(prog, cap)
-    clear_maps(dp)
+    dp.clear()
     dp.write_config(RuntimeConfig(gateway_mac=GW_MAC), portless_vips=0)
     state = LbState(cap, dp)
     for port, proto in ((80, "tcp"), (53, "udp")):
@@ -147,8 +146,8 @@ def test_trex_templates_come_out_encapsulated_to_the_vip_backends(balancer, over
     table = maglev.maglev_table({b: 1 for b in BACKENDS}, cap.ring_size)
     picked = Counter()
     for frame in trex_vip.sample_frames(400, seed=7, p=p):
-        r = testrun.run(prog.fd, frame)
-        assert r.verdict == testrun.XDP_TX
+        r = libbpf.run(prog.fd, frame)
+        assert r.verdict == libbpf.XDP_TX
         d = r.data
         assert d[0:6] == bytes.fromhex(GW_MAC.replace(":", ""))
         assert d[6:12] == bytes.fromhex(LB_MAC.replace(":", ""))

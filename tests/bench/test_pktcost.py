@@ -12,7 +12,7 @@ from scapy.layers.l2 import Ether
 
 from bench import ctmap
 from bench.pktcost import PktCost, run
-from l4lb import testrun
+from l4lb import libbpf
 
 pytestmark = pytest.mark.kernel
 
@@ -52,7 +52,7 @@ def test_repeat_without_the_harness_times_its_own_output(bench, name):
     """The pitfall the harness exists for, and the harness fixing it."""
     case = bench.case(name)
     once = bench.direct(case)
-    bare = testrun.run(bench.target_fd(case), case.frame, repeat=REPEAT)
+    bare = libbpf.run(bench.target_fd(case), case.frame, repeat=REPEAT)
     assert bare.verdict != case.verdict or bare.data != once.data
     bench.harness.load_frame(case.frame)
     through = bench.harness.time(bench.target_fd(case), REPEAT).result
@@ -67,7 +67,7 @@ def test_every_case_proves_its_path_on_every_run(bench, name):
     case = bench.case(name)
     r = bench.measure(case)
     assert r.failures == []
-    assert r.verdicts == {testrun.VERDICTS[case.verdict]: REPEAT}
+    assert r.verdicts == {libbpf.VERDICTS[case.verdict]: REPEAT}
     if case.target == "lb":
         assert r.counters == {c: REPEAT for c in case.counters}
     if case.harness:

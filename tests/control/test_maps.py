@@ -3,7 +3,6 @@ active ring copy equal to Maglev over the backends reported by GetVip, and the
 backend entries with their generations."""
 from __future__ import annotations
 
-import ctypes
 import ipaddress
 import struct
 
@@ -13,7 +12,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 import grpc
 
 from control.l4lb.v1 import l4lb_pb2 as pb
-from l4lb import testrun
+from l4lb import libbpf
 from l4lb.maglev import maglev_table
 from test_server import server  # noqa: F401
 
@@ -25,17 +24,11 @@ class Pinned:
     """Read-only access to a pinned map by raw bytes (libbpf through ctypes)."""
 
     def __init__(self, path: str, key_size: int, value_size: int):
-        lib = testrun._lib()
-        lib.bpf_obj_get.argtypes = [ctypes.c_char_p]
-        lib.bpf_map_lookup_elem.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
-        self.lib, self.value_size = lib, value_size
-        self.fd = lib.bpf_obj_get(path.encode())
-        assert self.fd >= 0, f"cannot open {path}"
+        self.value_size = value_size
+        self.fd = libbpf.obj_get(path)
 
     def get(self, key: bytes) -> bytes | None:
-        k = ctypes.create_string_buffer(key, len(key))
-        v = ctypes.create_string_buffer(self.value_size)
-        return v.raw if self.lib.bpf_map_lookup_elem(self.fd, k, v) == 0 else None
+        return libbpf.map_lookup(self.fd, key, self.value_size)
 
 
 def vip_key(addr: str, port: int, proto: int) -> bytes:

@@ -17,7 +17,6 @@ from scapy.layers.l2 import Dot1Q, Ether
 from l4lb import consts, flowhash, maglev
 from l4lb.dataplane import Dataplane, RuntimeConfig
 from l4lb.model import VipKey, VipSpec
-from l4lb.reset import clear_maps
 from l4lb.state import LbState
 from l4lb.testbed import inet_checksum
 
@@ -149,7 +148,7 @@ class Lb:
         self.capacity = capacity
         self.dp = Dataplane(program, capacity)
         self.config = RuntimeConfig(gateway_mac=GW_MAC)
-        clear_maps(self.dp)
+        self.dp.clear()
         self.dp.write_config(self.config, portless_vips=0)
         self.state = LbState(capacity, self)
 

@@ -14,7 +14,7 @@ from scapy.layers.inet6 import (IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, IPv
 from scapy.layers.l2 import ARP, Dot1Q, Ether
 from scapy.packet import Raw
 
-from l4lb import consts, testrun
+from l4lb import consts, libbpf
 from lbfixture import (CLIENT4, CLIENT6, CLIENT_MAC, LB_MAC, VIP4, VIP6, Flow,
                        find_flow, moved, one_cpu, outer_dst, outer_source, predict)
 
@@ -458,7 +458,7 @@ def _handshake_flood(lb, n: int, first: int) -> None:
         for frame in (syn, ack):
             struct.pack_into("!H", frame, 34, 1024 + i % 60000)
             frame[29] = first + i // 60000
-            assert testrun.run(lb.prog.fd, bytes(frame)).verdict == testrun.XDP_TX
+            assert libbpf.run(lb.prog.fd, bytes(frame)).verdict == libbpf.XDP_TX
 
 
 def test_flood_of_new_flows_does_not_evict_established_entries(lb):

@@ -9,7 +9,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from l4lb import flowhash, maglev, testrun
+from l4lb import flowhash, maglev, libbpf
 from lbfixture import Flow, outer_source
 
 MIXED = {"198.18.2.1": 1, "fd00:198:18:2::1": 2, "198.18.2.2": 3, "fd00:198:18:2::2": 1, "198.18.2.3": 1}
@@ -60,7 +60,7 @@ def test_backend_of_every_fresh_flow_is_the_predicted_one(lb, name):
         hashes.append(h)
         want.append(table[flowhash.ring_slot(h, m)])
         # a SYN for TCP: a fresh pick every time; UDP flows are all new
-        out = testrun.run(lb.prog.fd, bytes(f.packet("S"))).data
+        out = libbpf.run(lb.prog.fd, bytes(f.packet("S"))).data
         assert len(out) > 14
         got.append(out)
     after = lb.stats()

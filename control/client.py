@@ -6,6 +6,7 @@ from pathlib import Path
 
 import grpc
 
+from l4lb import consts
 from l4lb.errors import ValidationError
 
 from .l4lb.v1 import l4lb_pb2 as pb
@@ -27,7 +28,7 @@ def parse_backend(text: str, default_weight: int = 1) -> pb.Backend:
     """'198.18.2.1', '198.18.2.1=3', 'fd00:198:18:2::1=2'."""
     addr, sep, w = text.partition("=")
     if sep and not w.isdigit():
-        raise ValidationError(f"backend {text!r}: the weight after '=' must be a whole number (0-65535)")
+        raise ValidationError(f"backend {text!r}: the weight after '=' must be a whole number (0-{consts.MAX_WEIGHT})")
     return pb.Backend(address=addr.strip(), weight=int(w) if sep else default_weight)
 
 

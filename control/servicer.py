@@ -150,11 +150,11 @@ class LoadBalancerServicer(pb_grpc.LoadBalancerServicer):
         s = self.ctrl.status()
         cap = self.ctrl.capacity
         return pb.Status(interface=s["interface"], attach_mode=s["attach_mode"],
-                         program_id=s.get("program_id", 0), vips=s["vips"], backends=s["backends"],
-                         uptime_seconds=s["uptime"], conntrack_used=s.get("conntrack_used", 0),
+                         program_id=s["program_id"], vips=s["vips"], backends=s["backends"],
+                         uptime_seconds=s["uptime"], conntrack_used=s["conntrack_used"],
                          capacity=pb.Capacity(max_vips=cap.max_vips, max_backends=cap.max_backends,
                                               conntrack_entries=cap.ct_size, ring_size=cap.ring_size,
-                                              kernel_bytes=s.get("kernel_bytes") or cap.kernel_bytes()))
+                                              kernel_bytes=s["kernel_bytes"]))
 
     @rpc
     def LookupFlow(self, request, context):

@@ -36,7 +36,7 @@ def add_parsers(sub) -> None:
     r.add_argument("--attach-mode", default="auto", choices=["auto", "native", "generic"])
     r.add_argument("--detach", action="store_true", help="detach and remove pinned maps on exit")
     r.add_argument("--force", action="store_true", help="replace an XDP program that is not l4lb's")
-    r.add_argument("--state-dir", default="/var/lib/l4lb")
+    r.add_argument("--state-dir", default=consts.STATE_ROOT)
     r.add_argument("--max-vips", type=int, default=consts.DEFAULT_MAX_VIPS)
     r.add_argument("--max-backends", type=int, default=consts.DEFAULT_MAX_BACKENDS)
     r.add_argument("--ct-size", type=int, default=consts.DEFAULT_CT_SIZE)

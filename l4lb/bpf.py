@@ -10,6 +10,7 @@ import io
 import logging
 import os
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import consts, libbpf, netlink
@@ -190,11 +191,6 @@ def leaf_from_bytes(table, raw: bytes):
     return leaf_t.from_buffer_copy(raw)
 
 
-BALANCER_MAPS = (consts.MAP_VIPS, consts.MAP_VIP_ADDRS, consts.MAP_RINGS, consts.MAP_BACKENDS,
-                 consts.MAP_CONNTRACK, consts.MAP_CONNTRACK6, consts.MAP_CONFIG, consts.MAP_VIP_STATS, consts.MAP_GLOBAL_STATS,
-                 consts.MAP_CPU_STATE)
-
-
 def source_hash(capacity: Capacity) -> str:
     """Fingerprint of the C sources and the constants they are compiled with."""
     import hashlib  # noqa: PLC0415
@@ -205,41 +201,79 @@ def source_hash(capacity: Capacity) -> str:
     return h.hexdigest()
 
 
-def layout_of(prog: Program) -> dict[str, tuple[int, int, int]]:
-    """(key size, value size, max entries) of each map, from the compiled program."""
+@dataclass(frozen=True)
+class MapLayout:
+    """What must match for a pinned map to be adopted by a new program."""
+
+    kind: str
+    key_size: int
+    value_size: int
+    entries: int
+    flags: int
+
+    def __str__(self) -> str:
+        return (f"{self.kind}, key {self.key_size} B, value {self.value_size} B, "
+                f"{self.entries} entries, flags {self.flags:#x}")
+
+
+def layout_of(prog: Program) -> dict[str, MapLayout]:
+    """Every registered map of the compiled program: the kind and flags it was
+    declared with (the registry's), the sizes bcc derived from xdp/structs.h."""
     out = {}
-    for name in BALANCER_MAPS:
-        t = prog.table(name)
+    for m in consts.maps_of(prog.name):
+        t = prog.table(m.name)
         leaf = getattr(t, "sLeaf", t.Leaf)
-        out[name] = (ctypes.sizeof(t.Key), ctypes.sizeof(leaf), t.max_entries)
+        out[m.name] = MapLayout(m.kind, ctypes.sizeof(t.Key), ctypes.sizeof(leaf), t.max_entries, m.flags)
     return out
+
+
+def _bpftool_map(path: str) -> dict | None:
+    import json  # noqa: PLC0415
+
+    if not os.path.exists(path):
+        return None
+    r = subprocess.run(["bpftool", "-j", "map", "show", "pinned", path], capture_output=True, text=True)
+    if r.returncode:
+        raise BpfError(f"cannot inspect pinned map {path}: {r.stderr.strip()}")
+    return json.loads(r.stdout)
+
+
+def pinned_layout(pin_dir: str) -> dict[str, MapLayout | None]:
+    """The same for the maps pinned in pin_dir (None: the pin is missing)."""
+    out: dict[str, MapLayout | None] = {}
+    for m in consts.maps_of(consts.PROG_BALANCER):
+        if not m.pinned:
+            continue
+        info = _bpftool_map(os.path.join(pin_dir, m.name))
+        out[m.name] = None if info is None else MapLayout(
+            info["type"], info["bytes_key"], info["bytes_value"], info["max_entries"], info.get("flags", 0))
+    return out
+
+
+def layout_differences(pin_dir: str, prog: Program) -> list[str]:
+    """Each pinned map whose type, sizes, capacity or flags differ from prog's."""
+    new = layout_of(prog)
+    old = pinned_layout(pin_dir)
+    return [f"{name}: pinned ({have}), this program ({new[name]})"
+            for name, have in old.items() if have is not None and have != new[name]]
 
 
 def maps_memory(pin_dir: str) -> int:
     """Kernel memory charged for the pinned maps (bpftool's bytes_memlock)."""
-    import json  # noqa: PLC0415
-
     total = 0
-    for name in BALANCER_MAPS:
-        path = os.path.join(pin_dir, name)
-        r = subprocess.run(["bpftool", "-j", "map", "show", "pinned", path], capture_output=True, text=True)
-        if r.returncode == 0:
-            total += int(json.loads(r.stdout).get("bytes_memlock", 0))
+    for m in consts.maps_of(consts.PROG_BALANCER):
+        info = _bpftool_map(os.path.join(pin_dir, m.name)) if m.pinned else None
+        if info:
+            total += int(info.get("bytes_memlock", 0))
     return total
 
 
-def pinned_layout(pin_dir: str) -> dict[str, tuple[int, int, int]]:
-    """The same for maps pinned in pin_dir (what the running program uses)."""
-    import json  # noqa: PLC0415
-
-    out = {}
-    for name in BALANCER_MAPS:
-        path = os.path.join(pin_dir, name)
-        if not os.path.exists(path):
-            continue
-        r = subprocess.run(["bpftool", "-j", "map", "show", "pinned", path], capture_output=True, text=True)
-        if r.returncode:
-            raise BpfError(f"cannot inspect pinned map {path}: {r.stderr.strip()}")
-        m = json.loads(r.stdout)
-        out[name] = (m["bytes_key"], m["bytes_value"], m["max_entries"])
-    return out
+def maps_size(prog: Program) -> int:
+    """Bytes of keys and values the program's maps hold when full, from the
+    compiled sizes (per-CPU maps count once per possible CPU)."""
+    ncpu = len(_bcc().utils.get_possible_cpus())
+    total = 0
+    for lay in layout_of(prog).values():
+        per = ncpu if lay.kind.startswith("percpu") else 1
+        total += lay.entries * (lay.key_size + per * lay.value_size)
+    return total

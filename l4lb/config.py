@@ -39,7 +39,7 @@ def _network(value, version: int, what: str):
         net = ipaddress.ip_network(str(value), strict=False)
     except ValueError:
         raise ValidationError(f"{what}: {value!r} is not an IPv{version} prefix (e.g. "
-                              f"{'198.18.20.0/24' if version == 4 else 'fd00:198:18:20::/64'})") from None
+                              f"{consts.DEFAULT_ENCAP_V4 if version == 4 else consts.DEFAULT_ENCAP_V6})") from None
     if net.version != version:
         raise ValidationError(f"{what}: {value} is not an IPv{version} prefix")
     return net

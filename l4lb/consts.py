@@ -7,6 +7,7 @@ program (bcc's Key/Leaf types)."""
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 
 # --- Maglev ------------------------------------------------------------------
@@ -35,6 +36,13 @@ VIP_FLAGS = {"no_source_port": VIP_F_NO_SPORT, "no_conntrack": VIP_F_NO_CONNTRAC
 # --- backend flags (backend.flags) ---------------------------------------------
 BACKEND_F_VALID = 1 << 0  # slot holds a live backend (0: free or removed)
 
+# --- weights ----------------------------------------------------------------------
+MAX_WEIGHT = 65535  # a backend's weight: 0 (drained) to MAX_WEIGHT
+
+# --- where `l4lb run` keeps things ---------------------------------------------------
+PIN_ROOT = "/sys/fs/bpf/l4lb"  # maps pinned under PIN_ROOT/<interface>/
+STATE_ROOT = "/var/lib/l4lb"  # desired state under STATE_ROOT/<interface>/state.json
+
 # --- families and protocols ----------------------------------------------------
 FAMILY_V4 = 4
 FAMILY_V6 = 6
@@ -45,12 +53,14 @@ IPV4_HDR = 20
 IPV6_HDR = 40
 
 # --- runtime defaults (config map) ------------------------------------------
+DEFAULT_ENCAP_V4 = "198.18.20.0/24"  # outer source prefix of IPv4 tunnels
+DEFAULT_ENCAP_V6 = "fd00:198:18:20::/64"  # outer source prefix of IPv6 tunnels
 DEFAULT_MTU = 1500
 DEFAULT_UDP_TIMEOUT_S = 30
 DEFAULT_NEW_FLOW_RATE = 125000  # new connection-table entries per CPU per second; 0 = no limit
 DEFAULT_ICMP_RATE = 1000  # generated ICMP messages per CPU per second; 0 = none
 
-# --- map names (the C declares them; Python reaches them by these names) ---------
+# --- map and program names (the registry below lists each map once) ------------
 MAP_VIPS = "vips"
 MAP_VIP_ADDRS = "vip_addrs"
 MAP_RINGS = "rings"
@@ -67,6 +77,7 @@ MAP_DECAP_ADDRS = "decap_addrs"
 MAP_DECAP_STATS = "decap_stats"
 PROG_BALANCER = "balancer"
 PROG_DECAP = "decap"
+DECAP_MAX_ADDRS = 64  # tunnel endpoint addresses one decap program knows
 
 
 @dataclass(frozen=True)
@@ -78,17 +89,58 @@ class Capacity:
     ct_size: int = DEFAULT_CT_SIZE
     ring_size: int = DEFAULT_RING_SIZE
 
-    def ring_bytes(self) -> int:
-        return 4 * self.ring_size
 
-    def kernel_bytes(self) -> int:
-        """Rough kernel memory of the balancer's maps (values and keys, no overhead)."""
-        rings = 2 * self.max_vips * self.ring_bytes()
-        backends = (self.max_backends + 1) * 24
-        vips = self.max_vips * (20 + 16 + 4)
-        filt = (1 << VIP_FILTER_BITS_LOG2) // 8
-        ct = self.ct_size * (40 + 32 + 64)  # key, value, hash node
-        return rings + backends + vips + filt + ct
+# --- the map registry -------------------------------------------------------------
+# Every map of the programs in xdp/, once: xdp/maps.h declares each with the
+# capacity and flags that cflags() passes from here, the loader pins those
+# marked pinned, adoption compares every pinned map with this list, and status
+# reports their memory. tests/kernel/test_registry.py holds the compiled
+# programs to it.
+BPF_F_NO_COMMON_LRU = 1 << 1
+
+
+@dataclass(frozen=True)
+class MapSpec:
+    name: str
+    kind: str  # bpftool's name for the map type: hash, array, lru_hash, percpu_array
+    key: str  # C type of the key (xdp/structs.h)
+    value: str  # C type of the value
+    entries: Callable[[Capacity], int]  # capacity, from the compile-time sizes
+    flags: int = 0  # BPF_F_* map flags
+    program: str = PROG_BALANCER  # the program in xdp/ that declares it
+    pinned: bool = True  # pinned under the interface's directory by `l4lb run`
+
+    @property
+    def macro(self) -> str:
+        """The -D names that carry its capacity and flags into xdp/maps.h."""
+        return f"MAP_{self.name.upper()}"
+
+
+MAPS: tuple[MapSpec, ...] = (
+    MapSpec(MAP_VIPS, "hash", "struct vip_key", "struct vip_meta", lambda c: c.max_vips),
+    MapSpec(MAP_VIP_ADDRS, "hash", "struct addr_key", "__u32", lambda c: c.max_vips),
+    MapSpec(MAP_VIP_INFO, "array", "__u32", "struct vip_info", lambda c: c.max_vips),
+    MapSpec(MAP_VIP_FILTER, "array", "__u32", "struct vip_filter", lambda c: 1),
+    MapSpec(MAP_RINGS, "array", "__u32", "struct ring", lambda c: 2 * c.max_vips),
+    MapSpec(MAP_BACKENDS, "array", "__u32", "struct backend", lambda c: c.max_backends + 1),
+    MapSpec(MAP_CONNTRACK, "lru_hash", "struct flow4_key", "struct ct_entry", lambda c: c.ct_size,
+            BPF_F_NO_COMMON_LRU),
+    MapSpec(MAP_CONNTRACK6, "lru_hash", "struct flow_key", "struct ct_entry", lambda c: c.ct_size,
+            BPF_F_NO_COMMON_LRU),
+    MapSpec(MAP_CONFIG, "array", "__u32", "struct lb_config", lambda c: 1),
+    MapSpec(MAP_VIP_STATS, "percpu_array", "__u32", "struct vip_stats", lambda c: c.max_vips),
+    MapSpec(MAP_GLOBAL_STATS, "percpu_array", "__u32", "struct global_stats", lambda c: 1),
+    MapSpec(MAP_CPU_STATE, "percpu_array", "__u32", "struct cpu_state", lambda c: 1),
+    MapSpec(MAP_DECAP_ADDRS, "hash", "struct addr_key", "__u32", lambda c: DECAP_MAX_ADDRS,
+            program=PROG_DECAP, pinned=False),
+    MapSpec(MAP_DECAP_STATS, "percpu_array", "__u32", "struct decap_stats", lambda c: 1,
+            program=PROG_DECAP, pinned=False),
+)
+MAP_BY_NAME = {m.name: m for m in MAPS}
+
+
+def maps_of(program: str) -> tuple[MapSpec, ...]:
+    return tuple(m for m in MAPS if m.program == program)
 
 
 def cflags(cap: Capacity) -> list[str]:
@@ -105,5 +157,9 @@ def cflags(cap: Capacity) -> list[str]:
         "FAMILY_V4": FAMILY_V4,
         "FAMILY_V6": FAMILY_V6,
         "VIP_FILTER_BITS_LOG2": VIP_FILTER_BITS_LOG2,
+        "VIP_FILTER_MULT": VIP_FILTER_MULT,
     }
+    for m in MAPS:
+        defs[f"{m.macro}_ENTRIES"] = m.entries(cap)
+        defs[f"{m.macro}_FLAGS"] = m.flags
     return [f"-D{k}={v}u" for k, v in defs.items()]

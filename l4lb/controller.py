@@ -11,8 +11,10 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from . import consts
+from . import bpf, netlink
+from .config import LbConfig
 from .dataplane import Dataplane, RuntimeConfig
+from .lookup import lookup_flow
 from .errors import AlreadyExistsError, NotFoundError, StateError, ValidationError
 from .model import (VipKey, VipSpec, check_backend_family, parse_address, parse_flags, parse_mac,
                     parse_weight)
@@ -34,7 +36,7 @@ def parse_backend_map(key: VipKey, items: list[tuple[str, int]], what: str = "ba
 
 class Controller:
     def __init__(self, dp: Dataplane, runtime: RuntimeConfig, state_file: Path | None = None,
-                 interface: str = "", attach_mode: str = "none"):
+                 interface: str = "", attach_mode: str = "none", pin_dir: str | None = None):
         self.dp = dp
         self.capacity = dp.capacity
         self.runtime = runtime
@@ -42,6 +44,7 @@ class Controller:
         self.state_file = state_file
         self.interface = interface
         self.attach_mode = attach_mode
+        self.pin_dir = pin_dir
         self.gateway_ip = ""
         self.source_hash = ""
         self.started = time.monotonic()
@@ -108,7 +111,7 @@ class Controller:
 
     def get_vip(self, key: VipKey):
         with self.lock:
-            return self.state._get(key)
+            return self.state.get(key)
 
     def list_vips(self):
         with self.lock:
@@ -118,12 +121,12 @@ class Controller:
         with self.lock:
             self.state.set_flags(key, parse_flags(list(flags)))
             self.save()
-            return self.state._get(key)
+            return self.state.get(key)
 
     # ---- backends ------------------------------------------------------------------------
     def add_backends(self, key: VipKey, backends: list[tuple[str, int]]):
         with self.lock:
-            vip = self.state._get(key)
+            vip = self.state.get(key)
             new = parse_backend_map(key, backends)
             if not new:
                 raise ValidationError("backends: give at least one backend to add")
@@ -136,7 +139,7 @@ class Controller:
 
     def remove_backends(self, key: VipKey, addresses: list[str]):
         with self.lock:
-            vip = self.state._get(key)
+            vip = self.state.get(key)
             if not addresses:
                 raise ValidationError("addresses: give at least one backend to remove")
             gone = []
@@ -153,7 +156,7 @@ class Controller:
 
     def set_weights(self, key: VipKey, backends: list[tuple[str, int]]):
         with self.lock:
-            vip = self.state._get(key)
+            vip = self.state.get(key)
             new = parse_backend_map(key, backends)
             if not new:
                 raise ValidationError("backends: give at least one backend and its weight")
@@ -164,12 +167,30 @@ class Controller:
             self.save()
             return vip
 
+    # ---- a whole configuration -----------------------------------------------------------
+    def apply(self, cfg: LbConfig) -> list[tuple[str, object]]:
+        """Makes the VIPs equal the configuration's; returns the steps taken."""
+        with self.lock:
+            current = {k: (v.flags, dict(v.backends)) for k, v in self.state.vips.items()}
+            steps = plan(current, cfg)
+            for kind, obj in steps:
+                if kind == "delete":
+                    self.delete_vip(obj)
+                elif kind == "add":
+                    self.add_vip(obj.key, obj.flags, list(obj.backends.items()))
+                elif kind == "flags":
+                    self.modify_vip(obj.key, obj.flags)
+                elif kind == "backends":
+                    self.state.set_backends(obj.key, dict(obj.backends))
+                    self.save()
+            return steps
+
     # ---- connection table ------------------------------------------------------------------
     def list_flows(self, key: VipKey, limit: int = 1000):
         from .dataplane import flow_key_text  # noqa: PLC0415
 
         with self.lock:
-            self.state._get(key)
+            self.state.get(key)
             by_index = {b.index: (a, b.generation) for a, b in self.state.backends.items()}
             entries = self.dp.flows(key)
             out = []
@@ -183,7 +204,7 @@ class Controller:
 
     def flush_flows(self, key: VipKey) -> int:
         with self.lock:
-            self.state._get(key)
+            self.state.get(key)
             return self.dp.delete_flows(key.family, [k for k, _ in self.dp.flows(key)])
 
     # ---- gateway, stats, status -----------------------------------------------------------
@@ -194,23 +215,56 @@ class Controller:
             self.dp.write_config(self.runtime)
             self.save()
 
+    def set_runtime(self, runtime: RuntimeConfig) -> None:
+        with self.lock:
+            self.runtime = runtime
+            self.dp.write_config(runtime)
+            self.save()
+
+    def lookup_flow(self, src: str, dst: str, sport: int, dport: int, protocol: str):
+        """(verdict, backend, from connection table) the live program gives a flow."""
+        with self.lock:
+            return lookup_flow(self.dp.prog, src, dst, sport, dport, protocol)
+
     def stats(self, key: VipKey | None = None):
         with self.lock:
-            vips = [self.state._get(key)] if key else self.list_vips()
+            vips = [self.state.get(key)] if key else self.list_vips()
             return self.dp.global_stats(), [(v, self.dp.vip_stats(v.vip_id)) for v in vips]
+
+    def counts(self) -> tuple[int, int]:
+        """(VIPs, backends)."""
+        with self.lock:
+            return len(self.state.vips), len(self.state.backends)
 
     def status(self) -> dict:
         with self.lock:
-            return {"interface": self.interface, "attach_mode": self.attach_mode,
-                    "vips": len(self.state.vips), "backends": len(self.state.backends),
-                    "uptime": time.monotonic() - self.started}
+            out = {"interface": self.interface, "attach_mode": self.attach_mode,
+                   "vips": len(self.state.vips), "backends": len(self.state.backends),
+                   "uptime": time.monotonic() - self.started,
+                   "conntrack_used": self.dp.conntrack_size(), "program_id": 0}
+        if self.interface and self.attach_mode != "none":
+            now = netlink.xdp_program(self.interface)
+            out["program_id"] = now[0] if now else 0
+        # the kernel's own figure for pinned maps; the compiled sizes otherwise
+        out["kernel_bytes"] = (bpf.maps_memory(self.pin_dir) if self.pin_dir else 0) or bpf.maps_size(self.dp.prog)
+        return out
 
 
-def apply_runtime(ctrl: Controller, runtime: RuntimeConfig) -> None:
-    with ctrl.lock:
-        ctrl.runtime = runtime
-        ctrl.dp.write_config(runtime)
-        ctrl.save()
-
-
-__all__ = ["Controller", "apply_runtime", "consts"]
+def plan(current: dict, cfg: LbConfig) -> list[tuple[str, object]]:
+    """The steps, in order, from the current VIPs ({VipKey: (flags, {addr:
+    weight})}) to a configuration's."""
+    want = {v.key: v for v in cfg.vips}
+    steps: list[tuple[str, object]] = []
+    for key in current:
+        if key not in want:
+            steps.append(("delete", key))
+    for key, spec in want.items():
+        if key not in current:
+            steps.append(("add", spec))
+            continue
+        flags, backends = current[key]
+        if set(flags) != set(spec.flags):
+            steps.append(("flags", spec))
+        if backends != spec.backends:
+            steps.append(("backends", spec))
+    return steps

@@ -19,8 +19,8 @@ from .model import VipKey, family_of, mac_bytes
 @dataclass
 class RuntimeConfig:
     gateway_mac: str = "02:00:00:00:00:01"
-    encap_v4: ipaddress.IPv4Network = field(default_factory=lambda: ipaddress.IPv4Network("198.18.20.0/24"))
-    encap_v6: ipaddress.IPv6Network = field(default_factory=lambda: ipaddress.IPv6Network("fd00:198:18:20::/64"))
+    encap_v4: ipaddress.IPv4Network = field(default_factory=lambda: ipaddress.IPv4Network(consts.DEFAULT_ENCAP_V4))
+    encap_v6: ipaddress.IPv6Network = field(default_factory=lambda: ipaddress.IPv6Network(consts.DEFAULT_ENCAP_V6))
     mtu: int = consts.DEFAULT_MTU
     udp_timeout_s: float = consts.DEFAULT_UDP_TIMEOUT_S
     new_flow_rate: int = consts.DEFAULT_NEW_FLOW_RATE
@@ -44,10 +44,8 @@ class Dataplane:
     def __init__(self, program: Program, capacity: consts.Capacity):
         self.prog = program
         self.capacity = capacity
-        self.t = {n: program.table(n) for n in (
-            consts.MAP_VIPS, consts.MAP_VIP_ADDRS, consts.MAP_RINGS, consts.MAP_BACKENDS,
-            consts.MAP_CONNTRACK, consts.MAP_CONNTRACK6, consts.MAP_CONFIG, consts.MAP_VIP_STATS,
-            consts.MAP_GLOBAL_STATS, consts.MAP_VIP_INFO, consts.MAP_VIP_FILTER)}
+        self.t = {m.name: program.table(m.name) for m in consts.maps_of(consts.PROG_BALANCER)}
+        self.names = {id(t): name for name, t in self.t.items()}
         self.portless = 0
         self.vip_addresses: dict[str, int] = {}  # address -> VIPs on it
 
@@ -165,7 +163,7 @@ class Dataplane:
             t = self.t[name]
             for i in range(t.max_entries):
                 self._zero_percpu(t, i)
-        self._zero_percpu(self.prog.table(consts.MAP_CPU_STATE), 0)
+        self._zero_percpu(self.t[consts.MAP_CPU_STATE], 0)
 
     def clear_vip_stats(self, vip_id: int) -> None:
         self._zero_percpu(self.t[consts.MAP_VIP_STATS], vip_id)
@@ -232,10 +230,10 @@ class Dataplane:
         try:
             t[k] = v
         except Exception as e:  # bcc raises bare Exception
-            msg = str(e)
+            msg, name = str(e), self.names.get(id(t), "?")
             if "No space" in msg or "E2BIG" in msg or "Argument list too long" in msg:
-                raise CapacityError(f"map {t.name!r} is full: {msg}") from e
-            raise BpfError(f"writing map {t.name!r} failed: {msg}") from e
+                raise CapacityError(f"map {name!r} is full: {msg}") from e
+            raise BpfError(f"writing map {name!r} failed: {msg}") from e
 
 
 def flow_key_text(k) -> tuple[str, str, int, int]:

@@ -36,7 +36,7 @@ from pathlib import Path
 import mmh3
 import numpy as np
 
-from .consts import DEFAULT_RING_SIZE, MAGLEV_SEED_OFFSET, MAGLEV_SEED_SKIP
+from .consts import DEFAULT_RING_SIZE, MAGLEV_SEED_OFFSET, MAGLEV_SEED_SKIP, MAX_WEIGHT
 from .errors import ValidationError
 
 __all__ = [
@@ -53,7 +53,6 @@ __all__ = [
 
 MIN_SIZE = 3
 MAX_SIZE = 1 << 24
-MAX_WEIGHT = 65535
 
 log = logging.getLogger(__name__)
 

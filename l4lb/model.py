@@ -11,7 +11,6 @@ from . import consts
 from .errors import ValidationError
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-MAX_WEIGHT = 65535
 _MAC_RE = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
 
 
@@ -52,9 +51,9 @@ def parse_protocol(value, what: str = "protocol") -> str:
 
 def parse_weight(value, what: str = "weight") -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValidationError(f"{what}: {value!r} is not an integer weight (0-{MAX_WEIGHT}; 0 drains)")
-    if not 0 <= value <= MAX_WEIGHT:
-        raise ValidationError(f"{what}: {value} is out of range (0-{MAX_WEIGHT}; 0 drains)")
+        raise ValidationError(f"{what}: {value!r} is not an integer weight (0-{consts.MAX_WEIGHT}; 0 drains)")
+    if not 0 <= value <= consts.MAX_WEIGHT:
+        raise ValidationError(f"{what}: {value} is out of range (0-{consts.MAX_WEIGHT}; 0 drains)")
     return value
 
 

@@ -118,7 +118,7 @@ class LbState:
         return vip
 
     def delete_vip(self, key: VipKey) -> None:
-        vip = self._get(key)
+        vip = self.get(key)
         self.sink.delete_vip(key)
         # the VIP's connection-table entries stop being used at once
         self.vip_generations[vip.vip_id] += 1
@@ -131,7 +131,7 @@ class LbState:
 
     def set_backends(self, key: VipKey, backends: dict[str, int]) -> None:
         """Replaces the VIP's backends and weights with `backends`, all at once."""
-        vip = self._get(key)
+        vip = self.get(key)
         for addr in backends:
             check_backend_family(key.ip, parse_address(addr), f"backend {addr}")
         added = [a for a in backends if a not in vip.backends]
@@ -151,13 +151,13 @@ class LbState:
         self._release(removed)
 
     def set_flags(self, key: VipKey, flags: frozenset[str]) -> None:
-        vip = self._get(key)
+        vip = self.get(key)
         self.sink.put_vip_info(vip.vip_id, self.vip_generations[vip.vip_id], flags_to_bits(flags))
         self.sink.put_vip(key, vip.vip_id, flags_to_bits(flags), vip.ring)
         vip.flags = flags
 
     # ---- helpers --------------------------------------------------------------------
-    def _get(self, key: VipKey) -> VipState:
+    def get(self, key: VipKey) -> VipState:
         try:
             return self.vips[key]
         except KeyError:

@@ -1,33 +1,10 @@
-/* consts.h - protocol numbers, verdict helpers and the limits that user space
- * passes in with -D (l4lb/consts.py is their one home; the defaults below only
- * let an editor or a bare clang parse this file). */
+/* consts.h - protocol numbers and verdict helpers. The limits, flags, seeds
+ * and map sizes are passed in with -D by l4lb/consts.py's cflags(), their one
+ * home; compiling without them is an error rather than a silent default. */
 #pragma once
 
-#ifndef RING_SIZE
-#define RING_SIZE 65537u
-#endif
-#ifndef MAX_VIPS
-#define MAX_VIPS 64u
-#endif
-#ifndef MAX_BACKENDS
-#define MAX_BACKENDS 4097u
-#endif
-#ifndef CT_SIZE
-#define CT_SIZE 262144u
-#endif
-#ifndef FLOW_HASH_SEED
-#define FLOW_HASH_SEED 0x9E3779B9u
-#endif
-#ifndef VIP_F_NO_SPORT
-#define VIP_F_NO_SPORT 1u
-#define VIP_F_NO_CONNTRACK 2u
-#define BACKEND_F_VALID 1u
-#define FAMILY_V4 4u
-#define FAMILY_V6 6u
-#endif
-
-#ifndef VIP_FILTER_BITS_LOG2
-#define VIP_FILTER_BITS_LOG2 16
+#if !defined(RING_SIZE) || !defined(VIP_FILTER_MULT) || !defined(MAP_VIPS_ENTRIES)
+#error "the limits, flags and map sizes come from l4lb/consts.py: compile through l4lb.bpf (cflags())"
 #endif
 #define VIP_FILTER_WORDS ((1u << VIP_FILTER_BITS_LOG2) / 64)
 

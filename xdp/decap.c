@@ -12,9 +12,9 @@
 #include "parse.h"
 
 /* this host's tunnel endpoint addresses -> 1 */
-BPF_HASH(decap_addrs, struct addr_key, __u32, 64);
+BPF_F_TABLE("hash", struct addr_key, __u32, decap_addrs, MAP_DECAP_ADDRS_ENTRIES, MAP_DECAP_ADDRS_FLAGS);
 /* index 0 -> counters, per CPU */
-BPF_PERCPU_ARRAY(decap_stats, struct decap_stats, 1);
+BPF_F_TABLE("percpu_array", __u32, struct decap_stats, decap_stats, MAP_DECAP_STATS_ENTRIES, MAP_DECAP_STATS_FLAGS);
 
 int decap(struct xdp_md *ctx)
 {

@@ -70,5 +70,5 @@ static __always_inline __u32 vip_filter_bit(const __be32 *addr, __u8 family)
 
     if (family == FAMILY_V6)
         x ^= addr[1] ^ addr[2] ^ addr[3];
-    return (x * 0x9E3779B1u) >> (32 - VIP_FILTER_BITS_LOG2);
+    return (x * VIP_FILTER_MULT) >> (32 - VIP_FILTER_BITS_LOG2);
 }

@@ -1,6 +1,9 @@
 /* maps.h - every map of the balancer, once, with what it holds.
- * With PIN_DIR defined (l4lb run) each map is pinned there, so a restarted
- * control plane adopts the maps that the attached program is using. */
+ * Capacities and flags come from the map registry in l4lb/consts.py through
+ * cflags() (MAP_<NAME>_ENTRIES, MAP_<NAME>_FLAGS); a test holds this file's
+ * types to the registry. With PIN_DIR defined (l4lb run) each map is pinned
+ * there, so a restarted control plane adopts the maps that the attached
+ * program is using. */
 #pragma once
 
 #ifdef PIN_DIR
@@ -10,34 +13,31 @@
 #define L4LB_MAP(type, k, v, name, max, flags) BPF_F_TABLE(type, k, v, name, max, flags)
 #endif
 
-#define F_NO_PREALLOC 1u      /* BPF_F_NO_PREALLOC */
-#define F_NO_COMMON_LRU 2u    /* BPF_F_NO_COMMON_LRU */
-
 /* (address, port, protocol) -> the VIP's id, flags and active ring copy */
-L4LB_MAP("hash", struct vip_key, struct vip_meta, vips, MAX_VIPS, 0);
+L4LB_MAP("hash", struct vip_key, struct vip_meta, vips, MAP_VIPS_ENTRIES, MAP_VIPS_FLAGS);
 /* VIP address -> number of VIPs on it (ICMP echo, fragments, ICMP errors) */
-L4LB_MAP("hash", struct addr_key, __u32, vip_addrs, MAX_VIPS, 0);
+L4LB_MAP("hash", struct addr_key, __u32, vip_addrs, MAP_VIP_ADDRS_ENTRIES, MAP_VIP_ADDRS_FLAGS);
 /* vip_id -> generation and flags: the generation changes when the VIP is
  * deleted or its id given to another, so the old VIP's entries stop being used */
-L4LB_MAP("array", __u32, struct vip_info, vip_info, MAX_VIPS, 0);
+L4LB_MAP("array", __u32, struct vip_info, vip_info, MAP_VIP_INFO_ENTRIES, MAP_VIP_INFO_FLAGS);
 /* index 0 -> bitmap of hashed VIP addresses (see struct vip_filter) */
-L4LB_MAP("array", __u32, struct vip_filter, vip_filter, 1, 0);
+L4LB_MAP("array", __u32, struct vip_filter, vip_filter, MAP_VIP_FILTER_ENTRIES, MAP_VIP_FILTER_FLAGS);
 /* 2 * vip_id + copy -> Maglev ring; a whole ring is one value, written in one syscall */
-L4LB_MAP("array", __u32, struct ring, rings, 2 * MAX_VIPS, 0);
+L4LB_MAP("array", __u32, struct ring, rings, MAP_RINGS_ENTRIES, MAP_RINGS_FLAGS);
 /* backend index -> address, family, generation; index 0 stays empty */
-L4LB_MAP("array", __u32, struct backend, backends, MAX_BACKENDS, 0);
+L4LB_MAP("array", __u32, struct backend, backends, MAP_BACKENDS_ENTRIES, MAP_BACKENDS_FLAGS);
 /* IPv4 flow -> backend. LRU_HASH with BPF_F_NO_COMMON_LRU: one table that every CPU
  * reads (veth runs XDP on the sender's CPU, so a flow's packets move between
  * CPUs), with per-CPU LRU lists so inserts on one CPU do not contend with, or
  * evict for, another CPU's flows. */
-L4LB_MAP("lru_hash", struct flow4_key, struct ct_entry, conntrack, CT_SIZE, F_NO_COMMON_LRU);
+L4LB_MAP("lru_hash", struct flow4_key, struct ct_entry, conntrack, MAP_CONNTRACK_ENTRIES, MAP_CONNTRACK_FLAGS);
 /* the same for IPv6 flows */
-L4LB_MAP("lru_hash", struct flow_key, struct ct_entry, conntrack6, CT_SIZE, F_NO_COMMON_LRU);
+L4LB_MAP("lru_hash", struct flow_key, struct ct_entry, conntrack6, MAP_CONNTRACK6_ENTRIES, MAP_CONNTRACK6_FLAGS);
 /* index 0 -> runtime configuration */
-L4LB_MAP("array", __u32, struct lb_config, config, 1, 0);
+L4LB_MAP("array", __u32, struct lb_config, config, MAP_CONFIG_ENTRIES, MAP_CONFIG_FLAGS);
 /* vip_id -> packets and bytes, per CPU */
-L4LB_MAP("percpu_array", __u32, struct vip_stats, vip_stats, MAX_VIPS, 0);
+L4LB_MAP("percpu_array", __u32, struct vip_stats, vip_stats, MAP_VIP_STATS_ENTRIES, MAP_VIP_STATS_FLAGS);
 /* index 0 -> global counters, per CPU */
-L4LB_MAP("percpu_array", __u32, struct global_stats, global_stats, 1, 0);
+L4LB_MAP("percpu_array", __u32, struct global_stats, global_stats, MAP_GLOBAL_STATS_ENTRIES, MAP_GLOBAL_STATS_FLAGS);
 /* index 0 -> rate-limit windows, per CPU */
-L4LB_MAP("percpu_array", __u32, struct cpu_state, cpu_state, 1, 0);
+L4LB_MAP("percpu_array", __u32, struct cpu_state, cpu_state, MAP_CPU_STATE_ENTRIES, MAP_CPU_STATE_FLAGS);

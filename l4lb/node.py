@@ -1,0 +1,142 @@
+"""The load balancer on one interface, as `l4lb run` holds it below the gRPC
+layer: adopt the pinned maps and saved state of a previous process, or load
+fresh ones; attach (or keep, or atomically replace) the program; apply a
+configuration given at start; detach on request.
+
+The maps are pinned under PIN_ROOT/<interface>/ and the control plane's own
+state (ids, generations, weights) is kept in STATE_ROOT/<interface>/state.json,
+replaced atomically on every change. A new process on the same interface
+adopts both, so traffic keeps flowing while the control plane is down and
+nothing changes when it comes back."""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from . import bpf, consts, netlink
+from .config import LbConfig, check_capacity
+from .controller import Controller
+from .dataplane import Dataplane, RuntimeConfig
+from .errors import StateError
+
+log = logging.getLogger("l4lb.node")
+
+
+@dataclass
+class NodeOptions:
+    interface: str
+    capacity: consts.Capacity = consts.Capacity()
+    state_dir: Path = Path(consts.STATE_ROOT)
+    pin_root: Path = Path(consts.PIN_ROOT)
+    attach_mode: str = "auto"  # auto, native or generic
+    force: bool = False  # replace an XDP program that is not l4lb's
+    config: LbConfig | None = None  # the desired state to apply at start
+
+
+class LbNode:
+    def __init__(self, opts: NodeOptions, prog: bpf.Program, ctrl: Controller, adopted: bool):
+        self.opts = opts
+        self.prog = prog
+        self.ctrl = ctrl
+        self.adopted = adopted
+
+    @property
+    def pin_dir(self) -> Path:
+        return self.opts.pin_root / self.opts.interface
+
+    @classmethod
+    def open(cls, opts: NodeOptions) -> "LbNode":
+        """Adopts or loads, applies opts.config, attaches. Nothing is attached
+        or changed when a check fails."""
+        ifname, cap, cfg = opts.interface, opts.capacity, opts.config
+        netlink.ifindex(ifname)
+        netlink.require_bpftool()
+        pin_dir = opts.pin_root / ifname
+        state_file = opts.state_dir / ifname / "state.json"
+        if cfg:
+            check_capacity(cfg, cap)
+
+        saved = Controller.read_saved(state_file) if pin_dir.exists() else None
+        if pin_dir.exists() and saved is None:
+            raise StateError(f"{pin_dir} holds pinned maps but {state_file} is missing; "
+                             f"remove {pin_dir} to start empty")
+        if saved:
+            old = consts.Capacity(**saved["capacity"])
+            if old != cap:
+                raise StateError(f"the pinned maps were made with {asdict(old)}, this run asks for "
+                                 f"{asdict(cap)}; run with the same sizes, or stop traffic and remove "
+                                 f"{pin_dir} and {state_file} to start over")
+        if saved and saved.get("source_hash") != bpf.source_hash(cap):
+            _check_layout(cap, pin_dir)
+        current = netlink.xdp_program(ifname)
+        if current and current[1] != consts.PROG_BALANCER and not opts.force:
+            raise StateError(f"{ifname} runs XDP program {current[1] or '?'} (id {current[0]}), not l4lb's; "
+                             "use --force to replace it")
+
+        prog = bpf.load_balancer(cap, pin_dir=str(pin_dir))
+        dp = Dataplane(prog, cap)
+        ctrl = Controller(dp, cfg.runtime if cfg else RuntimeConfig(), state_file, ifname,
+                          pin_dir=str(pin_dir))
+        ctrl.source_hash = bpf.source_hash(cap)
+        if saved:
+            ctrl.adopt(saved)
+            log.info("adopted pinned state: %d VIPs, %d backends", *ctrl.counts())
+            if cfg and cfg.gateway_set:
+                ctrl.set_runtime(cfg.runtime)
+        else:
+            if not (cfg and cfg.gateway_set):
+                log.warning("no gateway MAC yet: every packet passes until SetGateway (or gateway_mac in --config)")
+            else:
+                ctrl.set_runtime(cfg.runtime)
+            ctrl.save()
+        if cfg:
+            ctrl.apply(cfg)
+        node = cls(opts, prog, ctrl, adopted=bool(saved))
+        node._attach(saved)
+        return node
+
+    def _attach(self, saved: dict | None) -> None:
+        ifname, ctrl, prog = self.opts.interface, self.ctrl, self.prog
+        attached = netlink.xdp_program(ifname)
+        if saved and attached and attached[2] == prog.fdinfo().get("prog_tag"):
+            # the same code is running on the adopted maps: leave it in place
+            ctrl.attach_mode = saved.get("attach_mode", "native")
+            prog.ifname, prog.attach_mode = ifname, ctrl.attach_mode
+        else:
+            # a running program is swapped in one step (XDP_FLAGS_REPLACE), never detached first
+            mode = self.opts.attach_mode
+            if attached and mode == "auto" and saved:
+                mode = saved.get("attach_mode", "auto")
+            ctrl.attach_mode = prog.attach(ifname, mode, replace_id=attached[0] if attached else None)
+            attached = netlink.xdp_program(ifname)
+        ctrl.save()
+        log.info("attached to %s (%s mode, program id %s)", ifname, ctrl.attach_mode,
+                 attached[0] if attached else "?")
+
+    def resolve_neighbour(self, ip: str) -> str:
+        return netlink.resolve_mac(self.opts.interface, ip)
+
+    def close(self, detach: bool = False) -> None:
+        """Leaves the program attached (traffic flows on), or with detach
+        removes it, its pinned maps and the saved state."""
+        if detach:
+            self.prog.detach()
+            bpf.remove_pins(str(self.pin_dir))
+            self.ctrl.state_file.unlink(missing_ok=True)
+            log.info("detached from %s and removed the pinned maps", self.opts.interface)
+        else:
+            log.info("stopped serving; the program stays attached to %s", self.opts.interface)
+
+
+def _check_layout(cap: consts.Capacity, pin_dir: Path) -> None:
+    """A new program may only adopt pinned maps of exactly its own layout."""
+    probe = bpf.load_balancer(cap)  # not pinned: only to learn the new layout
+    try:
+        diff = bpf.layout_differences(str(pin_dir), probe)
+    finally:
+        probe.close()
+    if diff:
+        raise StateError("the pinned maps have another layout than this program "
+                         f"({'; '.join(diff)}); a layout change needs new map "
+                         f"names, or stop traffic and remove {pin_dir} to start over")

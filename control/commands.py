@@ -31,6 +31,32 @@ def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="l4lb", description="XDP layer-4 load balancer", epilog=EPILOG,
                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=Parser)
+    for _name, add in verbs_table():
+        add(sub)
+    return p
+
+
+def verbs_table():
+    """Every verb of the `l4lb` command, in the order `l4lb --help` lists them;
+    each module adds its own arguments."""
+    from . import demo, verbs  # noqa: PLC0415
+
+    return (
+        ("run", verbs.add_run),
+        ("vip", verbs.add_vip),
+        ("backend", verbs.add_backend),
+        ("stats", verbs.add_stats),
+        ("status", verbs.add_status),
+        ("apply", verbs.add_apply),
+        ("lookup", verbs.add_lookup),
+        ("flows", verbs.add_flows),
+        ("gateway", verbs.add_gateway),
+        ("replay", add_replay),
+        ("demo", demo.add_parser),
+    )
+
+
+def add_replay(sub) -> None:
     r = sub.add_parser("replay", help="run a pcap through the program with a configuration (nothing is attached)",
                        epilog="example:\n  l4lb replay --config lb.yaml --in in.pcap --out out.pcap",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -39,11 +65,6 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", dest="pcap_out", type=Path, help="output pcap of TX and PASS frames")
     r.add_argument("--quiet", action="store_true", help="print the summary only")
     r.set_defaults(func=cmd_replay)
-
-    from . import verbs  # noqa: PLC0415
-
-    verbs.add_parsers(sub)
-    return p
 
 
 def cmd_replay(args) -> int:

@@ -26,7 +26,7 @@ def _conn(p):
     p.add_argument("--tls-key-client", help="client key")
 
 
-def add_parsers(sub) -> None:
+def add_run(sub) -> None:
     r = sub.add_parser("run", help="load and attach the program, serve gRPC")
     r.add_argument("--interface", required=True, help="the LB's NIC")
     r.add_argument("--config", help="YAML configuration applied at start")
@@ -43,6 +43,8 @@ def add_parsers(sub) -> None:
     r.add_argument("--ring-size", type=int, default=consts.DEFAULT_RING_SIZE, choices=consts.ALLOWED_RING_SIZES)
     r.set_defaults(func=cmd_run)
 
+
+def add_vip(sub) -> None:
     vip = sub.add_parser("vip", help="add, delete, list and show VIPs").add_subparsers(dest="verb", required=True)
     a = vip.add_parser("add", help="add a VIP")
     a.add_argument("vip", help="ADDRESS[:PORT]/PROTOCOL")
@@ -59,6 +61,8 @@ def add_parsers(sub) -> None:
     for p in (a, d, s) + tuple(vip.choices[n] for n in ("list",)):
         _conn(p)
 
+
+def add_backend(sub) -> None:
     be = sub.add_parser("backend", help="change a VIP's backends").add_subparsers(dest="verb", required=True)
     for name, fn, hlp in (("add", cmd_backend_add, "ADDRESS[=WEIGHT] ..."), ("del", cmd_backend_del, "ADDRESS ..."),
                           ("weight", cmd_backend_weight, "ADDRESS=WEIGHT ..."), ("drain", cmd_backend_drain, "ADDRESS ...")):
@@ -68,25 +72,39 @@ def add_parsers(sub) -> None:
         p.set_defaults(func=fn)
         _conn(p)
 
+
+def add_stats(sub) -> None:
     st = sub.add_parser("stats", help="counters")
     st.add_argument("vip", nargs="?")
     st.add_argument("--watch", action="store_true")
     st.add_argument("--interval", type=float, default=1.0)
     st.set_defaults(func=cmd_stats)
     _conn(st)
+
+
+def add_status(sub) -> None:
     ss = sub.add_parser("status", help="interface, program, capacity")
     ss.set_defaults(func=cmd_status)
     _conn(ss)
+
+
+def add_apply(sub) -> None:
     ap = sub.add_parser("apply", help="make the running state equal a configuration file")
     ap.add_argument("-f", dest="file", required=True)
     ap.set_defaults(func=cmd_apply)
     _conn(ap)
+
+
+def add_lookup(sub) -> None:
     lk = sub.add_parser("lookup", help="which backend the live program picks for a flow")
     lk.add_argument("src", help="ADDRESS:PORT ([v6]:port for IPv6)")
     lk.add_argument("dst")
     lk.add_argument("protocol", choices=sorted(consts.PROTOCOLS))
     lk.set_defaults(func=cmd_lookup)
     _conn(lk)
+
+
+def add_flows(sub) -> None:
     fl = sub.add_parser("flows", help="connection-table entries of a VIP").add_subparsers(dest="verb", required=True)
     fs = fl.add_parser("show", help="list a VIP's entries")
     fs.add_argument("vip")
@@ -96,13 +114,14 @@ def add_parsers(sub) -> None:
     ff.add_argument("vip")
     ff.set_defaults(func=cmd_flows_flush)
     _conn(fs), _conn(ff)
+
+
+def add_gateway(sub) -> None:
     gw = sub.add_parser("gateway", help="show or set the gateway")
     gw.add_argument("mac", nargs="?", help="MAC to set")
     gw.add_argument("--ip", help="resolve the MAC of this neighbour")
     gw.set_defaults(func=cmd_gateway)
     _conn(gw)
-    from . import demo
-    demo.add_parser(sub)
 
 
 def cmd_run(args) -> int:

@@ -31,6 +31,14 @@ def _bcc():
     return bcc
 
 
+def bcc_version() -> str:
+    """The version of the bcc in use ("" when it cannot be imported)."""
+    try:
+        return getattr(_bcc(), "__version__", "")
+    except BpfError:
+        return ""
+
+
 def ensure_bpffs() -> None:
     """Mounts the BPF filesystem at /sys/fs/bpf if it is not mounted."""
     with open("/proc/mounts") as f:

@@ -42,6 +42,7 @@ MAX_WEIGHT = 65535  # a backend's weight: 0 (drained) to MAX_WEIGHT
 # --- where `l4lb run` keeps things ---------------------------------------------------
 PIN_ROOT = "/sys/fs/bpf/l4lb"  # maps pinned under PIN_ROOT/<interface>/
 STATE_ROOT = "/var/lib/l4lb"  # desired state under STATE_ROOT/<interface>/state.json
+LOCK_ROOT = "/run/l4lb"  # LOCK_ROOT/<interface>.lock: held by the one process that owns the interface
 
 # --- families and protocols ----------------------------------------------------
 FAMILY_V4 = 4

@@ -1,26 +1,36 @@
-"""The load balancer as the control plane drives it: validated changes to
-LbState, applied to the maps in a packet-safe order, persisted atomically so
-that a restarted control plane recovers everything. One lock serialises
-changes; reads take it too, so they never see a half-applied request."""
+"""The load balancer as the control plane drives it.
+
+A change is computed on a copy of the model and validated whole; the new
+desired state is then persisted (write, fsync, rename, fsync the directory)
+before any map changes; then the maps are brought to it (state.sync). So a
+failed request changes nothing, a failed persist (a full disk) changes
+nothing, and a crash at any instruction leaves a file that the next start
+reconciles the maps to. Concurrent requests are committed together: one
+persist and one map update for all that arrived while the previous commit ran
+(each request still succeeds or fails alone)."""
 from __future__ import annotations
 
+import errno
+import ipaddress
 import json
+import logging
 import os
 import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
 
-from . import bpf, netlink
+from . import bpf, faults, netlink
 from .config import LbConfig
 from .dataplane import Dataplane, RuntimeConfig
+from .errors import AlreadyExistsError, L4lbError, NotFoundError, PersistError, StateError, ValidationError
 from .lookup import lookup_flow
-from .errors import AlreadyExistsError, NotFoundError, StateError, ValidationError
 from .model import (VipKey, VipSpec, check_backend_family, parse_address, parse_flags, parse_mac,
                     parse_weight)
-from .state import LbState, state_from_dict, state_to_dict
+from .state import LbModel, MapImage, sync
 
 STATE_VERSION = 1
+log = logging.getLogger("l4lb.controller")
 
 
 def parse_backend_map(key: VipKey, items: list[tuple[str, int]], what: str = "backends") -> dict[str, int]:
@@ -34,13 +44,23 @@ def parse_backend_map(key: VipKey, items: list[tuple[str, int]], what: str = "ba
     return out
 
 
+class _Pending:
+    __slots__ = ("change", "result", "error", "done")
+
+    def __init__(self, change):
+        self.change = change
+        self.result = self.error = None
+        self.done = False
+
+
 class Controller:
     def __init__(self, dp: Dataplane, runtime: RuntimeConfig, state_file: Path | None = None,
                  interface: str = "", attach_mode: str = "none", pin_dir: str | None = None):
         self.dp = dp
         self.capacity = dp.capacity
         self.runtime = runtime
-        self.state = LbState(dp.capacity, dp)
+        self.model = LbModel(dp.capacity)
+        self.applied: MapImage | None = MapImage()  # what the maps hold; None: read them first
         self.state_file = state_file
         self.interface = interface
         self.attach_mode = attach_mode
@@ -48,24 +68,59 @@ class Controller:
         self.gateway_ip = ""
         self.source_hash = ""
         self.started = time.monotonic()
-        self.lock = threading.RLock()
+        self.lock = threading.RLock()  # held by the committer; reads take it too
+        self._queue: list[_Pending] = []
+        self._queue_lock = threading.Lock()
+
+    @property
+    def state(self) -> LbModel:
+        return self.model
 
     # ---- persistence ----------------------------------------------------------------
-    def save(self) -> None:
+    def _doc(self, model: LbModel, runtime: RuntimeConfig, gateway_ip: str) -> dict:
+        rt = asdict(runtime)
+        rt["encap_v4"], rt["encap_v6"] = str(runtime.encap_v4), str(runtime.encap_v6)
+        return {"version": STATE_VERSION, "capacity": asdict(self.capacity), "runtime": rt,
+                "gateway_ip": gateway_ip, "attach_mode": self.attach_mode,
+                "source_hash": self.source_hash, "state": model.to_dict()}
+
+    def _persist(self, doc: dict) -> None:
+        """Replaces the state file atomically and durably, or raises PersistError
+        with the old file intact."""
         if not self.state_file:
             return
-        rt = asdict(self.runtime)
-        rt["encap_v4"], rt["encap_v6"] = str(self.runtime.encap_v4), str(self.runtime.encap_v6)
-        doc = {"version": STATE_VERSION, "capacity": asdict(self.capacity), "runtime": rt,
-               "gateway_ip": self.gateway_ip, "attach_mode": self.attach_mode,
-               "source_hash": self.source_hash, "state": state_to_dict(self.state)}
-        tmp = self.state_file.with_suffix(".tmp")
-        tmp.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "w") as f:
-            json.dump(doc, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.state_file)  # readers see the old file or the new one
+        tmp = self.state_file.with_name(self.state_file.name + ".tmp")
+        try:
+            tmp.parent.mkdir(parents=True, exist_ok=True)
+            data = json.dumps(doc, indent=1).encode()
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            faults.point("persist.written")
+            os.replace(tmp, self.state_file)  # readers see the old file or the new one
+            faults.point("persist.renamed")
+            dfd = os.open(tmp.parent, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except OSError as e:
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
+            what = "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else e.strerror
+            raise PersistError(f"cannot save the state to {self.state_file} ({what}); nothing was "
+                               "changed: free space or fix the state directory, then retry") from None
+
+    def save(self) -> None:
+        with self.lock:
+            self._persist(self._doc(self.model, self.runtime, self.gateway_ip))
 
     @staticmethod
     def read_saved(state_file: Path) -> dict | None:
@@ -74,124 +129,211 @@ class Controller:
         except FileNotFoundError:
             return None
         except (OSError, ValueError) as e:
-            raise StateError(f"{state_file}: unreadable state ({e}); move it away to start empty "
+            raise StateError(f"{state_file}: unreadable state ({str(e)[:120]}); move it away to start empty "
                              "(the pinned maps must then be removed too)") from None
-        if doc.get("version") != STATE_VERSION:
-            raise StateError(f"{state_file}: state version {doc.get('version')}, this l4lb reads {STATE_VERSION}")
+        if not isinstance(doc, dict) or doc.get("version") != STATE_VERSION:
+            version = doc.get("version") if isinstance(doc, dict) else None
+            raise StateError(f"{state_file}: state version {version!r}, this l4lb reads {STATE_VERSION}")
+        for k in ("capacity", "runtime", "state"):
+            if not isinstance(doc.get(k), dict):
+                raise StateError(f"{state_file}: the saved state has no {k!r} section; move it away to start empty")
         return doc
 
     def adopt(self, doc: dict) -> None:
-        """Takes over the state of a previous process whose maps are pinned."""
-        import ipaddress  # noqa: PLC0415
+        """Takes over a saved state (with the maps of a previous process, or
+        fresh ones after a reboot) and reconciles the maps to it."""
+        try:
+            rt = dict(doc["runtime"])
+            rt["encap_v4"] = ipaddress.IPv4Network(rt["encap_v4"])
+            rt["encap_v6"] = ipaddress.IPv6Network(rt["encap_v6"])
+            runtime = RuntimeConfig(**rt)
+            runtime.gateway_mac = parse_mac(runtime.gateway_mac, "saved gateway_mac")
+        except (KeyError, TypeError, ValueError) as e:
+            raise StateError(f"saved state: the runtime section is malformed ({str(e)[:120]})") from None
+        model = LbModel.from_dict(self.capacity, doc["state"])
+        with self.lock:
+            self.runtime, self.model = runtime, model
+            self.gateway_ip = str(doc.get("gateway_ip", ""))
+            self.applied = None
+            self.reconcile()
 
-        rt = doc["runtime"]
-        rt["encap_v4"] = ipaddress.IPv4Network(rt["encap_v4"])
-        rt["encap_v6"] = ipaddress.IPv6Network(rt["encap_v6"])
-        self.runtime = RuntimeConfig(**rt)
-        self.gateway_ip = doc.get("gateway_ip", "")
-        state_from_dict(self.state, doc["state"])
-        self.dp.portless = self.state.portless
-        for key in self.state.vips:
-            self.dp.vip_addresses[key.address] = self.dp.vip_addresses.get(key.address, 0) + 1
+    def reconcile(self) -> None:
+        """Brings the maps to the model, whatever they hold now."""
+        with self.lock:
+            have = self.dp.read_image()
+            if self.model.resolve(have):  # a live ring copy holds another table: use the idle one
+                self.save()
+            self.dp.write_config(self.runtime, portless_vips=have.portless)
+            self._sync(have)
+
+    def _sync(self, have: MapImage | None = None) -> None:
+        if have is None and self.applied is None:  # an earlier write failed half-way
+            have = self.dp.read_image()
+            if self.model.resolve(have):
+                self.save()
+        have = have if have is not None else self.applied
+        want = self.model.image()
+        self.applied = None  # unknown until the writes are done
+        try:
+            sync(have, want, self.dp, self.capacity, step=faults.point)
+        except L4lbError as e:
+            log.error("writing the maps failed (%s); the saved state is kept and the maps are "
+                      "reconciled on the next change or start", e)
+            raise
+        self.model.reserve()
+        self.applied = want
+
+    # ---- commits --------------------------------------------------------------------------
+    def _commit(self, change):
+        """Runs change(model, ctx) on a copy; commits it with whatever else is
+        waiting. Returns what change returned, or raises its error."""
+        me = _Pending(change)
+        with self._queue_lock:
+            self._queue.append(me)
+        with self.lock:
+            if not me.done:
+                with self._queue_lock:
+                    batch, self._queue = self._queue, []
+                self._run(batch)
+        if me.error is not None:
+            raise me.error
+        return me.result
+
+    def _run(self, batch: list[_Pending]) -> None:
+        work = self.model.clone()
+        ctx = {"runtime": self.runtime, "gateway_ip": self.gateway_ip}
+        ok = []
+        for p in batch:
+            trial, trial_ctx = work.clone(), dict(ctx)
+            try:
+                p.result = p.change(trial, trial_ctx)
+            except L4lbError as e:
+                p.error = e
+                continue
+            work, ctx = trial, trial_ctx
+            ok.append(p)
+        try:
+            if ok:
+                work.flip_changed(self.model)
+                self._persist(self._doc(work, ctx["runtime"], ctx["gateway_ip"]))
+                runtime_changed = ctx["runtime"] is not self.runtime
+                self.model, self.runtime, self.gateway_ip = work, ctx["runtime"], ctx["gateway_ip"]
+                if runtime_changed:
+                    self.dp.write_config(self.runtime)
+                self._sync()
+        except L4lbError as e:
+            for p in ok:
+                p.error = e
+        finally:
+            for p in batch:
+                p.done = True
 
     # ---- VIPs --------------------------------------------------------------------------
     def add_vip(self, key: VipKey, flags, backends: list[tuple[str, int]]):
-        with self.lock:
-            spec = VipSpec(key, parse_flags(list(flags)), parse_backend_map(key, backends))
-            vip = self.state.add_vip(spec)
-            self.dp.set_portless(self.state.portless)
-            self.save()
-            return vip
+        spec = VipSpec(key, parse_flags(list(flags)), parse_backend_map(key, backends))
+        return self._commit(lambda m, _: m.add_vip(spec).clone())
 
     def delete_vip(self, key: VipKey) -> None:
-        with self.lock:
-            self.state.delete_vip(key)
-            self.dp.set_portless(self.state.portless)
-            self.save()
+        self._commit(lambda m, _: m.delete_vip(key))
 
     def get_vip(self, key: VipKey):
         with self.lock:
-            return self.state.get(key)
+            return self.model.get(key).clone()
 
     def list_vips(self):
         with self.lock:
-            return sorted(self.state.vips.values(), key=lambda v: v.key)
+            return sorted((v.clone() for v in self.model.vips.values()), key=lambda v: v.key)
 
     def modify_vip(self, key: VipKey, flags):
-        with self.lock:
-            self.state.set_flags(key, parse_flags(list(flags)))
-            self.save()
-            return self.state.get(key)
+        flags = parse_flags(list(flags))
+
+        def change(m, _):
+            m.set_flags(key, flags)
+            return m.get(key).clone()
+        return self._commit(change)
 
     # ---- backends ------------------------------------------------------------------------
     def add_backends(self, key: VipKey, backends: list[tuple[str, int]]):
-        with self.lock:
-            vip = self.state.get(key)
-            new = parse_backend_map(key, backends)
-            if not new:
-                raise ValidationError("backends: give at least one backend to add")
+        new = parse_backend_map(key, backends)
+        if not new:
+            raise ValidationError("backends: give at least one backend to add")
+
+        def change(m, _):
+            vip = m.get(key)
             dup = [a for a in new if a in vip.backends]
             if dup:
-                raise AlreadyExistsError(f"backend {dup[0]} is already on VIP {key}; use SetBackendWeights to change its weight")
-            self.state.set_backends(key, {**vip.backends, **new})
-            self.save()
-            return vip
+                raise AlreadyExistsError(f"backend {dup[0]} is already on VIP {key}; "
+                                         "use SetBackendWeights to change its weight")
+            m.set_backends(key, {**vip.backends, **new})
+            return m.get(key).clone()
+        return self._commit(change)
 
     def remove_backends(self, key: VipKey, addresses: list[str]):
-        with self.lock:
-            vip = self.state.get(key)
-            if not addresses:
-                raise ValidationError("addresses: give at least one backend to remove")
-            gone = []
-            for i, a in enumerate(addresses):
-                addr = str(parse_address(a, f"addresses[{i}]"))
+        if not addresses:
+            raise ValidationError("addresses: give at least one backend to remove")
+        gone: list[str] = []
+        for i, a in enumerate(addresses):
+            addr = str(parse_address(a, f"addresses[{i}]"))
+            if addr in gone:
+                raise ValidationError(f"addresses[{i}]: {addr} is listed twice")
+            gone.append(addr)
+
+        def change(m, _):
+            vip = m.get(key)
+            for addr in gone:
                 if addr not in vip.backends:
                     raise NotFoundError(f"backend {addr} is not on VIP {key}")
-                if addr in gone:
-                    raise ValidationError(f"addresses[{i}]: {addr} is listed twice")
-                gone.append(addr)
-            self.state.set_backends(key, {a: w for a, w in vip.backends.items() if a not in gone})
-            self.save()
-            return vip
+            m.set_backends(key, {a: w for a, w in vip.backends.items() if a not in gone})
+            return m.get(key).clone()
+        return self._commit(change)
 
     def set_weights(self, key: VipKey, backends: list[tuple[str, int]]):
-        with self.lock:
-            vip = self.state.get(key)
-            new = parse_backend_map(key, backends)
-            if not new:
-                raise ValidationError("backends: give at least one backend and its weight")
+        new = parse_backend_map(key, backends)
+        if not new:
+            raise ValidationError("backends: give at least one backend and its weight")
+
+        def change(m, _):
+            vip = m.get(key)
             for a in new:
                 if a not in vip.backends:
                     raise NotFoundError(f"backend {a} is not on VIP {key}; add it with AddBackends")
-            self.state.set_backends(key, {**vip.backends, **new})
-            self.save()
-            return vip
+            m.set_backends(key, {**vip.backends, **new})
+            return m.get(key).clone()
+        return self._commit(change)
 
     # ---- a whole configuration -----------------------------------------------------------
-    def apply(self, cfg: LbConfig) -> list[tuple[str, object]]:
-        """Makes the VIPs equal the configuration's; returns the steps taken."""
-        with self.lock:
-            current = {k: (v.flags, dict(v.backends)) for k, v in self.state.vips.items()}
+    def apply(self, cfg: LbConfig, runtime: bool = False) -> list[tuple[str, object]]:
+        """Makes the VIPs (and with runtime=True the runtime settings) equal the
+        configuration's, as one change: all of it, or nothing. Returns the steps."""
+        def change(m, ctx):
+            current = {k: (v.flags, dict(v.backends)) for k, v in m.vips.items()}
             steps = plan(current, cfg)
             for kind, obj in steps:
                 if kind == "delete":
-                    self.delete_vip(obj)
+                    m.delete_vip(obj)
                 elif kind == "add":
-                    self.add_vip(obj.key, obj.flags, list(obj.backends.items()))
+                    m.add_vip(obj)
                 elif kind == "flags":
-                    self.modify_vip(obj.key, obj.flags)
+                    m.set_flags(obj.key, obj.flags)
                 elif kind == "backends":
-                    self.state.set_backends(obj.key, dict(obj.backends))
-                    self.save()
+                    m.set_backends(obj.key, dict(obj.backends))
+            if runtime and asdict(cfg.runtime) != asdict(ctx["runtime"]):
+                new_rt = RuntimeConfig(**asdict(cfg.runtime))
+                if not cfg.gateway_set:
+                    new_rt.gateway_mac = ctx["runtime"].gateway_mac
+                if asdict(new_rt) != asdict(ctx["runtime"]):
+                    ctx["runtime"] = new_rt
+                    steps.append(("runtime", new_rt))
             return steps
+        return self._commit(change)
 
     # ---- connection table ------------------------------------------------------------------
     def list_flows(self, key: VipKey, limit: int = 1000):
         from .dataplane import flow_key_text  # noqa: PLC0415
 
         with self.lock:
-            self.state.get(key)
-            by_index = {b.index: (a, b.generation) for a, b in self.state.backends.items()}
+            self.model.get(key)
+            by_index = {b.index: (a, b.generation) for a, b in self.model.backends.items()}
             entries = self.dp.flows(key)
             out = []
             for k, v in entries[:limit]:
@@ -204,22 +346,23 @@ class Controller:
 
     def flush_flows(self, key: VipKey) -> int:
         with self.lock:
-            self.state.get(key)
+            self.model.get(key)
             return self.dp.delete_flows(key.family, [k for k, _ in self.dp.flows(key)])
 
-    # ---- gateway, stats, status -----------------------------------------------------------
+    # ---- gateway, runtime, stats, status -----------------------------------------------------
     def set_gateway(self, mac: str, ip: str = "") -> None:
-        with self.lock:
-            self.runtime.gateway_mac = parse_mac(mac)
-            self.gateway_ip = ip
-            self.dp.write_config(self.runtime)
-            self.save()
+        mac = parse_mac(mac)
+
+        def change(_m, ctx):
+            rt = RuntimeConfig(**asdict(ctx["runtime"]))
+            rt.gateway_mac = mac
+            ctx["runtime"], ctx["gateway_ip"] = rt, ip
+        self._commit(change)
 
     def set_runtime(self, runtime: RuntimeConfig) -> None:
-        with self.lock:
-            self.runtime = runtime
-            self.dp.write_config(runtime)
-            self.save()
+        def change(_m, ctx):
+            ctx["runtime"] = RuntimeConfig(**asdict(runtime))
+        self._commit(change)
 
     def lookup_flow(self, src: str, dst: str, sport: int, dport: int, protocol: str):
         """(verdict, backend, from connection table) the live program gives a flow."""
@@ -228,18 +371,18 @@ class Controller:
 
     def stats(self, key: VipKey | None = None):
         with self.lock:
-            vips = [self.state.get(key)] if key else self.list_vips()
+            vips = [self.model.get(key).clone()] if key else self.list_vips()
             return self.dp.global_stats(), [(v, self.dp.vip_stats(v.vip_id)) for v in vips]
 
     def counts(self) -> tuple[int, int]:
         """(VIPs, backends)."""
         with self.lock:
-            return len(self.state.vips), len(self.state.backends)
+            return len(self.model.vips), len(self.model.backends)
 
     def status(self) -> dict:
         with self.lock:
             out = {"interface": self.interface, "attach_mode": self.attach_mode,
-                   "vips": len(self.state.vips), "backends": len(self.state.backends),
+                   "vips": len(self.model.vips), "backends": len(self.model.backends),
                    "uptime": time.monotonic() - self.started,
                    "conntrack_used": self.dp.conntrack_size(), "program_id": 0}
         if self.interface and self.attach_mode != "none":

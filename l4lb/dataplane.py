@@ -12,7 +12,7 @@ import numpy as np
 
 from . import consts
 from .bpf import Program, percpu_sum
-from .errors import BpfError, CapacityError
+from .errors import BpfError, CapacityError, StateError
 from .model import VipKey, family_of, mac_bytes
 
 
@@ -175,6 +175,43 @@ class Dataplane:
         t[t.Key(index)] = values
 
     # ---- reads ----------------------------------------------------------------------------
+    def read_image(self):
+        """What the maps hold, as a state.MapImage (for reconciling on start)."""
+        from .state import BackendEntry, MapImage, Ring  # noqa: PLC0415
+
+        img = MapImage()
+        names = {n: p for p, n in consts.PROTOCOLS.items()}
+        for k, v in self.t[consts.MAP_VIPS].items():
+            fam = int(k.family)
+            addr = _address(list(k.addr), fam)
+            port = int.from_bytes(int(k.port).to_bytes(2, "little"), "big")
+            proto = names.get(int(k.proto))
+            if proto is None or fam not in (consts.FAMILY_V4, consts.FAMILY_V6):
+                raise StateError(f"map {consts.MAP_VIPS!r} holds a key this build cannot read "
+                                 f"(protocol {int(k.proto)}, family {fam}); remove the pinned maps to start over")
+            img.vips[VipKey(addr, port, proto)] = (int(v.vip_id), int(v.flags), int(v.ring))
+        for vid, _, ring in img.vips.values():
+            if 0 <= vid < self.capacity.max_vips and ring in (0, 1):
+                img.rings[vid] = Ring(None, self.ring(vid, ring))
+        info = self.t[consts.MAP_VIP_INFO]
+        for vid in range(self.capacity.max_vips):
+            v = info[info.Key(vid)]
+            if v.generation or v.flags:
+                img.vip_info[vid] = (int(v.generation), int(v.flags))
+        bt = self.t[consts.MAP_BACKENDS]
+        for idx in range(1, self.capacity.max_backends + 1):
+            v = bt[bt.Key(idx)]
+            if v.flags & consts.BACKEND_F_VALID:
+                ids = frozenset(i for i in range(self.capacity.max_vips) if v.vips[i // 64] >> (i % 64) & 1)
+                img.backends[idx] = BackendEntry(_address(list(v.addr), int(v.family)), int(v.generation), ids)
+        for k, v in self.t[consts.MAP_VIP_ADDRS].items():
+            img.addresses[_address(list(k.addr), int(k.family))] = int(v.value)
+        self.vip_addresses = dict(img.addresses)
+        cfg = self.t[consts.MAP_CONFIG]
+        img.portless = int(cfg[cfg.Key(0)].portless_vips)
+        self.portless = img.portless
+        return img
+
     def vip_key(self, key: VipKey):
         t = self.t[consts.MAP_VIPS]
         k = t.Key()
@@ -234,6 +271,11 @@ class Dataplane:
             if "No space" in msg or "E2BIG" in msg or "Argument list too long" in msg:
                 raise CapacityError(f"map {name!r} is full: {msg}") from e
             raise BpfError(f"writing map {name!r} failed: {msg}") from e
+
+
+def _address(words: list[int], family: int) -> str:
+    raw = b"".join(int(w).to_bytes(4, "little") for w in words)
+    return str(ipaddress.ip_address(raw[:4] if family == consts.FAMILY_V4 else raw))
 
 
 def flow_key_text(k) -> tuple[str, str, int, int]:

@@ -35,3 +35,8 @@ class BpfError(L4lbError):
 
 class StateError(L4lbError):
     """The pinned state does not match what this process expects (FAILED_PRECONDITION)."""
+
+
+class PersistError(CapacityError):
+    """The desired state could not be saved (a full disk, a read-only state
+    directory): the request changed nothing (RESOURCE_EXHAUSTED)."""

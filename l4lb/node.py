@@ -10,7 +10,10 @@ adopts both, so traffic keeps flowing while the control plane is down and
 nothing changes when it comes back."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -32,6 +35,24 @@ class NodeOptions:
     attach_mode: str = "auto"  # auto, native or generic
     force: bool = False  # replace an XDP program that is not l4lb's
     config: LbConfig | None = None  # the desired state to apply at start
+
+
+def lock_interface(ifname: str, root: Path = Path(consts.LOCK_ROOT)) -> int:
+    """Takes the interface's lock for the life of this process (flock: the
+    kernel drops it when the process dies, however it dies). Returns the fd."""
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / f"{ifname}.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise StateError(f"interface {ifname} is owned by another l4lb run (pid {owner}, lock {path}); "
+                         "stop that one first") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 class LbNode:
@@ -56,18 +77,32 @@ class LbNode:
         state_file = opts.state_dir / ifname / "state.json"
         if cfg:
             check_capacity(cfg, cap)
+        lock_fd = lock_interface(ifname)
+        try:
+            return cls._open(opts, pin_dir, state_file, lock_fd)
+        except BaseException:
+            os.close(lock_fd)
+            raise
 
-        saved = Controller.read_saved(state_file) if pin_dir.exists() else None
-        if pin_dir.exists() and saved is None:
+    @classmethod
+    def _open(cls, opts: NodeOptions, pin_dir: Path, state_file: Path, lock_fd: int) -> "LbNode":
+        ifname, cap, cfg = opts.interface, opts.capacity, opts.config
+        pinned = pin_dir.exists()
+        saved = Controller.read_saved(state_file)
+        if pinned and saved is None:
             raise StateError(f"{pin_dir} holds pinned maps but {state_file} is missing; "
                              f"remove {pin_dir} to start empty")
         if saved:
-            old = consts.Capacity(**saved["capacity"])
+            try:
+                old = consts.Capacity(**saved["capacity"])
+            except TypeError:
+                raise StateError(f"{state_file}: the capacity section is malformed; move the file away "
+                                 "(and the pinned maps) to start empty") from None
             if old != cap:
                 raise StateError(f"the pinned maps were made with {asdict(old)}, this run asks for "
                                  f"{asdict(cap)}; run with the same sizes, or stop traffic and remove "
                                  f"{pin_dir} and {state_file} to start over")
-        if saved and saved.get("source_hash") != bpf.source_hash(cap):
+        if pinned and saved.get("source_hash") != bpf.source_hash(cap):
             _check_layout(cap, pin_dir)
         current = netlink.xdp_program(ifname)
         if current and current[1] != consts.PROG_BALANCER and not opts.force:
@@ -81,7 +116,11 @@ class LbNode:
         ctrl.source_hash = bpf.source_hash(cap)
         if saved:
             ctrl.adopt(saved)
-            log.info("adopted pinned state: %d VIPs, %d backends", *ctrl.counts())
+            if pinned:
+                log.info("adopted pinned state: %d VIPs, %d backends", *ctrl.counts())
+            else:
+                log.warning("no pinned maps (after a reboot?): restored %d VIPs, %d backends from %s "
+                            "into fresh maps", *ctrl.counts(), state_file)
             if cfg and cfg.gateway_set:
                 ctrl.set_runtime(cfg.runtime)
         else:
@@ -93,7 +132,8 @@ class LbNode:
         if cfg:
             ctrl.apply(cfg)
         node = cls(opts, prog, ctrl, adopted=bool(saved))
-        node._attach(saved)
+        node.lock_fd = lock_fd
+        node._attach(saved if pinned else None)
         return node
 
     def _attach(self, saved: dict | None) -> None:
@@ -124,6 +164,8 @@ class LbNode:
             self.prog.detach()
             bpf.remove_pins(str(self.pin_dir))
             self.ctrl.state_file.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                self.ctrl.state_file.with_name(self.ctrl.state_file.name + ".tmp").unlink()
             log.info("detached from %s and removed the pinned maps", self.opts.interface)
         else:
             log.info("stopped serving; the program stays attached to %s", self.opts.interface)

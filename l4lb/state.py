@@ -1,24 +1,35 @@
-"""The load balancer's state and how it maps onto the BPF maps: VIP ids,
-backend indices and generations, and the ring of each VIP. No bcc, no gRPC.
+"""The load balancer's desired state and how it reaches the BPF maps. No bcc,
+no gRPC.
 
-Writes go through a `Sink` (l4lb.dataplane.Dataplane in production) in an
-order that never lets a packet see a half-written ring or a freed backend:
-new backends are written before any ring names them; a VIP's idle ring copy
-is written whole before the VIP is flipped to it; a backend no ring names any
-more is invalidated last."""
+Three pieces:
+- `LbModel`: VIPs, backend indices and generations, VIP ids and generations,
+  each VIP's active ring copy. Pure: a change validates whole before it
+  touches anything, and `clone()` makes the copy a request is computed on.
+- `MapImage`: what the maps hold (or should hold): `LbModel.image()` gives the
+  desired one, `Dataplane.read_image()` the one a running program has.
+- `sync(have, want, sink)`: the writes that turn one image into the other, in
+  an order that never lets a packet see a half-written ring or a freed backend,
+  starting from any image, so it is idempotent and finishes an interrupted
+  change: VIPs that go are removed first; backends are written before any ring
+  names them (with the bits of every VIP that lists them, before and after);
+  a VIP's idle ring copy is written whole before the VIP flips to it; a backend
+  no ring names any more is invalidated last.
+
+`LbState` couples a model with a sink and the image last written, for users
+that change and write in one step (kernel fixtures, replay, benchmarks)."""
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import numpy as np
 
 from . import maglev
 from .consts import Capacity
-from .errors import AlreadyExistsError, CapacityError, NotFoundError, ValidationError
-from .model import VipKey, VipSpec, check_backend_family, flags_to_bits, parse_address
+from .errors import AlreadyExistsError, CapacityError, NotFoundError, StateError, ValidationError
+from .model import VipKey, VipSpec, check_backend_family, flags_to_bits, parse_address, parse_flags
 
 
 class Sink(Protocol):
@@ -30,6 +41,7 @@ class Sink(Protocol):
     def put_vip_address(self, address: str, count: int) -> None: ...
     def put_vip_info(self, vip_id: int, generation: int, flags: int) -> None: ...
     def clear_vip_stats(self, vip_id: int) -> None: ...
+    def set_portless(self, n: int) -> None: ...
 
 
 @dataclass
@@ -40,6 +52,9 @@ class VipState:
     backends: dict[str, int] = field(default_factory=dict)  # address -> weight
     ring: int = 0  # active copy
 
+    def clone(self) -> "VipState":
+        return replace(self, backends=dict(self.backends))
+
 
 @dataclass
 class BackendState:
@@ -48,15 +63,151 @@ class BackendState:
     refs: int = 0  # VIPs that list this backend
 
 
-class LbState:
-    def __init__(self, capacity: Capacity, sink: Sink):
+# ---- the image of the maps ---------------------------------------------------------------
+@dataclass(frozen=True)
+class Ring:
+    """A ring's content: the backends it is built from (desired), or the
+    slots read back from the kernel (observed); compared by slots when needed."""
+
+    spec: tuple | None  # ((address, index, weight), ...) sorted
+    slots: np.ndarray | None = None
+
+    def array(self, capacity: Capacity) -> np.ndarray:
+        if self.slots is None:
+            object.__setattr__(self, "slots", ring_slots(capacity, self.spec))
+        return self.slots
+
+    def same(self, other: "Ring", capacity: Capacity) -> bool:
+        if self.spec is not None and other.spec is not None:
+            return self.spec == other.spec
+        return bool(np.array_equal(self.array(capacity), other.array(capacity)))
+
+
+@dataclass
+class BackendEntry:
+    address: str
+    generation: int
+    vips: frozenset[int]  # ids of the VIPs that list it
+
+
+@dataclass
+class MapImage:
+    vips: dict[VipKey, tuple[int, int, int]] = field(default_factory=dict)  # key -> (vip_id, flag bits, ring)
+    rings: dict[int, Ring] = field(default_factory=dict)  # vip_id -> its active copy's content
+    vip_info: dict[int, tuple[int, int]] = field(default_factory=dict)  # vip_id -> (generation, flag bits); absent: (0, 0)
+    backends: dict[int, BackendEntry] = field(default_factory=dict)  # index -> valid backend
+    addresses: dict[str, int] = field(default_factory=dict)  # VIP address -> VIPs on it
+    portless: int = 0
+
+
+def ring_slots(capacity: Capacity, spec: tuple) -> np.ndarray:
+    """Backend index per ring slot (0 = none) for ((address, index, weight), ...)."""
+    if not spec:
+        return np.zeros(capacity.ring_size, dtype=np.uint32)
+    keys = [ipaddress.ip_address(a).packed for a, _, _ in spec]
+    pos = maglev.maglev_indices(keys, [w for _, _, w in spec], capacity.ring_size)
+    lut = np.array([i for _, i, _ in spec] + [0], dtype=np.uint32)
+    return lut[pos]  # position -1 picks the trailing 0
+
+
+def _no_step(_name: str) -> None:
+    pass
+
+
+def sync(have: MapImage, want: MapImage, sink: Sink, capacity: Capacity,
+         step: Callable[[str], None] = _no_step) -> None:
+    """Writes what differs between `have` (what the maps hold) and `want`;
+    step(name) is called after each phase (the crash tests stop there)."""
+    # 1. VIPs that go, or whose id changes: packets to them stop at once
+    for key, (vid, _, _) in have.vips.items():
+        if key not in want.vips or want.vips[key][0] != vid:
+            sink.delete_vip(key)
+    step("sync.vips-removed")
+    # 2. generations and flags; a new holder of an id starts from zero counters
+    for vid in sorted(set(have.vip_info) | set(want.vip_info)):
+        old, new = have.vip_info.get(vid, (0, 0)), want.vip_info.get(vid, (0, 0))
+        if old != new:
+            if new[0] != old[0] and any(v[0] == vid for v in want.vips.values()):
+                sink.clear_vip_stats(vid)
+            sink.put_vip_info(vid, *new)
+    step("sync.generations")
+    # 3. backends before any ring names them, listed by the VIPs of both images
+    listed: dict[int, frozenset[int]] = {}
+    for idx, b in want.backends.items():
+        old = have.backends.get(idx)
+        same = old is not None and (old.address, old.generation) == (b.address, b.generation)
+        listed[idx] = b.vips | (old.vips if same else frozenset())
+        if not same or old.vips != listed[idx]:
+            sink.put_backend(idx, b.address, b.generation, True, sorted(listed[idx]))
+    step("sync.backends-added")
+    # 4. rings: the idle copy written whole, then the VIP flipped to it
+    live = {vid: (key, ring) for key, (vid, _, ring) in have.vips.items()
+            if key in want.vips and want.vips[key][0] == vid}
+    for key, (vid, bits, ring) in want.vips.items():
+        was = live.get(vid)
+        if was and was[1] == ring:
+            if not have.rings[vid].same(want.rings[vid], capacity):
+                raise StateError(f"VIP {key}: its active ring copy {ring} holds another table; "
+                                 "flip it (LbModel.resolve) before writing")
+        else:
+            sink.write_ring(vid, ring, want.rings[vid].array(capacity))
+            step("sync.ring-written")
+        if have.vips.get(key) != (vid, bits, ring):
+            sink.put_vip(key, vid, bits, ring)
+            step("sync.vip-written")
+    step("sync.rings-flipped")
+    # 5. addresses (the VIP filter) and the port-less count
+    for addr in sorted(set(have.addresses) | set(want.addresses)):
+        if have.addresses.get(addr, 0) != want.addresses.get(addr, 0):
+            sink.put_vip_address(addr, want.addresses.get(addr, 0))
+    if have.portless != want.portless:
+        sink.set_portless(want.portless)
+    step("sync.addresses")
+    # 6. backends as listed now; those no ring names any more are invalidated
+    for idx, b in want.backends.items():
+        if listed[idx] != b.vips:
+            sink.put_backend(idx, b.address, b.generation, True, sorted(b.vips))
+    for idx, b in have.backends.items():
+        if idx not in want.backends:
+            sink.put_backend(idx, b.address, b.generation, False)
+    step("sync.done")
+
+
+# ---- the model ------------------------------------------------------------------------------
+class LbModel:
+    def __init__(self, capacity: Capacity):
         self.capacity = capacity
-        self.sink = sink
         self.vips: dict[VipKey, VipState] = {}
         self.backends: dict[str, BackendState] = {}
         self.generations = [0] * (capacity.max_backends + 1)  # last generation per index
         self.vip_generations = [0] * capacity.max_vips  # last generation per VIP id
-        self.portless = 0
+        # indices the maps may still name: not handed to another address until
+        # a change that stops naming them has been written (see reserve())
+        self.reserved: frozenset[int] = frozenset()
+
+    def clone(self) -> "LbModel":
+        c = LbModel.__new__(LbModel)
+        c.capacity = self.capacity
+        c.vips = {k: v.clone() for k, v in self.vips.items()}
+        c.backends = {a: replace(b) for a, b in self.backends.items()}
+        c.generations = list(self.generations)
+        c.vip_generations = list(self.vip_generations)
+        c.reserved = self.reserved
+        return c
+
+    def reserve(self) -> None:
+        """After the maps reflect this model: its indices are the ones rings name."""
+        self.reserved = frozenset(b.index for b in self.backends.values())
+
+    @property
+    def portless(self) -> int:
+        return sum(1 for k in self.vips if k.port == 0)
+
+    def get(self, key: VipKey) -> VipState:
+        try:
+            return self.vips[key]
+        except KeyError:
+            raise NotFoundError(f"VIP {key} does not exist") from None
 
     # ---- allocation -------------------------------------------------------------
     def _free_vip_id(self) -> int:
@@ -68,65 +219,42 @@ class LbState:
                             "delete a VIP or restart `l4lb run` with a larger --max-vips")
 
     def _free_backend_indices(self, n: int) -> list[int]:
-        used = {b.index for b in self.backends.values()}
-        # least recently used generation first, so a freed index is reused late
+        if not n:
+            return []
+        used = {b.index for b in self.backends.values()} | self.reserved
         free = [i for i in range(1, self.capacity.max_backends + 1) if i not in used]
         if len(free) < n:
             raise CapacityError(f"backend capacity is full ({self.capacity.max_backends} backends, "
                                 f"{n} more needed); remove backends or restart with a larger --max-backends")
+        # least recently used generation first, so a freed index is reused late
         free.sort(key=lambda i: (self.generations[i], i))
         return free[:n]
 
-    # ---- ring ---------------------------------------------------------------------
-    def ring_slots(self, backends: dict[str, int], index_of: dict[str, int] | None = None) -> np.ndarray:
-        """Backend index per ring slot (0 = none) for these backends and weights."""
-        index_of = index_of or {a: self.backends[a].index for a in backends}
-        addrs = list(backends)
-        if not addrs:
-            return np.zeros(self.capacity.ring_size, dtype=np.uint32)
-        keys = [ipaddress.ip_address(a).packed for a in addrs]
-        pos = maglev.maglev_indices(keys, [backends[a] for a in addrs], self.capacity.ring_size)
-        lut = np.array([index_of[a] for a in addrs] + [0], dtype=np.uint32)
-        return lut[pos]  # position -1 picks the trailing 0
-
-    # ---- changes --------------------------------------------------------------------
+    # ---- changes: each validates whole before it changes anything -----------------
     def add_vip(self, spec: VipSpec) -> VipState:
         if spec.key in self.vips:
             raise AlreadyExistsError(f"VIP {spec.key} exists already")
         for addr in spec.backends:
             check_backend_family(spec.key.ip, parse_address(addr), f"backend {addr}")
+        self._check_ring_room(spec.backends)
         vip_id = self._free_vip_id()
         new_addrs = [a for a in spec.backends if a not in self.backends]
         indices = self._free_backend_indices(len(new_addrs))
-        vip = VipState(spec.key, vip_id, spec.flags, dict(spec.backends), ring=0)
-        # backends first, then the ring, then the VIP that points to the ring
-        self._acquire(new_addrs, indices, vip_id)
+        self._acquire(new_addrs, indices)
         for a in spec.backends:
             if a not in new_addrs:
                 self.backends[a].refs += 1
-                self._put_listed(a, vip_id)
-        self.sink.write_ring(vip_id, 0, self.ring_slots(vip.backends))
-        self.sink.clear_vip_stats(vip_id)
         # a new generation: entries that an earlier holder of the id made are not ours
         self.vip_generations[vip_id] += 1
-        self.sink.put_vip_info(vip_id, self.vip_generations[vip_id], flags_to_bits(spec.flags))
-        self.sink.put_vip(spec.key, vip_id, flags_to_bits(spec.flags), 0)
+        vip = VipState(spec.key, vip_id, frozenset(spec.flags), dict(spec.backends), ring=0)
         self.vips[spec.key] = vip
-        if spec.key.port == 0:
-            self.portless += 1
-        self._sync_address(spec.key.address)
         return vip
 
     def delete_vip(self, key: VipKey) -> None:
         vip = self.get(key)
-        self.sink.delete_vip(key)
         # the VIP's connection-table entries stop being used at once
         self.vip_generations[vip.vip_id] += 1
-        self.sink.put_vip_info(vip.vip_id, self.vip_generations[vip.vip_id], 0)
         del self.vips[key]
-        if key.port == 0:
-            self.portless -= 1
-        self._sync_address(key.address)
         self._release(list(vip.backends))
 
     def set_backends(self, key: VipKey, backends: dict[str, int]) -> None:
@@ -134,64 +262,187 @@ class LbState:
         vip = self.get(key)
         for addr in backends:
             check_backend_family(key.ip, parse_address(addr), f"backend {addr}")
+        self._check_ring_room(backends)
         added = [a for a in backends if a not in vip.backends]
         removed = [a for a in vip.backends if a not in backends]
         new_addrs = [a for a in added if a not in self.backends]
         indices = self._free_backend_indices(len(new_addrs))
-        self._acquire(new_addrs, indices, vip.vip_id)
+        self._acquire(new_addrs, indices)
         for a in added:
             if a not in new_addrs:
                 self.backends[a].refs += 1
-                self._put_listed(a, vip.vip_id)
-        idle = 1 - vip.ring
-        self.sink.write_ring(vip.vip_id, idle, self.ring_slots(backends))
-        self.sink.put_vip(key, vip.vip_id, flags_to_bits(vip.flags), idle)
-        vip.ring = idle
         vip.backends = dict(backends)
         self._release(removed)
 
     def set_flags(self, key: VipKey, flags: frozenset[str]) -> None:
-        vip = self.get(key)
-        self.sink.put_vip_info(vip.vip_id, self.vip_generations[vip.vip_id], flags_to_bits(flags))
-        self.sink.put_vip(key, vip.vip_id, flags_to_bits(flags), vip.ring)
-        vip.flags = flags
+        self.get(key).flags = frozenset(flags)
 
-    # ---- helpers --------------------------------------------------------------------
-    def get(self, key: VipKey) -> VipState:
-        try:
-            return self.vips[key]
-        except KeyError:
-            raise NotFoundError(f"VIP {key} does not exist") from None
+    def _check_ring_room(self, backends: dict[str, int]) -> None:
+        live = sum(1 for w in backends.values() if w > 0)
+        if live > self.capacity.ring_size:
+            raise ValidationError(f"{live} backends with a positive weight do not fit a ring of "
+                                  f"{self.capacity.ring_size} slots")
 
-    def _acquire(self, addrs: list[str], indices: list[int], vip_id: int) -> None:
+    def _acquire(self, addrs: list[str], indices: list[int]) -> None:
         for addr, idx in zip(addrs, indices):
             self.generations[idx] += 1
             self.backends[addr] = BackendState(idx, self.generations[idx], refs=1)
-            self.sink.put_backend(idx, addr, self.generations[idx], True, [vip_id])
 
     def _release(self, addrs: list[str]) -> None:
-        """After the VIP stopped listing addrs (its ring flipped, its backends updated)."""
         for addr in addrs:
             b = self.backends[addr]
             b.refs -= 1
             if b.refs == 0:
-                self.sink.put_backend(b.index, addr, b.generation, False)
                 del self.backends[addr]
-            else:  # other VIPs keep it: only this VIP's connection-table entries re-pick
-                self._put_listed(addr)
 
-    def _put_listed(self, addr: str, also: int | None = None) -> None:
-        """Rewrites a live backend with the VIPs that list it (and VIP `also`,
-        which is about to): written before a ring names it, after one stops."""
-        b = self.backends[addr]
-        ids = {v.vip_id for v in self.vips.values() if addr in v.backends}
-        if also is not None:
-            ids.add(also)
-        self.sink.put_backend(b.index, addr, b.generation, True, sorted(ids))
+    # ---- what the maps should hold ----------------------------------------------------
+    def image(self) -> MapImage:
+        img = MapImage(portless=self.portless)
+        listing: dict[str, set[int]] = {a: set() for a in self.backends}
+        for key, v in self.vips.items():
+            img.vips[key] = (v.vip_id, flags_to_bits(v.flags), v.ring)
+            img.rings[v.vip_id] = Ring(tuple(sorted((a, self.backends[a].index, w)
+                                                    for a, w in v.backends.items())))
+            img.addresses[key.address] = img.addresses.get(key.address, 0) + 1
+            for a in v.backends:
+                listing[a].add(v.vip_id)
+        bits = {v.vip_id: flags_to_bits(v.flags) for v in self.vips.values()}
+        for vid, gen in enumerate(self.vip_generations):
+            if gen:
+                img.vip_info[vid] = (gen, bits.get(vid, 0))
+        for a, b in self.backends.items():
+            img.backends[b.index] = BackendEntry(a, b.generation, frozenset(listing[a]))
+        return img
 
-    def _sync_address(self, address: str) -> None:
-        n = sum(1 for k in self.vips if k.address == address)
-        self.sink.put_vip_address(address, n)
+    def flip_changed(self, base: "LbModel") -> None:
+        """Each VIP whose backends differ from `base`'s (the model the maps
+        reflect) takes the idle ring copy, so the new table is written beside
+        the live one; every other VIP keeps base's active copy."""
+        for key, v in self.vips.items():
+            old = base.vips.get(key)
+            if old is None or old.vip_id != v.vip_id:
+                continue
+            same = old.backends == v.backends and all(
+                base.backends[a].index == self.backends[a].index for a in v.backends)
+            v.ring = old.ring if same else 1 - old.ring
+
+    def resolve(self, have: MapImage) -> bool:
+        """Before writing over `have` (maps of an earlier process): a VIP whose
+        active copy holds another table than this model's moves to its idle
+        copy, so the live copy is never overwritten. Returns whether any moved."""
+        want = self.image()
+        moved = False
+        for key, v in self.vips.items():
+            if have.vips.get(key, (None,))[0] == v.vip_id and have.vips[key][2] == v.ring \
+                    and not have.rings[v.vip_id].same(want.rings[v.vip_id], self.capacity):
+                v.ring = 1 - v.ring
+                moved = True
+        return moved
+
+    # ---- persistence ----------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {
+            "vips": [{"address": v.key.address, "port": v.key.port, "protocol": v.key.protocol,
+                      "vip_id": v.vip_id, "flags": sorted(v.flags), "ring": v.ring,
+                      "backends": v.backends} for v in self.vips.values()],
+            "backends": {a: {"index": b.index, "generation": b.generation}
+                         for a, b in self.backends.items()},
+            "generations": {str(i): g for i, g in enumerate(self.generations) if g},
+            "vip_generations": {str(i): g for i, g in enumerate(self.vip_generations) if g},
+        }
+
+    @classmethod
+    def from_dict(cls, capacity: Capacity, doc: dict) -> "LbModel":
+        """Rebuilds and checks a saved model; any inconsistency is a StateError."""
+        try:
+            return cls._from_dict(capacity, doc)
+        except StateError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            detail = f"missing key {e}" if isinstance(e, KeyError) else str(e)
+            raise StateError(f"saved state is malformed ({detail[:120]})") from None
+
+    @classmethod
+    def _from_dict(cls, capacity: Capacity, doc: dict) -> "LbModel":
+        m = cls(capacity)
+
+        def index(text, limit, what) -> int:
+            i = int(text)
+            if not 0 <= i < limit:
+                raise StateError(f"saved state: {what} {i} is out of range (0-{limit - 1})")
+            return i
+
+        for i, g in doc["generations"].items():
+            m.generations[index(i, capacity.max_backends + 1, "backend index")] = int(g)
+        for i, g in doc["vip_generations"].items():
+            m.vip_generations[index(i, capacity.max_vips, "VIP id")] = int(g)
+        for a, b in doc["backends"].items():
+            addr = str(parse_address(a, "saved backend"))
+            idx = index(b["index"], capacity.max_backends + 1, "backend index")
+            if idx == 0 or int(b["generation"]) != m.generations[idx]:
+                raise StateError(f"saved state: backend {addr} has index {idx} generation {b['generation']}, "
+                                 f"which the saved generations do not give it")
+            m.backends[addr] = BackendState(idx, int(b["generation"]))
+        if len({b.index for b in m.backends.values()}) != len(m.backends):
+            raise StateError("saved state: two backends share one index")
+        ids = set()
+        for v in doc["vips"]:
+            key = VipKey.parse(v["address"], v["port"], v["protocol"], "saved VIP")
+            vid = index(v["vip_id"], capacity.max_vips, "VIP id")
+            if vid in ids or key in m.vips:
+                raise StateError(f"saved state: VIP {key} repeats a VIP or its id {vid}")
+            if not m.vip_generations[vid]:
+                raise StateError(f"saved state: VIP {key} has id {vid}, which has no generation")
+            ids.add(vid)
+            backends = {}
+            for a, w in v["backends"].items():
+                addr = str(parse_address(a, "saved backend"))
+                if addr not in m.backends:
+                    raise StateError(f"saved state: VIP {key} lists backend {addr}, which has no index")
+                backends[addr] = int(w)
+                m.backends[addr].refs += 1
+            if v["ring"] not in (0, 1):
+                raise StateError(f"saved state: VIP {key} has ring copy {v['ring']!r} (0 or 1)")
+            m.vips[key] = VipState(key, vid, parse_flags(v["flags"], "saved flags"), backends, v["ring"])
+        orphans = [a for a, b in m.backends.items() if b.refs == 0]
+        if orphans:
+            raise StateError(f"saved state: backend {orphans[0]} is listed by no VIP")
+        return m
+
+
+class LbState:
+    """A model written to a sink after every change (the maps start empty)."""
+
+    def __init__(self, capacity: Capacity, sink: Sink):
+        self.capacity = capacity
+        self.sink = sink
+        self.model = LbModel(capacity)
+        self.applied = MapImage()
+
+    def __getattr__(self, name):  # vips, backends, generations, vip_generations, portless, get
+        return getattr(self.model, name)
+
+    def _change(self, fn, *args):
+        trial = self.model.clone()
+        out = fn(trial, *args)
+        trial.flip_changed(self.model)
+        want = trial.image()
+        sync(self.applied, want, self.sink, self.capacity)
+        trial.reserve()
+        self.model, self.applied = trial, want
+        return out if out is None else trial.vips.get(out.key, out)
+
+    def add_vip(self, spec: VipSpec) -> VipState:
+        return self._change(LbModel.add_vip, spec)
+
+    def delete_vip(self, key: VipKey) -> None:
+        self._change(LbModel.delete_vip, key)
+
+    def set_backends(self, key: VipKey, backends: dict[str, int]) -> None:
+        self._change(LbModel.set_backends, key, backends)
+
+    def set_flags(self, key: VipKey, flags: frozenset[str]) -> None:
+        self._change(LbModel.set_flags, key, flags)
 
 
 def validate_specs(specs: list[VipSpec]) -> None:
@@ -200,31 +451,3 @@ def validate_specs(specs: list[VipSpec]) -> None:
         if s.key in seen:
             raise ValidationError(f"VIP {s.key} is listed twice")
         seen.add(s.key)
-
-
-def state_to_dict(st: LbState) -> dict:
-    return {
-        "vips": [{"address": v.key.address, "port": v.key.port, "protocol": v.key.protocol,
-                  "vip_id": v.vip_id, "flags": sorted(v.flags), "ring": v.ring,
-                  "backends": v.backends} for v in st.vips.values()],
-        "backends": {a: {"index": b.index, "generation": b.generation, "refs": b.refs}
-                     for a, b in st.backends.items()},
-        "generations": {str(i): g for i, g in enumerate(st.generations) if g},
-        "vip_generations": {str(i): g for i, g in enumerate(st.vip_generations) if g},
-    }
-
-
-def state_from_dict(st: LbState, doc: dict) -> None:
-    """Restores ids, generations and rings' active copies without writing maps
-    (the pinned maps already hold them)."""
-    for i, g in doc.get("generations", {}).items():
-        st.generations[int(i)] = g
-    for i, g in doc.get("vip_generations", {}).items():
-        st.vip_generations[int(i)] = g
-    for a, b in doc.get("backends", {}).items():
-        st.backends[a] = BackendState(b["index"], b["generation"], b["refs"])
-    for v in doc.get("vips", []):
-        key = VipKey(v["address"], v["port"], v["protocol"])
-        st.vips[key] = VipState(key, v["vip_id"], frozenset(v["flags"]), dict(v["backends"]), v["ring"])
-        if key.port == 0:
-            st.portless += 1

@@ -2,6 +2,7 @@
 disruption and input validation."""
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import logging
 import random
@@ -98,6 +99,29 @@ def test_c_fill_refuses_a_skip_that_shares_a_factor_with_the_size():
     entry = np.empty(9, dtype=np.int32)
     assert maglev._lib_fill(9, 1, u32(0), u32(3), u32(1), entry, u32(0)) == -1
     assert maglev._lib_fill(7, 1, u32(0), u32(3), u32(1), entry[:7].copy(), u32(0)) == 0
+
+
+# Tables for equal weights, frozen as sha256 of the int32 little-endian table built
+# from the keys in sorted order: (n, size, seed, weight, digest). They were taken
+# from the paper's one-turn-per-round fill and must never change, whatever the
+# weighting scheme: every node, and every release, must build the same ring.
+EQUAL_WEIGHT_DIGESTS = [
+    (1, 251, 1, 1, "fa16c3b03c75c0d2a74b01ab8bd3806b53f82abc36bbcc29ae987898f56f5544"),
+    (7, 251, 2, 1, "6355c35f75bd87a0dd8c1f3ef97686c90558068af0e492a28358d4334bb4991a"),
+    (251, 251, 3, 1, "e17f899c9e3f8ef5669ab3d50d42272b540468ac13b2aca637393f2a3e9ad55d"),
+    (13, 4099, 4, 3, "94bd11b7c8567c5b8a69ec66ba7f127b0fda714a1c063b7debb29b37182dc870"),
+    (300, 4099, 5, 1, "e416ca18bd0c6dc4085cdfac45bf7e76b97534e26ff516619381af3769b3fe78"),
+    (100, 65537, 6, 1, "b6b6d0bcfae0fd00d646463c945f7ba127bb7b96036e9cf6974dae00a9700464"),
+    (1000, 65537, 7, 65535, "97058484e37dfaf9133d72e3f27aa6de743fc5dd3efe56d3883a5c7df5fc0c29"),
+]
+
+
+@pytest.mark.parametrize("n,size,seed,weight,digest", EQUAL_WEIGHT_DIGESTS)
+@pytest.mark.parametrize("force_python", [False, True])
+def test_equal_weight_tables_match_their_frozen_digests(n, size, seed, weight, digest, force_python):
+    keys = sorted(packed(random_addrs(n, seed)))  # sorted: random_addrs' order varies with the hash seed
+    table = maglev_indices(keys, [weight] * n, size, force_python=force_python)
+    assert hashlib.sha256(table.astype("<i4").tobytes()).hexdigest() == digest
 
 
 # --- determinism and addresses ------------------------------------------------------

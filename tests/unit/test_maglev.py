@@ -2,6 +2,7 @@
 disruption and input validation."""
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import logging
 import random
@@ -10,6 +11,8 @@ from functools import lru_cache
 import mmh3
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from l4lb import maglev
 from l4lb.consts import MAGLEV_SEED_OFFSET, MAGLEV_SEED_SKIP
@@ -96,8 +99,43 @@ def test_c_fill_refuses_a_skip_that_shares_a_factor_with_the_size():
     # with size 9 and skip 3 the permutation would cycle through 3 slots forever
     u32 = lambda *v: np.array(v, dtype=np.uint32)  # noqa: E731
     entry = np.empty(9, dtype=np.int32)
-    assert maglev._lib_fill(9, 1, u32(0), u32(3), u32(1), entry, u32(0)) == -1
-    assert maglev._lib_fill(7, 1, u32(0), u32(3), u32(1), entry[:7].copy(), u32(0)) == 0
+    assert maglev._lib_fill(9, 1, u32(0), u32(3), u32(9), entry, u32(0), u32(0), u32(0)) == -1
+    assert maglev._lib_fill(7, 1, u32(0), u32(3), u32(7), entry[:7].copy(), u32(0), u32(0), u32(0)) == 0
+
+
+@pytest.mark.skipif(not maglev.accelerated(), reason="C fill loop not built")
+def test_fills_refuse_quotas_summing_past_the_size():
+    # more turns than entries: the last probe would never find a free entry
+    u32 = lambda *v: np.array(v, dtype=np.uint32)  # noqa: E731
+    entry = np.empty(7, dtype=np.int32)
+    assert maglev._lib_fill(7, 2, u32(0, 1), u32(3, 2), u32(4, 4), entry, u32(0, 0), u32(0, 0), u32(0, 0)) == -1
+    assert maglev._lib_fill(7, 2, u32(0, 1), u32(3, 2), u32(4, 3), entry, u32(0, 0), u32(0, 0), u32(0, 0)) == 0
+    assert entry_counts(entry) == {0: 4, 1: 3}
+    with pytest.raises(ValidationError):
+        maglev._fill_python(7, [0, 1], [3, 2], [4, 4])
+
+
+# Tables for equal weights, frozen as sha256 of the int32 little-endian table built
+# from the keys in sorted order: (n, size, seed, weight, digest). They were taken
+# from the paper's one-turn-per-round fill and must never change, whatever the
+# weighting scheme: every node, and every release, must build the same ring.
+EQUAL_WEIGHT_DIGESTS = [
+    (1, 251, 1, 1, "fa16c3b03c75c0d2a74b01ab8bd3806b53f82abc36bbcc29ae987898f56f5544"),
+    (7, 251, 2, 1, "6355c35f75bd87a0dd8c1f3ef97686c90558068af0e492a28358d4334bb4991a"),
+    (251, 251, 3, 1, "e17f899c9e3f8ef5669ab3d50d42272b540468ac13b2aca637393f2a3e9ad55d"),
+    (13, 4099, 4, 3, "94bd11b7c8567c5b8a69ec66ba7f127b0fda714a1c063b7debb29b37182dc870"),
+    (300, 4099, 5, 1, "e416ca18bd0c6dc4085cdfac45bf7e76b97534e26ff516619381af3769b3fe78"),
+    (100, 65537, 6, 1, "b6b6d0bcfae0fd00d646463c945f7ba127bb7b96036e9cf6974dae00a9700464"),
+    (1000, 65537, 7, 65535, "97058484e37dfaf9133d72e3f27aa6de743fc5dd3efe56d3883a5c7df5fc0c29"),
+]
+
+
+@pytest.mark.parametrize("n,size,seed,weight,digest", EQUAL_WEIGHT_DIGESTS)
+@pytest.mark.parametrize("force_python", [False, True])
+def test_equal_weight_tables_match_their_frozen_digests(n, size, seed, weight, digest, force_python):
+    keys = sorted(packed(random_addrs(n, seed)))  # sorted: random_addrs' order varies with the hash seed
+    table = maglev_indices(keys, [weight] * n, size, force_python=force_python)
+    assert hashlib.sha256(table.astype("<i4").tobytes()).hexdigest() == digest
 
 
 # --- determinism and addresses ------------------------------------------------------
@@ -166,8 +204,8 @@ def test_equal_weights_give_entry_counts_within_one_of_each_other(n):
 def test_entry_counts_are_proportional_to_weights():
     counts = entry_counts(maglev_table({"198.18.2.1": 1, "198.18.2.2": 2, "fd00::3": 3}, M))
     for addr, w in (("198.18.2.1", 1), ("198.18.2.2", 2), ("fd00::3", 3)):
-        # every full round hands out exactly 1:2:3, so only the last partial round deviates
-        assert abs(counts[addr] - M * w / 6) <= 0.01 * M
+        # the quotas are the shares M * w / 6 rounded up or down
+        assert abs(counts[addr] - M * w / 6) < 1
 
 
 def test_weighted_shares_hold_across_many_backends():
@@ -176,7 +214,7 @@ def test_weighted_shares_hold_across_many_backends():
     counts = entry_counts(maglev_table(weights, M))
     total_weight = sum(weights.values())
     for a, w in weights.items():
-        assert abs(counts[a] - M * w / total_weight) <= 3  # one round is 180 turns in a 65537 table
+        assert abs(counts[a] - M * w / total_weight) < 1  # quotas round the exact shares
 
 
 def test_zero_weight_backends_get_no_entries():
@@ -194,12 +232,105 @@ def test_adding_a_zero_weight_backend_changes_nothing():
     assert maglev_table({**base, "198.18.2.9": 0}, 4099) == maglev_table(base, 4099)
 
 
-def test_weights_summing_past_the_table_size_log_a_warning(caplog):
+def test_weights_summing_past_the_table_size_still_give_every_backend_its_share(caplog):
+    # weighted by turns, these weights (299 turns a round) filled the 251 entries in
+    # the first round and left the backends last in key order with nothing
     keys = packed(random_addrs(60, seed=10))
+    weights = [5] * 59 + [4]
     with caplog.at_level(logging.WARNING, logger="l4lb.maglev"):
-        counts = entry_counts(maglev_indices(keys, [5] * 59 + [4], 251))
-    assert any("more than the 251 table entries" in r.getMessage() for r in caplog.records)
-    assert len(counts) < 60  # the backends last in key order got nothing
+        counts = entry_counts(maglev_indices(keys, weights, 251))
+    assert not caplog.records
+    assert len(counts) == 60 and sum(counts.values()) == 251
+    for i, w in enumerate(weights):
+        assert abs(counts[i] - 251 * w / 299) < 1
+
+
+def assert_shares_proportional(counts: dict, weights: list[int], size: int) -> None:
+    """Each backend's entries within max(1, 1% of size) of its exact share, and in fact
+    the exact share rounded up or down (the quotas are a largest-remainder rounding)."""
+    total = sum(weights)
+    assert sum(counts.values()) == (size if total else 0)
+    for i, w in enumerate(weights):
+        exact = size * w / total if total else 0
+        got = counts.get(i, 0)
+        assert abs(got - exact) <= max(1, 0.01 * size), (i, w, got, exact)
+        assert size * w // total <= got <= -(-size * w // total) if total else got == 0
+
+
+@pytest.mark.parametrize("size", [251, 4099, M])
+@pytest.mark.parametrize("weights", [(65535, 65534), (65534, 65535), (65535, 1), (1, 65535), (65535, 65535, 1)])
+def test_weights_near_the_maximum_give_proportional_shares(size, weights):
+    # weighted by turns, (65535, 65534) gave 65535 and 2 entries of 65537, all 251 of 251 to one
+    keys = packed(random_addrs(len(weights), seed=20))
+    for force_python in (False, True):
+        counts = entry_counts(maglev_indices(keys, list(weights), size, force_python=force_python))
+        assert_shares_proportional(counts, list(weights), size)
+
+
+def test_weights_65535_and_65534_split_a_table_about_evenly():
+    counts = entry_counts(maglev_table({"198.18.2.1": 65535, "198.18.2.2": 65534}, M))
+    assert counts == {"198.18.2.1": 32769, "198.18.2.2": 32768}
+    counts = entry_counts(maglev_table({"198.18.2.1": 65535, "198.18.2.2": 65534}, 251))
+    assert counts == {"198.18.2.1": 126, "198.18.2.2": 125}
+
+
+weight_st = st.one_of(st.sampled_from([1, 2, 65534, 65535]), st.integers(1, 65535))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    size=st.sampled_from([251, 4099, M]),
+    data=st.data(),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_any_weights_give_shares_proportional_to_the_weights(size, data, seed):
+    n = data.draw(st.integers(1, min(size, 300)), label="n")
+    weights = data.draw(st.lists(weight_st, min_size=n, max_size=n), label="weights")
+    keys = packed(random_addrs(n, seed))
+    counts = entry_counts(maglev_indices(keys, weights, size))
+    assert_shares_proportional(counts, weights, size)
+
+
+@pytest.mark.skipif(not maglev.accelerated(), reason="C fill loop not built")
+@settings(max_examples=30, deadline=None)
+@given(
+    size=st.sampled_from([3, 251, 4099, M]),
+    data=st.data(),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_c_and_python_fills_agree_on_any_weights(size, data, seed):
+    n = data.draw(st.integers(1, min(size, 300)), label="n")
+    weights = data.draw(st.lists(st.one_of(st.just(0), weight_st), min_size=n, max_size=n), label="weights")
+    keys = packed(random_addrs(n, seed))
+    fast = maglev_indices(keys, weights, size)
+    assert fast.tolist() == maglev_indices(keys, weights, size, force_python=True).tolist()
+
+
+@pytest.mark.parametrize("n,size,seed", SMALL_CASES)
+def test_fast_path_matches_reference_with_weights_up_to_the_maximum(n, size, seed):
+    keys, weights, ref = reference_case(n, size, seed, 65535)
+    assert maglev_indices(keys, weights, size).tolist() == ref
+    assert maglev_indices(keys, weights, size, force_python=True).tolist() == ref
+
+
+def test_weighted_table_does_not_depend_on_insertion_order():
+    addrs = random_addrs(80, seed=21, v6_share=0.5)
+    rng = random.Random(21)
+    weights = {a: rng.choice([0, 1, 2, 65534, 65535, rng.randint(1, 65535)]) for a in addrs}
+    for size in (251, M):
+        expected = maglev_table(weights, size)
+        for _ in range(3):
+            items = list(weights.items())
+            rng.shuffle(items)
+            assert maglev_table(dict(items), size) == expected
+
+
+def test_zero_weight_gets_nothing_beside_extreme_weights():
+    backends = {"198.18.2.1": 65535, "198.18.2.2": 0, "fd00::2": 1, "fd00::3": 0}
+    for size in (251, M):
+        counts = entry_counts(maglev_table(backends, size))
+        assert set(counts) <= {"198.18.2.1", "fd00::2"} and sum(counts.values()) == size
+        assert maglev_table(backends, size) == maglev_table({"198.18.2.1": 65535, "fd00::2": 1}, size)
 
 
 def test_empty_or_all_zero_backends_give_an_empty_table():

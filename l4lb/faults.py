@@ -8,9 +8,17 @@ from __future__ import annotations
 import os
 import signal
 
-_target = os.environ.get("L4LB_CRASH_AT", "")
-_name, _, _count = _target.partition(":")
+_name, _, _count = os.environ.get("L4LB_CRASH_AT", "").partition(":")
 _left = int(_count) if _count.isdigit() else 1
+POINTS = ("persist.written", "persist.renamed", "sync.vips-removed", "sync.generations",
+          "sync.backends-added", "sync.ring-written", "sync.vip-written", "sync.rings-flipped",
+          "sync.addresses", "sync.done")
+
+
+def arm(name: str, count: int = 1) -> None:
+    """Sets the point (as L4LB_CRASH_AT would) in a process already running."""
+    global _name, _left
+    _name, _left = name, count
 
 
 def point(name: str) -> None:

@@ -38,6 +38,8 @@ from l4lb import bpf, consts, flowhash, maglev, libbpf
 from l4lb.controller import Controller
 from l4lb.dataplane import Dataplane, RuntimeConfig
 
+from .harness import BENCH_DIR
+
 
 def _backends(n: int, seed: int = 1) -> dict[str, int]:
     """n backends from the benchmarks' pool 198.18.32.0/19 (4096 do not fit a /24)."""
@@ -74,9 +76,7 @@ def ring_push(prog, cap, rounds):
     arr = np.arange(cap.ring_size, dtype=np.uint32) % 7
     whole = _best(lambda: t.__setitem__(t.Key(0), t.Leaf.from_buffer_copy(arr.tobytes())), rounds)
     # per-entry baseline: the same bytes through one syscall per slot of a plain array map
-    import bcc  # noqa: PLC0415
-
-    b = bcc.BPF(text=f"BPF_ARRAY(slots, u32, {cap.ring_size});".encode())
+    b, _ = bpf.compile_program("ringmap.c", [f"-DSLOTS={cap.ring_size}"], [], src_dir=BENCH_DIR)
     s = b[b"slots"]
     n = 4096
     keys = (s.Key * n)(*range(n))

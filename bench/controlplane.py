@@ -19,9 +19,8 @@ run, how many runs were needed, and the time of one run for comparison.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
-import json
-import platform
 import statistics
 import tempfile
 import threading
@@ -38,20 +37,26 @@ from l4lb import bpf, consts, flowhash, maglev, libbpf
 from l4lb.controller import Controller
 from l4lb.dataplane import Dataplane, RuntimeConfig
 
+from . import common, ctmap
+from .balancer import Loaded
+from .common import (CLIENT4, CLIENT_MAC, GW_MAC, LB_MAC, RESULTS_DIR, VIP4, minmed, pool,
+                     write_json)
+from .harness import BENCH_DIR
 
-def _backends(n: int, seed: int = 1) -> dict[str, int]:
-    """n backends from the benchmarks' pool 198.18.32.0/19 (4096 do not fit a /24)."""
-    base = int(ipaddress.IPv4Address("198.18.32.1"))
-    return {str(ipaddress.IPv4Address(base + i)): 1 for i in range(n)}
+
+def _backends(n: int, start: int = 0) -> dict[str, int]:
+    """n backends of weight 1 from the benchmarks' pool (common.pool)."""
+    return {a: 1 for a in pool(n, start)}
 
 
-def _best(fn, rounds: int) -> tuple[float, float]:
+def _best(fn, rounds: int) -> dict[str, float]:
+    """fn() timed `rounds` times, in seconds: min and median."""
     times = []
     for _ in range(rounds):
         t = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t)
-    return min(times), statistics.median(times)
+    return minmed(times)
 
 
 def maglev_builds(sizes, rounds, ring_sizes=(65537,)):
@@ -63,9 +68,11 @@ def maglev_builds(sizes, rounds, ring_sizes=(65537,)):
             w = [1] * n
             fast = _best(lambda: maglev.maglev_indices(keys, w, m), rounds)
             slow = _best(lambda: maglev.maglev_indices(keys, w, m, force_python=True), max(1, rounds // 3))
-            out.append({"ring_size": m, "backends": n, "min_ms": fast[0] * 1e3, "median_ms": fast[1] * 1e3,
-                        "python_loop_min_ms": slow[0] * 1e3, "speedup": slow[0] / fast[0]})
-            print(f"  maglev M={m} N={n}: {fast[0]*1e3:.2f} ms (pure Python {slow[0]*1e3:.1f} ms)", flush=True)
+            out.append({"ring_size": m, "backends": n, "min_ms": fast["min"] * 1e3,
+                        "median_ms": fast["median"] * 1e3,
+                        "python_loop_min_ms": slow["min"] * 1e3, "speedup": slow["min"] / fast["min"]})
+            print(f"  maglev M={m} N={n}: {fast['min']*1e3:.2f} ms (pure Python {slow['min']*1e3:.1f} ms)",
+                  flush=True)
     return out
 
 
@@ -74,9 +81,7 @@ def ring_push(prog, cap, rounds):
     arr = np.arange(cap.ring_size, dtype=np.uint32) % 7
     whole = _best(lambda: t.__setitem__(t.Key(0), t.Leaf.from_buffer_copy(arr.tobytes())), rounds)
     # per-entry baseline: the same bytes through one syscall per slot of a plain array map
-    import bcc  # noqa: PLC0415
-
-    b = bcc.BPF(text=f"BPF_ARRAY(slots, u32, {cap.ring_size});".encode())
+    b, _ = bpf.compile_program("ringmap.c", [f"-DSLOTS={cap.ring_size}"], [], src_dir=BENCH_DIR)
     s = b[b"slots"]
     n = 4096
     keys = (s.Key * n)(*range(n))
@@ -91,21 +96,34 @@ def ring_push(prog, cap, rounds):
     batch = _best(lambda: s.items_update_batch(keys, vals), max(1, rounds // 3))
     scale = cap.ring_size / n
     b.cleanup()
-    res = {"whole_ring_min_ms": whole[0] * 1e3, "whole_ring_median_ms": whole[1] * 1e3,
-           "per_entry_full_ring_ms": per[0] * 1e3 * scale, "batched_full_ring_ms": batch[0] * 1e3 * scale}
-    print(f"  ring push (M={cap.ring_size}): whole value {whole[0]*1e3:.3f} ms; per entry "
+    res = {"whole_ring_min_ms": whole["min"] * 1e3, "whole_ring_median_ms": whole["median"] * 1e3,
+           "per_entry_full_ring_ms": per["min"] * 1e3 * scale,
+           "batched_full_ring_ms": batch["min"] * 1e3 * scale}
+    print(f"  ring push (M={cap.ring_size}): whole value {whole['min']*1e3:.3f} ms; per entry "
           f"{res['per_entry_full_ring_ms']:.1f} ms; batched {res['batched_full_ring_ms']:.1f} ms", flush=True)
     return res
 
 
-def rpc_latency(ctrl, requests: int, clients: int):
-    sock = Path(tempfile.mkdtemp(prefix="l4lb-bench-")) / "s.sock"
-    server, _ = create_server(LoadBalancerServicer(ctrl), f"unix:{sock}")
+@contextlib.contextmanager
+def _serving(ctrl, vip: str, backends: dict[str, int]):
+    """The gRPC server on ctrl, at a unix socket of its own, with the gateway set and
+    `vip` (TCP :80) added with these backends: yields (its address, the VIP's id)."""
+    address = f"unix:{Path(tempfile.mkdtemp(prefix='l4lb-bench-')) / 's.sock'}"
+    server, _ = create_server(LoadBalancerServicer(ctrl), address)
     try:
-        with Client(f"unix:{sock}") as c:
-            c.call("SetGateway", pb.SetGatewayRequest(mac="02:00:00:00:00:01"))
-            vid = pb.VipId(address="198.18.10.10", port=80, protocol="tcp")
-            c.call("AddVip", pb.AddVipRequest(id=vid, backends=[pb.Backend(address=a, weight=1) for a in _backends(100)]))
+        vid = pb.VipId(address=vip, port=80, protocol="tcp")
+        with Client(address) as c:
+            c.call("SetGateway", pb.SetGatewayRequest(mac=GW_MAC))
+            c.call("AddVip", pb.AddVipRequest(
+                id=vid, backends=[pb.Backend(address=a, weight=w) for a, w in backends.items()]))
+        yield address, vid
+    finally:
+        server.stop(0)
+
+
+def rpc_latency(ctrl, requests: int, clients: int):
+    with _serving(ctrl, VIP4, _backends(100)) as (address, vid):
+        with Client(address) as c:
             base = _best(lambda: c.call("GetGateway", pb.GetGatewayRequest()), 200)
         results = {}
         existing = list(_backends(100))
@@ -114,10 +132,10 @@ def rpc_latency(ctrl, requests: int, clients: int):
             lock = threading.Lock()
 
             def worker(k, kind=kind):
-                with Client(f"unix:{sock}") as c:
+                with Client(address) as c:
                     for i in range(requests // clients):
                         # from the pool, past the VIP's 100: 250 addresses per client
-                        addr = str(ipaddress.IPv4Address("198.18.32.1") + 1000 + 250 * k + i % 250)
+                        addr = pool(1, 1000 + 250 * k + i % 250)[0]
                         t = time.perf_counter()
                         if kind == "AddBackends":
                             c.call("AddBackends", pb.AddBackendsRequest(id=vid, backends=[pb.Backend(address=addr, weight=1)]))
@@ -142,16 +160,12 @@ def rpc_latency(ctrl, requests: int, clients: int):
                              "p99_ms": lat[int(len(lat) * 0.99) - 1] * 1e3, "per_second": len(lat) / wall}
             print(f"  {kind} ({clients} client(s), VIP with 100 backends): p50 {results[kind]['p50_ms']:.2f} ms, "
                   f"p99 {results[kind]['p99_ms']:.2f} ms, {results[kind]['per_second']:.0f}/s", flush=True)
-        results["empty_rpc_ms"] = base[0] * 1e3
+        results["empty_rpc_ms"] = base["min"] * 1e3
         return results
-    finally:
-        server.stop(0)
 
 
 RTP_VIP = "198.18.10.20"
-RTP_CLIENT = "198.18.0.5"
-RTP_CLIENT_MAC = "02:00:00:00:00:0c"
-RTP_LB_MAC = "02:00:00:00:01:01"
+RTP_CLIENT = CLIENT4
 RTP_TIMEOUT_NS = 1_000_000_000
 
 
@@ -159,7 +173,7 @@ def _syn(sport: int) -> bytes:
     from scapy.layers.inet import IP, TCP  # noqa: PLC0415
     from scapy.layers.l2 import Ether  # noqa: PLC0415
 
-    return bytes(Ether(src=RTP_CLIENT_MAC, dst=RTP_LB_MAC) / IP(src=RTP_CLIENT, dst=RTP_VIP) /
+    return bytes(Ether(src=CLIENT_MAC, dst=LB_MAC) / IP(src=RTP_CLIENT, dst=RTP_VIP) /
                  TCP(sport=sport, dport=80, flags="S", seq=1))
 
 
@@ -184,17 +198,11 @@ def rpc_to_packet(prog, cap, changes: int, log=print) -> dict:
     (BPF_PROG_TEST_RUN on `prog`) that goes to the new pick. See the module's notes."""
     ctrl = Controller(_emptied(prog, cap), RuntimeConfig())
     m = cap.ring_size
-    sock = Path(tempfile.mkdtemp(prefix="l4lb-bench-")) / "s.sock"
-    server, _ = create_server(LoadBalancerServicer(ctrl), f"unix:{sock}")
     out: dict = {"vip": f"{RTP_VIP}:80/tcp", "backends": 100, "ring_size": m, "changes": changes}
     failures: list[str] = []
-    try:
-        with Client(f"unix:{sock}") as c:
-            c.call("SetGateway", pb.SetGatewayRequest(mac="02:00:00:00:00:01"))
-            vid = pb.VipId(address=RTP_VIP, port=80, protocol="tcp")
-            base = _backends(100)
-            c.call("AddVip", pb.AddVipRequest(
-                id=vid, backends=[pb.Backend(address=a, weight=w) for a, w in base.items()]))
+    base = _backends(100)
+    with _serving(ctrl, RTP_VIP, base) as (address, vid):
+        with Client(address) as c:
             old_table = maglev.maglev_table(base, m)
             one_run = []
             for kind in ("AddBackends", "SetBackendWeights"):
@@ -202,7 +210,7 @@ def rpc_to_packet(prog, cap, changes: int, log=print) -> dict:
                 for i in range(changes):
                     if kind == "AddBackends":
                         # a backend the VIP does not have: the pool after its 100
-                        addr = str(ipaddress.IPv4Address("198.18.32.1") + 100 + i % 200)
+                        addr = pool(1, 100 + i % 200)[0]
                         new = {**base, addr: 1}
                         req = pb.AddBackendsRequest(id=vid, backends=[pb.Backend(address=addr, weight=1)])
                         undo = ("RemoveBackends", pb.RemoveBackendsRequest(id=vid, addresses=[addr]))
@@ -253,23 +261,16 @@ def rpc_to_packet(prog, cap, changes: int, log=print) -> dict:
                     f"after the return (p50; max {out[kind]['first_run_us']['max']:.1f} us), "
                     f"runs needed: max {max(runs)} of {changes} changes")
             out["one_run_us"] = {"p50": statistics.median(one_run) / 1e3, "min": min(one_run) / 1e3}
-    finally:
-        server.stop(0)
     out["failures"] = failures
     out["ok"] = not failures
     return out
 
 
 def machine() -> dict:
-    model = ""
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    import os  # noqa: PLC0415
-
-    return {"cpu": model, "cores": os.cpu_count(), "kernel": platform.release(), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    """This report's short form of common.machine()."""
+    m = common.machine()
+    return {"cpu": m["cpu_model"], "cores": m["cores"], "kernel": m["kernel"],
+            "time": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
 QUICK = {"rounds": 3, "sizes": (10, 100, 1000), "ring_sizes": (65537,), "requests": 100,
@@ -278,12 +279,11 @@ FULL = {"rounds": 9, "sizes": (10, 100, 1000, 4096), "ring_sizes": (65537, 65537
         "requests": 400, "clients": (1, 8), "changes": 100}
 SMOKE = {"rounds": 1, "sizes": (10, 100), "ring_sizes": (65537,), "requests": 8,
          "clients": (1,), "changes": 3}
+SETTINGS = {"FULL": FULL, "QUICK": QUICK, "SMOKE": SMOKE}
 
 
 def _emptied(prog, cap) -> Dataplane:
     """A Dataplane on prog with every map back to empty (a program may come used)."""
-    from . import ctmap  # noqa: PLC0415
-
     dp = Dataplane(prog, cap)
     for name in (consts.MAP_CONNTRACK, consts.MAP_CONNTRACK6):
         ctmap.drain(dp.t[name])  # batch: a full table would take seconds one key at a time
@@ -291,19 +291,25 @@ def _emptied(prog, cap) -> Dataplane:
     return dp
 
 
-def run(settings: dict = FULL, log=print, prog=None, cap=None) -> dict:
-    """Every measurement with these settings (FULL, QUICK or SMOKE); returns the results.
-    prog, cap: a loaded balancer to use (its maps are emptied; it stays open); by default
-    one of capacity 4 VIPs, 1024 backends, a 4096-entry connection table is loaded."""
+def run(settings: dict | str = FULL, log=print, loaded: Loaded | None = None) -> dict:
+    """Every measurement with these settings (FULL, QUICK or SMOKE, or their name); returns
+    the results. loaded: programs shared with other parts; its balancer, if it has one, is
+    used (its maps are emptied; it stays open); otherwise one of capacity 4 VIPs, 1024
+    backends, a 4096-entry connection table is loaded."""
+    if isinstance(settings, str):
+        settings = SETTINGS[settings]
     rounds = settings["rounds"]
     res = {"benchmark": "controlplane", "machine": machine(),
            "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}}
     started = time.time()
     res["maglev"] = maglev_builds(settings["sizes"], rounds, settings["ring_sizes"])
-    own = prog is None
+    lb = loaded.balancer if loaded is not None else None
+    own = lb is None
     if own:
         cap = consts.Capacity(max_vips=4, max_backends=1024, ct_size=4096)
         prog = bpf.load_balancer(cap)
+    else:
+        prog, cap = lb.prog, lb.capacity
     res["capacity"] = {"max_vips": cap.max_vips, "max_backends": cap.max_backends,
                        "ct_size": cap.ct_size, "ring_size": cap.ring_size}
     try:
@@ -324,12 +330,11 @@ def run(settings: dict = FULL, log=print, prog=None, cap=None) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out", default="bench/results/controlplane.json")
+    ap.add_argument("--out", default=str(RESULTS_DIR / "controlplane.json"))
     args = ap.parse_args(argv)
     print("control plane:", flush=True)
     res = run(QUICK if args.quick else FULL)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(res, indent=1))
+    write_json(args.out, res, indent=1)
     print(f"wrote {args.out}")
     return 0 if res["ok"] else 1
 

@@ -24,9 +24,7 @@ benchmark sets beside its own numbers (PAPER below), is given qualitatively."""
 from __future__ import annotations
 
 import argparse
-import datetime
 import ipaddress
-import json
 import math
 import sys
 import time
@@ -35,6 +33,8 @@ from pathlib import Path
 import numpy as np
 
 from l4lb import maglev
+
+from .common import RESULTS_DIR, pool, table as rich_table, utc_now, write_json
 
 SIZES = (65537, 655373)
 FULL_N = (10, 20, 50, 100, 200, 500, 1000)
@@ -45,8 +45,7 @@ QUICK_K = (1, 10, 100)
 FULL_TRIALS = 20
 QUICK_TRIALS = 2
 SEED = 20160316  # fixed: the same backends leave in every run
-DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "quality.json"
-POOL_BASE = int(ipaddress.IPv4Address("198.18.32.1"))
+DEFAULT_OUT = RESULTS_DIR / "quality.json"
 WEIGHT_SETS = ((65535, 65534), (65535, 1), (65535,) * 9 + (1,), (1, 2, 3))  # extreme and small
 
 PAPER = {
@@ -70,7 +69,7 @@ PAPER = {
 
 
 def backends(n: int) -> list[bytes]:
-    return [ipaddress.IPv4Address(POOL_BASE + i).packed for i in range(n)]
+    return [ipaddress.IPv4Address(a).packed for a in pool(n)]
 
 
 def table(keys: list[bytes], m: int) -> np.ndarray:
@@ -152,14 +151,16 @@ def failures(n: int, m: int, ks, trials: int, rng: np.random.Generator) -> list[
     return out
 
 
-def run(quick: bool = False, log=print, sizes=SIZES, ns=None, ks=None, trials=None) -> dict:
+def run(quick: bool = False, log=print, sizes=SIZES, ns=None, ks=None, trials=None,
+        console=None) -> dict:
+    """Every table of the settings; shows the results' tables on `console` if given."""
     started = time.time()
     ns = ns or (QUICK_N if quick else FULL_N)
     ks = ks or (QUICK_K if quick else FULL_K)
     trials = trials or (QUICK_TRIALS if quick else FULL_TRIALS)
     rng = np.random.default_rng(SEED)
     res = {"benchmark": "quality",
-           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "date": utc_now(),
            "settings": {"ring_sizes": list(sizes), "backends": list(ns), "trials": trials,
                         "failures_at": FAILURE_N, "failed": list(ks), "seed": SEED,
                         "weights": "all 1", "backend_pool": "198.18.32.0/19",
@@ -190,16 +191,15 @@ def run(quick: bool = False, log=print, sizes=SIZES, ns=None, ks=None, trials=No
     res["ok"] = all(b["within_one_entry"] for b in res["balance"]) and all(
         x["max_share_error_entries"] < 1 for x in res["weighted"])
     res["duration_s"] = round(time.time() - started, 1)
+    if console is not None:
+        render(console, res)
     return res
 
 
 def render(console, res: dict) -> None:
-    from rich.table import Table  # noqa: PLC0415
-
-    t = Table(title="Maglev quality (this implementation; the paper: see notes below)")
-    for col in ("M", "N", "max/mean", "bound", "one leaves: changed", "ideal", "one joins: changed",
-                "ideal"):
-        t.add_column(col, justify="right")
+    t = rich_table("Maglev quality (this implementation; the paper: see notes below)",
+                   ("M", "N", "max/mean", "bound", "one leaves: changed", "ideal",
+                    "one joins: changed", "ideal"))
     for b, d in zip(res["balance"], res["disruption"]):
         t.add_row(str(b["ring_size"]), str(b["backends"]), f"{b['max_over_mean']:.4f}",
                   f"{b['bound_max_over_mean']:.4f}",
@@ -208,9 +208,8 @@ def render(console, res: dict) -> None:
                   f"{d['one_joins']['changed_mean'] * 100:.2f}%",
                   f"{d['one_joins']['ideal_mean'] * 100:.2f}%")
     console.print(t)
-    f = Table(title=f"k of {FAILURE_N} backends fail at once: share of entries changed")
-    for col in ("M", "k", "changed (mean)", "changed (max)", "ideal k/N"):
-        f.add_column(col, justify="right")
+    f = rich_table(f"k of {FAILURE_N} backends fail at once: share of entries changed",
+                   ("M", "k", "changed (mean)", "changed (max)", "ideal k/N"))
     for x in res["failures"]:
         f.add_row(str(x["ring_size"]), str(x["failed"]), f"{x['changed_mean'] * 100:.2f}%",
                   f"{x['changed_max'] * 100:.2f}%", f"{x['ideal_mean'] * 100:.2f}%")
@@ -231,10 +230,8 @@ def main(argv=None) -> int:
 
     console = Console()
     console.print("Maglev quality:")
-    res = run(args.quick, log=console.print)
-    render(console, res)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(res, indent=2) + "\n")
+    res = run(args.quick, log=console.print, console=console)
+    write_json(args.out, res)
     console.print(f"wrote {args.out}")
     return 0 if res["ok"] else 1
 

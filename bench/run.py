@@ -26,7 +26,6 @@ import argparse
 import datetime
 import importlib.util
 import json
-import os
 import platform
 import socket
 import sys
@@ -34,9 +33,10 @@ import time
 import traceback
 from pathlib import Path
 
-from . import plots
+from . import common, plots
+from .balancer import Loaded
+from .common import RESULTS_DIR
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 PARTS = ("pktcost", "scaling", "controlplane", "quality", "traffic")
 
 MODES = {
@@ -66,9 +66,7 @@ MODES = {
 
 
 def machine() -> dict:
-    from .pktcost import machine as pk_machine  # noqa: PLC0415
-
-    m = pk_machine()
+    m = common.machine()
     m["date"] = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     m["hostname"] = socket.gethostname()
     m["os"] = platform.platform()
@@ -76,32 +74,19 @@ def machine() -> dict:
 
 
 class Context:
-    """What the parts share in one run: the console, the mode, loaded programs."""
+    """What the parts share in one run: the console, the mode, and (but in the full
+    run) the loaded programs: the harness, scaling's balancer for the control plane."""
 
     def __init__(self, mode: str, console, cpu: int | None):
         self.mode, self.cfg, self.console, self.cpu = mode, MODES[mode], console, cpu
-        self.shared = mode != "full"
-        self._harness = None
-        self.balancer = None  # scaling's, kept for the control plane (quick, smoke)
+        self.loaded = Loaded() if mode != "full" else None
 
     def log(self, msg: str) -> None:
         self.console.print(msg, highlight=False)
 
-    @property
-    def harness(self):
-        if self._harness is None and self.shared:
-            from .harness import Harness  # noqa: PLC0415
-
-            self._harness = Harness()
-        return self._harness
-
     def close(self) -> None:
-        if self.balancer is not None:
-            self.balancer.close()
-            self.balancer = None
-        if self._harness is not None:
-            self._harness.close()
-            self._harness = None
+        if self.loaded is not None:
+            self.loaded.close()
 
 
 # ---- the parts -----------------------------------------------------------------------------
@@ -110,44 +95,28 @@ def part_pktcost(ctx: Context) -> dict:
     from . import pktcost  # noqa: PLC0415
 
     c = ctx.cfg["pktcost"]
-    ctx.log(f"loading the balancers and the harness (repeat {c['repeat']:,}, "
-            f"{c['rounds']} rounds)")
-    bench = pktcost.PktCost(c["repeat"], ctx.cpu, full_table=c["full_table"],
-                            harness=ctx.harness)
-    try:
-        return pktcost.run(c["repeat"], c["rounds"], None, console=ctx.console, bench=bench)
-    finally:
-        bench.close()
+    return pktcost.run(c["repeat"], c["rounds"], None, ctx.cpu, console=ctx.console,
+                       full_table=c["full_table"], loaded=ctx.loaded)
 
 
 def part_scaling(ctx: Context) -> dict:
     from . import scaling  # noqa: PLC0415
 
     c = ctx.cfg["scaling"]
-    balancer = None
-    if c["shared"]:
-        ctx.log("scaling: loading one balancer (512 VIPs, 4096 backends); the control plane "
-                "uses it afterwards")
-        balancer = ctx.balancer = scaling.new_balancer(scaling.capacity_for(c["repeat"]))
     return scaling.run(c["repeat"], c["rounds"], None, ctx.cpu, console=ctx.console,
-                       harness=ctx.harness, shared_table=c["shared"], balancer=balancer)
+                       shared_table=c["shared"], loaded=ctx.loaded)
 
 
 def part_controlplane(ctx: Context) -> dict:
     from . import controlplane  # noqa: PLC0415
 
-    settings = getattr(controlplane, ctx.cfg["controlplane"])
-    lb = ctx.balancer
-    return controlplane.run(settings, log=ctx.log, prog=lb.prog if lb else None,
-                            cap=lb.capacity if lb else None)
+    return controlplane.run(ctx.cfg["controlplane"], log=ctx.log, loaded=ctx.loaded)
 
 
 def part_quality(ctx: Context) -> dict:
     from . import quality  # noqa: PLC0415
 
-    res = quality.run(log=ctx.log, **ctx.cfg["quality"])
-    quality.render(ctx.console, res)
-    return res
+    return quality.run(log=ctx.log, console=ctx.console, **ctx.cfg["quality"])
 
 
 def part_traffic(ctx: Context) -> dict:
@@ -166,10 +135,6 @@ RUNNERS = {"pktcost": part_pktcost, "scaling": part_scaling, "controlplane": par
 
 
 # ---- the summary -----------------------------------------------------------------------------
-
-def _yes(ok: bool) -> str:
-    return "yes" if ok else "NO"
-
 
 def headlines(results: dict) -> list[dict]:
     """The figures the summary table shows: what, value, target, met."""
@@ -247,12 +212,8 @@ def headlines(results: dict) -> list[dict]:
 
 
 def render_summary(console, rows: list[dict], title: str) -> None:
-    from rich.table import Table  # noqa: PLC0415
-
-    t = Table(title=title)
-    for col, just in (("part", "left"), ("figure", "left"), ("value", "right"),
-                      ("target", "right"), ("met", "center")):
-        t.add_column(col, justify=just)
+    t = common.table(title, [("part", "left"), ("figure", "left"), "value", "target",
+                             ("met", "center")])
     for r in rows:
         met = "" if r["met"] is None else ("[green]yes[/green]" if r["met"] else "[red]NO[/red]")
         t.add_row(r["part"], r["what"], r["value"], r["target"], met)
@@ -299,7 +260,6 @@ def run(mode: str = "full", out_dir: Path = RESULTS_DIR, skip=(), cpu: int | Non
     console.rule("[bold]results[/bold]")
     results["summary"] = headlines(results)
     results["ok"] = all(p["ok"] for p in results["parts"].values())
-    out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / "results.json"
     try:
         results["plots"] = [p.name for p in plots.make_all(results, out_dir)]
@@ -308,7 +268,7 @@ def run(mode: str = "full", out_dir: Path = RESULTS_DIR, skip=(), cpu: int | Non
         results["plots_error"] = f"{type(e).__name__}: {e}"
         console.print(f"[red]plotting failed: {e}[/red]")
     results["duration_s"] = round(time.time() - started, 1)
-    json_path.write_text(json.dumps(results, indent=1, default=str) + "\n")
+    common.write_json(json_path, results, indent=1)
     render_summary(console, results["summary"],
                    f"l4lb benchmark ({mode}, {results['duration_s']:.0f} s) - "
                    f"{results['machine']['cpu_model']}, {results['machine']['cores']} cores, "
@@ -332,12 +292,9 @@ def main(argv=None) -> int:
                     help="leave a part out (repeatable)")
     ap.add_argument("--cpu", type=int, help="CPU for the per-packet parts (default: the last)")
     args = ap.parse_args(argv)
-    if os.geteuid() != 0:
-        print("bench.run loads XDP programs: run it as root", file=sys.stderr)
-        return 2
     mode = "quick" if args.quick else "smoke" if args.smoke else "full"
-    res = run(mode, args.out_dir, tuple(args.skip), args.cpu)
-    return 0 if res["ok"] else 1
+    return common.run_command("bench.run", lambda: run(mode, args.out_dir, tuple(args.skip),
+                                                       args.cpu))
 
 
 if __name__ == "__main__":

@@ -40,10 +40,6 @@ taken within each round."""
 from __future__ import annotations
 
 import argparse
-import datetime
-import ipaddress
-import json
-import os
 import statistics
 import sys
 import time
@@ -51,24 +47,24 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-from scapy.layers.inet import IP, TCP
-from scapy.layers.l2 import Ether
 
-from l4lb import consts, libbpf
+from l4lb import consts
 from l4lb.errors import L4lbError
-from l4lb.model import VipKey, VipSpec
 from l4lb.libbpf import XDP_TX
+from l4lb.model import VipKey, VipSpec
 
 from . import ctmap
-from .harness import Harness, Vary
-from .pktcost import (CLIENT_MAC, LB_MAC, VERDICT_COUNTERS, VIP4, Balancer, Case, PktCost,
-                      RoundResult, build_cases, machine, pin_to_cpu, possible_cpus)
+from .balancer import (VARY4, Balancer, Case, Loaded, Measurer, RoundResult, cost_summary,
+                       drop_case, tcp4_frame)
+from .common import (CLIENT4, RESULTS_DIR, VIP4, finish_report, machine, minmed, pool,
+                     possible_cpus, progress, run_command, table, utc_now)
+from .harness import Harness
 
 DEFAULT_REPEAT = 300_000
 QUICK_REPEAT = 50_000
 DEFAULT_ROUNDS = 7
 QUICK_ROUNDS = 3
-DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "scaling.json"
+DEFAULT_OUT = RESULTS_DIR / "scaling.json"
 
 BACKEND_POINTS = (1, 16, 256, 4096)
 VIP_POINTS = (1, 8, 64, 512)
@@ -80,24 +76,16 @@ CAPACITY_VIPS = 512
 CAPACITY_BACKENDS = 4096
 BACKENDS_PER_VIP = 8  # on every VIP of the vips dimension
 
-# the measured VIP; the other VIPs of the vips dimension take 198.18.10.1-128 on four ports
+# the measured VIP; the other VIPs of the vips dimension take 198.18.10.1-128 on four ports;
+# 4096 backends do not fit the plan's 198.18.2.0/24: their addresses are common.pool()'s
 MEASURED = VipKey.parse(VIP4, 80, "tcp")
 OTHER_PORTS = (80, 443, 8080, 8443)
-# 4096 backends do not fit the plan's 198.18.2.0/24: the benchmark's pool is 198.18.32.0/19
-POOL_BASE = int(ipaddress.IPv4Address("198.18.32.1"))
 # clients: the harness varies the source port (low 16 bits of the flow number) and the
 # last 16-bit word of the source address (high bits); every varied flow starts from
 # 198.18.0.5:40000, so one flow counter makes them all distinct. The single established
 # flow comes from 198.18.0.4, a word the varied flows never reach.
-CLIENT_VARIED = "198.18.0.5"
+CLIENT_VARIED = CLIENT4
 CLIENT_FIXED = "198.18.0.4"
-
-
-def pool(n: int, start: int = 0) -> list[str]:
-    """n distinct backend addresses of the benchmark's pool."""
-    if start + n > 8190:
-        raise L4lbError(f"backend pool 198.18.32.0/19 has 8190 addresses, {start + n} asked")
-    return [str(ipaddress.IPv4Address(POOL_BASE + i)) for i in range(start, start + n)]
 
 
 def other_vips(n: int) -> list[VipSpec]:
@@ -116,43 +104,27 @@ def other_vips(n: int) -> list[VipSpec]:
             for i, k in enumerate(keys[:n])]
 
 
-def _tcp(flags: str, sport: int):
-    if flags == "S":
-        return TCP(sport=sport, dport=80, flags="S", seq=1000, window=64240,
-                   options=[("MSS", 1460), ("SAckOK", b""), ("Timestamp", (1000, 0)),
-                            ("NOP", None), ("WScale", 7)])
-    return TCP(sport=sport, dport=80, flags="A", seq=1001, ack=5001, window=502,
-               options=[("NOP", None), ("NOP", None), ("Timestamp", (2000, 1000))])
-
-
-def _frame(src: str, flags: str, sport: int = 40000) -> bytes:
-    return bytes(Ether(src=CLIENT_MAC, dst=LB_MAC) / IP(src=src, dst=VIP4, flags="DF", ttl=64) /
-                 _tcp(flags, sport))
-
-
-IP_OFF = 14
-VARY = Vary(sport_off=IP_OFF + 20, addr_off=IP_OFF + 14, ipcsum_off=IP_OFF + 10,
-            l4csum_off=IP_OFF + 20 + 16)
-
-
 def build_kinds(full: bool) -> dict[str, Case]:
     """The three packets of a point, on the balancer with the full table or the other."""
     tag = " (full table)" if full else ""
     return {
         "established": Case("established", "TCP established, one flow, 4in4" + tag,
-                            _frame(CLIENT_FIXED, "A", 40001), "lb", XDP_TX, ("tx", "ct_hit"), 20,
-                            MEASURED, prime=True, fill_table=full),
+                            tcp4_frame(CLIENT_FIXED, VIP4, "A", 40001), "lb", XDP_TX,
+                            ("tx", "ct_hit"), 20, MEASURED, prime=True, fill_table=full),
         "established_spread": Case("established_spread",
                                    "TCP established, every run another flow, 4in4" + tag,
-                                   _frame(CLIENT_VARIED, "A"), "lb", XDP_TX, ("tx", "ct_hit"), 20,
-                                   MEASURED, vary=VARY, fill_table=full),
+                                   tcp4_frame(CLIENT_VARIED, VIP4, "A", 40000), "lb", XDP_TX,
+                                   ("tx", "ct_hit"), 20, MEASURED, vary=VARY4, fill_table=full),
         "syn": Case("syn", "TCP SYN, a new entry per run, 4in4" + tag,
-                    _frame(CLIENT_VARIED, "S"), "lb", XDP_TX, ("tx", "ct_miss", "ct_insert"), 20,
-                    MEASURED, vary=VARY, fill_table=full),
+                    tcp4_frame(CLIENT_VARIED, VIP4, "S", 40000), "lb", XDP_TX,
+                    ("tx", "ct_miss", "ct_insert"), 20, MEASURED, vary=VARY4, fill_table=full),
     }
 
 
-SPREAD_SEED = _frame(CLIENT_VARIED, "S")  # the SYNs that make the spread flows' entries
+# the SYNs that make the spread flows' entries
+SPREAD_SEED = tcp4_frame(CLIENT_VARIED, VIP4, "S", 40000)
+# the plain XDP_DROP program, on the frame bench.pktcost times it with
+DROP_CASE = drop_case(tcp4_frame(CLIENT4, VIP4, "A", 40001))
 
 
 def _setup(state) -> None:
@@ -174,7 +146,7 @@ def new_balancer(capacity: consts.Capacity) -> Balancer:
     return Balancer(capacity, _setup)
 
 
-class Scaling(PktCost):
+class Scaling(Measurer):
     """The balancers at the largest capacity, the harness, and the points.
     `main` serves every point but the full table; `full` is filled once and
     stays full. With shared_table=True one balancer serves both: the full-table
@@ -184,55 +156,35 @@ class Scaling(PktCost):
                  shared_table: bool = False, balancer: Balancer | None = None):
         """harness, balancer: already loaded ones to use (left open on close()); a balancer
         given must come from new_balancer() and implies shared_table."""
-        if repeat < 2:
-            raise L4lbError(f"repeat {repeat}: give at least 2")
-        self.repeat = repeat
-        self._affinity, self.cpu = pin_to_cpu(cpu)
-        self.ncpus = possible_cpus()
+        super().__init__(repeat, cpu, harness)
         self.capacity = balancer.capacity if balancer else capacity_for(repeat, self.ncpus)
         self.share = self.capacity.ct_size // self.ncpus
         if self.share < 2 * (repeat + 1024):
-            os.sched_setaffinity(0, self._affinity)
+            self.close()
             raise L4lbError(f"a connection table of {self.capacity.ct_size} entries is too small "
                             f"for repeat {repeat}: use capacity_for({repeat})")
-        self.next_flow = 0
         self.shared_table = shared_table or balancer is not None
         self.kinds = {False: build_kinds(False), True: build_kinds(True)}
-        self.drop_case = next(c for c in build_cases() if c.name == "drop_direct")
+        self.drop_case = DROP_CASE
         self.cases = [self.drop_case]
         self.others: list[VipSpec] = other_vips(CAPACITY_VIPS - 1)
         self.n_others = 0
         self.filled = False
-        self.lbs: dict[str, Balancer] = {}
-        self._own_harness = harness is None
         self._own_lbs = balancer is None
-        try:
-            self.harness = harness or Harness()
+
+        def load():
             self.lbs["main"] = balancer or new_balancer(self.capacity)
             self.lbs["full"] = self.lbs["main"] if self.shared_table else \
                 new_balancer(self.capacity)
             if not self.shared_table:
                 self.fill()
-        except BaseException:
-            self.close()
-            raise
 
-    def close(self) -> None:
-        if self._own_lbs:
-            closed = set()
-            for lb in self.lbs.values():
-                if id(lb) not in closed:
-                    closed.add(id(lb))
-                    lb.close()
-        self.lbs = {}
-        if hasattr(self, "harness") and self._own_harness:
-            self.harness.close()
-        os.sched_setaffinity(0, self._affinity)
+        self.open(load)
 
     # ---- the points -------------------------------------------------------------------------
     def fill(self) -> None:
         """Fills the `full` balancer's table (on this CPU) until every insert evicts."""
-        self._fill(self.lbs["full"], self.kinds[True]["syn"])
+        self.fill_conntrack(self.lbs["full"], self.kinds[True]["syn"])
         self.filled = True
 
     def set_backends(self, n: int) -> dict:
@@ -301,47 +253,19 @@ class Scaling(PktCost):
         if not case.fill_table and n1 - n0 != repeat:
             fails.append(f"seeding SYNs: the table grew by {n1 - n0}, expected {repeat}")
 
-        def alone():
-            self.harness.load_frame(case.frame, case.vary, flow0)
-            t = self.harness.time(self.harness.drop.fd, repeat)
-            hb = self.harness.counts()
-            if t.result.verdict != libbpf.XDP_DROP or hb.runs != repeat or hb.moved or hb.failed:
-                fails.append(f"harness alone: verdict {t.result.verdict_name}, {hb}")
-            return t
-
-        before = alone()
-        g0, p0 = lb.stats(case.vip)
+        before = self.harness_alone(case, fails, flow0)
+        s0 = lb.stats(case.vip)
         self.harness.load_frame(case.frame, case.vary, flow0)
         t = self.harness.time(lb.prog.fd, repeat)
         hc = self.harness.counts()
-        g1, p1 = lb.stats(case.vip)
-        after = alone()
-        res.ns, res.wall_ns = t.kernel_ns, t.wall_ns
-        res.harness_runs_ns = [before.kernel_ns, after.kernel_ns]
-        best = min(before, after, key=lambda x: x.kernel_ns)
-        res.harness_ns, res.harness_wall_ns = best.kernel_ns, best.wall_ns
-        res.net_ns = res.ns - res.harness_ns
-        delta = {k: g1[k] - g0[k] for k in g1}
-        res.counters = {k: v for k, v in delta.items() if v}
-        for k, v in delta.items():
-            want = repeat if k in case.counters else 0
-            if v != want:
-                fails.append(f"counter {k}: moved by {v}, expected {want}")
-        if p1 - p0 != repeat:
-            fails.append(f"VIP {case.vip} packets: moved by {p1 - p0}, expected {repeat}")
-        res.verdicts = {name: sum(delta[c] for c in cs)
-                        for name, cs in VERDICT_COUNTERS.items() if sum(delta[c] for c in cs)}
-        res.verdict_source = "balancer counters"
-        if res.verdicts != {"TX": repeat}:
-            fails.append(f"verdicts {res.verdicts}, expected TX={repeat}")
-        res.harness_counts = asdict(hc)
-        if hc.runs != repeat or hc.failed or hc.moved != repeat - 1 or \
-                hc.moved_bytes != case.head_moves * (repeat - 1) or \
-                hc.flow != (flow0 + repeat) & 0xFFFFFFFF:
-            fails.append(f"harness: {hc}; expected {repeat} runs, {repeat - 1} head moves")
+        s1 = lb.stats(case.vip)
+        after = self.harness_alone(case, fails, flow0)
+        self.record_timing(res, t, before, after)
+        self.prove_counters(res, case, s0, s1, fails)
+        self.prove_verdicts(res, case, fails)
+        self.prove_harness(res, case, hc, flow0, fails)
         last = case.vary.apply(case.frame, flow0 + repeat - 1)
-        if t.result.verdict != XDP_TX or t.result.data != self.direct(case, last).data:
-            fails.append("last run: output differs from a direct run on its packet")
+        self.prove_last_run(case, t, self.direct(case, last), fails)
         if not case.fill_table:
             # newest first: the free list is left as the seeding found it (see ctmap.py)
             keys = ctmap.flow_keys(lb.conntrack, case.frame, case.vary, flow0, repeat)
@@ -361,11 +285,6 @@ class Scaling(PktCost):
 
 # ---- summaries ----------------------------------------------------------------------------------
 
-def _minmed(values) -> dict[str, float]:
-    values = list(values)
-    return {"min": min(values), "median": statistics.median(values)}
-
-
 def summarize(results: dict, drop: list[int]) -> dict:
     """results[dim][point][kind] = [RoundResult per round]; drop = XDP_DROP per round."""
     out: dict = {"points": {}, "ratios": {}, "flat": {}}
@@ -375,16 +294,7 @@ def summarize(results: dict, drop: list[int]) -> dict:
         out["points"][dim] = {}
         out["ratios"][dim] = {}
         for point in pts:
-            s = {}
-            for kind, rounds in points[point].items():
-                net = [r.net_ns for r in rounds]
-                harness = [r.harness_ns for r in rounds]
-                s[kind] = {"ns": _minmed(r.ns for r in rounds), "harness_ns": _minmed(harness),
-                           "net_ns": {"min": min(r.ns for r in rounds) - min(harness),
-                                      "median": statistics.median(net)},
-                           "gross_ns": {"min": min(r.ns for r in rounds) - min(harness) + min(drop),
-                                        "median": statistics.median(
-                                            n + d for n, d in zip(net, drop))}}
+            s = {kind: cost_summary(rounds, drop) for kind, rounds in points[point].items()}
             out["points"][dim][str(point)] = s
         for point in pts:
             r = {}
@@ -411,22 +321,17 @@ def summarize(results: dict, drop: list[int]) -> dict:
                           "within_10pct": {m: {est: w <= FLAT for est, w in worst[m].items()}
                                            for m in worst}}
         out["flat"][dim] = flat
-    out["drop_ns"] = _minmed(drop)
+    out["drop_ns"] = minmed(drop)
     return out
 
 
 # ---- the command --------------------------------------------------------------------------------
 
 def render(console, report: dict) -> None:
-    from rich.table import Table  # noqa: PLC0415
-
     s = report["summary"]
     for dim, points in s["points"].items():
-        t = Table(title=f"{dim}: net ns per packet, median (fastest), and the ratio to "
-                        f"{next(iter(points))} (fastest / median)")
-        t.add_column(dim, justify="right")
-        for kind in KINDS:
-            t.add_column(kind, justify="right")
+        t = table(f"{dim}: net ns per packet, median (fastest), and the ratio to "
+                  f"{next(iter(points))} (fastest / median)", (dim, *KINDS))
         for point, kinds in points.items():
             row = [point]
             for kind in KINDS:
@@ -448,21 +353,26 @@ def render(console, report: dict) -> None:
 
 
 def run(repeat: int, rounds: int, out: Path | None, cpu: int | None = None, console=None,
-        harness: Harness | None = None, shared_table: bool = False,
-        balancer: Balancer | None = None) -> dict:
+        shared_table: bool = False, loaded: Loaded | None = None) -> dict:
     """Measures every point for `rounds` rounds; shows the tables; writes the JSON if `out`.
-    harness, balancer: loaded ones to use and leave open (see Scaling)."""
+    loaded: programs shared with other parts: its harness is used, and with shared_table
+    its balancer (loaded here if it has none, and left there for the parts after this)."""
     from rich.console import Console  # noqa: PLC0415
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                               TimeElapsedColumn)
 
     console = console or Console()
     started = time.time()
-    shared_table = shared_table or balancer is not None
-    if balancer is None:
+    balancer = None
+    if loaded is not None and shared_table:
+        if loaded.balancer is None:
+            console.print("scaling: loading one balancer (512 VIPs, 4096 backends), kept for "
+                          "the parts after this one")
+            loaded.balancer = new_balancer(capacity_for(repeat))
+        balancer = loaded.balancer
+    else:
         console.print("scaling: loading the balancer"
                       f"{'' if shared_table else 's'} (512 VIPs, 4096 backends)"
                       f"{'' if shared_table else ' and filling one connection table'}")
+    harness = loaded.harness if loaded is not None else None
     bench = Scaling(repeat, cpu, harness=harness, shared_table=shared_table, balancer=balancer)
     console.print(f"scaling: pinned to CPU {bench.cpu}; ready in {time.time() - started:.1f} s")
     results = {dim: {p: {k: [] for k in KINDS} for p in pts} for dim, pts in DIMENSIONS.items()}
@@ -476,22 +386,21 @@ def run(repeat: int, rounds: int, out: Path | None, cpu: int | None = None, cons
         phases = [[x for x in phases[0] if x != ("conntrack", "full")], [("conntrack", "full")]]
     total = rounds * (sum(len(ph) for ph in phases) * len(KINDS) + len(phases))
     try:
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                      TimeElapsedColumn(), console=console, transient=True) as progress:
-            task = progress.add_task("scaling", total=total)
+        with progress(console) as prog:
+            task = prog.add_task("scaling", total=total)
             for phase in phases:
                 for rnd in range(1, rounds + 1):
                     order = _round_order(phase, rnd)
-                    progress.update(task, description=f"scaling round {rnd}/{rounds}: XDP_DROP")
+                    prog.update(task, description=f"scaling round {rnd}/{rounds}: XDP_DROP")
                     d = bench.measure(bench.drop_case, rnd)
                     failures += [f"drop round {rnd}: {f}" for f in d.failures]
                     if phase is phases[0]:
                         drop.append(d.ns)
-                    progress.advance(task)
+                    prog.advance(task)
                     prev = None
                     for dim, point in order:
-                        progress.update(task, description=f"scaling round {rnd}/{rounds}: "
-                                                          f"{dim} {point}")
+                        prog.update(task, description=f"scaling round {rnd}/{rounds}: "
+                                                      f"{dim} {point}")
                         if dim != prev:  # each dimension starts from 8 backends (and one VIP)
                             bench.reset(keep_vips=dim == "vips")
                             prev = dim
@@ -504,14 +413,14 @@ def run(repeat: int, rounds: int, out: Path | None, cpu: int | None = None, cons
                                          for f in rr.failures]
                             line.append(f"{kind} {rr.net_ns:4d}" +
                                         ("" if not rr.failures else " [red]FAILED[/red]"))
-                            progress.advance(task)
-                        progress.console.print(f"round {rnd} {dim:9s} {point!s:>5s}: "
-                                               + ", ".join(line) + " ns net")
+                            prog.advance(task)
+                        prog.console.print(f"round {rnd} {dim:9s} {point!s:>5s}: "
+                                           + ", ".join(line) + " ns net")
     finally:
         bench.close()
     report = {
         "benchmark": "scaling",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": utc_now(),
         "duration_s": round(time.time() - started, 1),
         "machine": machine(),
         "settings": {"repeat": bench.repeat, "rounds": rounds, "cpu": bench.cpu,
@@ -529,14 +438,7 @@ def run(repeat: int, rounds: int, out: Path | None, cpu: int | None = None, cons
         "ok": not failures,
         "failures": failures,
     }
-    render(console, report)
-    if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2) + "\n")
-        console.print(f"wrote {out}")
-    if failures:
-        console.print(f"[red]{len(failures)} proof(s) failed: the timings above are not "
-                      "trustworthy[/red]")
+    finish_report(console, report, out, render)
     return report
 
 
@@ -566,16 +468,8 @@ def main(argv: list[str] | None = None) -> int:
     rounds = args.rounds or (QUICK_ROUNDS if args.quick else DEFAULT_ROUNDS)
     if repeat < 2 or rounds < 1:
         ap.error("--repeat must be at least 2 and --rounds at least 1")
-    if os.geteuid() != 0:
-        print("bench.scaling loads XDP programs: run it as root", file=sys.stderr)
-        return 2
-    try:
-        report = run(repeat, rounds, args.out, args.cpu,
-                     shared_table=args.shared_table or args.quick)
-    except L4lbError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0 if report["ok"] else 1
+    return run_command("bench.scaling", lambda: run(repeat, rounds, args.out, args.cpu,
+                                                    shared_table=args.shared_table or args.quick))
 
 
 if __name__ == "__main__":

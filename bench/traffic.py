@@ -22,9 +22,7 @@ generator needs no module.
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 
 from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import Ether
@@ -35,6 +33,7 @@ from l4lb import netlink, libbpf
 from l4lb.bpf import percpu_sum
 from l4lb.testbed import Testbed
 
+from .common import RESULTS_DIR, write_json
 from .harness import load_program
 
 FLOWS = 4096
@@ -128,11 +127,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--count", type=int)
-    ap.add_argument("--out", default="bench/results/traffic.json")
+    ap.add_argument("--out", default=str(RESULTS_DIR / "traffic.json"))
     args = ap.parse_args(argv)
     res = run(args.quick, args.count)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(res, indent=1))
+    write_json(args.out, res, indent=1)
     print(f"wrote {args.out}")
     return 0
 

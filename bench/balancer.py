@@ -1,0 +1,390 @@
+"""The balancer under measurement: loaded with the benchmark's configuration,
+the packets sent to it, and one case timed through the harness with its path
+proven (bench.pktcost and bench.scaling measure this way; the method is in
+bench/pktcost.py's notes)."""
+from __future__ import annotations
+
+import os
+import statistics
+from dataclasses import asdict, dataclass, field
+
+from scapy.layers.inet import IP, TCP
+from scapy.layers.l2 import Ether
+
+from l4lb import bpf, consts, libbpf
+from l4lb.dataplane import Dataplane, RuntimeConfig
+from l4lb.errors import L4lbError
+from l4lb.libbpf import XDP_DROP, XDP_TX
+from l4lb.model import VipKey
+from l4lb.state import LbState
+
+from . import ctmap
+from .common import CLIENT_MAC, GW_MAC, LB_MAC, minmed, pin_to_cpu, possible_cpus
+from .harness import Harness, Timing, Vary, time_run
+
+ICMP_RATE_UNLIMITED = 0xFFFFFFFF
+EVICT_SLACK = 16  # entries a full LRU table may gain or lose: evictions come in small batches
+
+# verdict paths of balancer.c: every path moves exactly one of these counters
+VERDICT_COUNTERS = {
+    "TX": ("tx", "too_big", "icmp_echo"),
+    "PASS": ("pass",),
+    "DROP": ("no_backend", "icmp_limited", "error", "fragment", "ext_header", "malformed"),
+}
+
+
+# ---- the packets ----------------------------------------------------------------------------------
+
+def eth():
+    return Ether(src=CLIENT_MAC, dst=LB_MAC)
+
+
+def tcp(flags: str, sport: int, dport: int = 80):
+    """A client's SYN ("S", with the options of a Linux client) or ACK ("A") to `dport`."""
+    if flags == "S":
+        return TCP(sport=sport, dport=dport, flags="S", seq=1000, window=64240,
+                   options=[("MSS", 1460), ("SAckOK", b""), ("Timestamp", (1000, 0)),
+                            ("NOP", None), ("WScale", 7)])
+    return TCP(sport=sport, dport=dport, flags="A", seq=1001, ack=5001, window=502,
+               options=[("NOP", None), ("NOP", None), ("Timestamp", (2000, 1000))])
+
+
+def tcp4_frame(src: str, dst: str, flags: str, sport: int) -> bytes:
+    return bytes(eth() / IP(src=src, dst=dst, flags="DF", ttl=64) / tcp(flags, sport))
+
+
+IP_OFF = 14
+# an IPv4 TCP frame of tcp4_frame() made a new flow on every run
+VARY4 = Vary(sport_off=IP_OFF + 20, addr_off=IP_OFF + 14, ipcsum_off=IP_OFF + 10,
+             l4csum_off=IP_OFF + 20 + 16)
+
+
+# ---- a case and one round of it ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    title: str
+    frame: bytes
+    target: str                 # "lb", "encap" (baseline_encap.c) or "drop" (baseline_drop.c)
+    verdict: int
+    counters: tuple[str, ...] = ()  # balancer counters that move by exactly one per run
+    head_moves: int = 0         # bytes the program grows the head by (the harness moves it back)
+    vip: VipKey | None = None   # VIP whose per-VIP counters move by one per run
+    harness: bool = True        # False: timed directly (the program leaves the packet as it was)
+    prime: bool = False         # run once first: the flow's connection-table entry exists
+    vary: Vary | None = None    # every run a new flow (new connection-table entry)
+    fill_table: bool = False    # the table is full before timing: every insert evicts
+
+
+def drop_case(frame: bytes) -> Case:
+    """The plain XDP_DROP program run directly: the fixed cost every XDP program pays."""
+    return Case("drop_direct", "baseline: XDP_DROP, timed directly (no harness)", frame, "drop",
+                XDP_DROP, harness=False)
+
+
+@dataclass
+class RoundResult:
+    case: str
+    round: int
+    repeat: int
+    ns: int                         # kernel: ns per run (harness included when through it)
+    wall_ns: float
+    harness_ns: int | None = None   # the harness alone (-> XDP_DROP), same frame: the lower
+    harness_runs_ns: list[int] = field(default_factory=list)  # of these two, before and after
+    harness_wall_ns: float | None = None
+    net_ns: int | None = None
+    verdicts: dict[str, int] = field(default_factory=dict)
+    verdict_source: str = ""
+    counters: dict[str, int] = field(default_factory=dict)  # nonzero deltas
+    harness_counts: dict[str, int] = field(default_factory=dict)
+    new_entries: int | None = None  # SYN: the run's flows found; full table: the size change
+    failures: list[str] = field(default_factory=list)
+
+
+def cost_summary(rounds: list[RoundResult], drop: list[int]) -> dict:
+    """One case's rounds, with drop = the plain XDP_DROP program's time in each round.
+    min: from the fastest round of each series (case, harness alone, XDP_DROP), the best
+    estimate on a machine whose noise only ever adds time; median: over rounds of the
+    differences taken within each round, which pair measurements made seconds apart."""
+    ns = [r.ns for r in rounds]
+    s = {"ns": minmed(ns)}
+    if rounds[0].net_ns is None:
+        s["gross_ns"] = s["ns"]
+        return s
+    harness = [r.harness_ns for r in rounds]
+    s["harness_ns"] = minmed(harness)
+    net_min = min(ns) - min(harness)
+    s["net_ns"] = {"min": net_min, "median": statistics.median(r.net_ns for r in rounds)}
+    s["gross_ns"] = {"min": net_min + min(drop),
+                     "median": statistics.median(r.net_ns + d for r, d in zip(rounds, drop))}
+    return s
+
+
+# ---- the balancer ---------------------------------------------------------------------------------
+
+class Balancer:
+    """One loaded balancer with the benchmark's configuration; `setup(state)`, when
+    given, adds its VIPs."""
+
+    def __init__(self, capacity: consts.Capacity, setup=None):
+        self.capacity = capacity
+        self.prog = bpf.load_balancer(capacity)
+        self.dp = Dataplane(self.prog, capacity)
+        self.dp.clear()
+        self.dp.write_config(RuntimeConfig(gateway_mac=GW_MAC, new_flow_rate=0,
+                                           icmp_rate=ICMP_RATE_UNLIMITED), portless_vips=0)
+        self.state = LbState(capacity, self.dp)
+        if setup is not None:
+            setup(self.state)
+        self.dp.set_portless(self.state.portless)
+        self.conntrack = self.prog.table(consts.MAP_CONNTRACK)
+
+    def stats(self, vip: VipKey | None) -> tuple[dict[str, int], int]:
+        packets = self.dp.vip_stats(self.state.vips[vip].vip_id)["packets"] if vip else 0
+        return self.dp.global_stats(), packets
+
+    def close(self) -> None:
+        self.prog.close()
+
+
+class Loaded:
+    """Programs that the parts of one run share, each loaded when first wanted
+    (compiling a balancer takes 5-8 s): the harness, and a balancer that a part
+    loads and leaves here for the parts after it."""
+
+    def __init__(self):
+        self._harness: Harness | None = None
+        self.balancer: Balancer | None = None
+
+    @property
+    def harness(self) -> Harness:
+        if self._harness is None:
+            self._harness = Harness()
+        return self._harness
+
+    def close(self) -> None:
+        if self.balancer is not None:
+            self.balancer.close()
+            self.balancer = None
+        if self._harness is not None:
+            self._harness.close()
+            self._harness = None
+
+
+# ---- measuring ------------------------------------------------------------------------------------
+
+class Measurer:
+    """The harness, the balancers (`lbs`: "main", and "full" for the cases on a full
+    connection table) and this process pinned to one CPU: one case measured at a time,
+    its path proven. A subclass loads the balancers (see open())."""
+
+    def __init__(self, repeat: int, cpu: int | None, harness: Harness | None):
+        """harness: one already loaded (it stays open on close()); by default its own."""
+        if repeat < 2:
+            raise L4lbError(f"repeat {repeat}: give at least 2 (the harness proves its restores "
+                            "from the second run on)")
+        self.repeat = repeat
+        self.harness = harness
+        self._own_harness = harness is None
+        self._own_lbs = True
+        self.lbs: dict[str, Balancer] = {}
+        self.next_flow = 0
+        self._affinity, self.cpu = pin_to_cpu(cpu)
+        self.ncpus = possible_cpus()
+
+    def open(self, load) -> None:
+        """Loads the harness (unless given) and then calls load(); closes all on failure."""
+        try:
+            if self.harness is None:
+                self.harness = Harness()
+            load()
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self._own_lbs:
+            for lb in {id(lb): lb for lb in self.lbs.values()}.values():
+                lb.close()
+        self.lbs = {}
+        if self.harness is not None and self._own_harness:
+            self.harness.close()
+        os.sched_setaffinity(0, self._affinity)
+
+    def lb(self, case: Case) -> Balancer:
+        return self.lbs["full" if case.fill_table else "main"]
+
+    def target_fd(self, case: Case) -> int:
+        if case.target == "lb":
+            return self.lb(case).prog.fd
+        return {"encap": self.harness.encap.fd, "drop": self.harness.drop.fd}[case.target]
+
+    def direct(self, case: Case, frame: bytes | None = None) -> libbpf.RunResult:
+        """One run of the program under test on the frame, without the harness."""
+        return libbpf.run(self.target_fd(case), frame if frame is not None else case.frame)
+
+    def through_harness(self, case: Case, repeat: int = 1) -> libbpf.RunResult:
+        """`repeat` untimed runs through the harness (new flows if the case varies them)."""
+        self.harness.load_frame(case.frame, case.vary, self.next_flow)
+        r = self.harness.time(self.target_fd(case), repeat).result
+        if case.vary:
+            self.next_flow += repeat
+        return r
+
+    def fill_conntrack(self, lb: Balancer, case: Case) -> None:
+        """Inserts new flows until the table stops growing: from then on every insert
+        on this CPU evicts the least recently used entry."""
+        entries = ctmap.count(lb.conntrack)
+        chunk = self.share
+        for _ in range(4 * self.ncpus + 4):
+            self.through_harness(case, chunk)
+            now = ctmap.count(lb.conntrack)
+            grew, entries = now - entries, now
+            if grew < chunk // 2:
+                return
+        raise L4lbError(f"the connection table of {self.capacity.ct_size} entries never filled")
+
+    def harness_alone(self, case: Case, fails: list[str], flow: int | None = None) -> Timing:
+        """The harness tail-calling XDP_DROP, on the case's frame (and flows): from flow
+        number `flow`, or by default from the next one, which it then moves on."""
+        advance = flow is None
+        self.harness.load_frame(case.frame, case.vary, self.next_flow if advance else flow)
+        t = self.harness.time(self.harness.drop.fd, self.repeat)
+        hb = self.harness.counts()
+        if case.vary and advance:
+            self.next_flow += self.repeat
+        if t.result.verdict != XDP_DROP or hb.runs != self.repeat or hb.moved or hb.failed:
+            fails.append(f"harness alone: verdict {t.result.verdict_name}, {hb}")
+        return t
+
+    # ---- the proofs, shared by every way of measuring ----------------------------------------
+    @staticmethod
+    def record_timing(res: RoundResult, t: Timing, before: Timing | None = None,
+                      after: Timing | None = None) -> None:
+        """The case's time and, through the harness, the lower of the harness-alone runs
+        timed before and after it (the one the machine's noise touched least)."""
+        res.ns, res.wall_ns = t.kernel_ns, t.wall_ns
+        if before is not None:
+            res.harness_runs_ns = [before.kernel_ns, after.kernel_ns]
+            best = min(before, after, key=lambda x: x.kernel_ns)
+            res.harness_ns, res.harness_wall_ns = best.kernel_ns, best.wall_ns
+            res.net_ns = res.ns - res.harness_ns
+
+    def prove_counters(self, res: RoundResult, case: Case, before: tuple, after: tuple,
+                       fails: list[str]) -> None:
+        """The path from the balancer's counters (lb.stats() before and after the run)."""
+        repeat, (g0, p0), (g1, p1) = self.repeat, before, after
+        delta = {k: g1[k] - g0[k] for k in g1}
+        res.counters = {k: v for k, v in delta.items() if v}
+        for k, v in delta.items():
+            want = repeat if k in case.counters else 0
+            if v != want:
+                fails.append(f"counter {k}: moved by {v}, expected {want}")
+        if case.vip and p1 - p0 != repeat:
+            fails.append(f"VIP {case.vip} packets: moved by {p1 - p0}, expected {repeat}")
+        res.verdicts = {name: sum(delta[c] for c in cs)
+                        for name, cs in VERDICT_COUNTERS.items() if sum(delta[c] for c in cs)}
+        res.verdict_source = "balancer counters"
+
+    def prove_verdicts(self, res: RoundResult, case: Case, fails: list[str]) -> None:
+        want = libbpf.VERDICTS[case.verdict]
+        if sum(res.verdicts.values()) != self.repeat or res.verdicts.get(want) != self.repeat:
+            fails.append(f"verdicts {res.verdicts}, expected {want}={self.repeat}")
+
+    def prove_harness(self, res: RoundResult, case: Case, hc, flow0: int,
+                      fails: list[str]) -> None:
+        """The harness ran every time and undid every head move."""
+        repeat = self.repeat
+        res.harness_counts = asdict(hc)
+        want_moved = repeat - 1 if case.head_moves else 0
+        if hc.runs != repeat or hc.failed or hc.moved != want_moved or \
+                hc.moved_bytes != case.head_moves * want_moved:
+            fails.append(f"harness: {hc}; expected {repeat} runs, {want_moved} head moves "
+                         f"of {case.head_moves} bytes")
+        if case.vary and hc.flow != (flow0 + repeat) & 0xFFFFFFFF:
+            fails.append(f"harness flow number {hc.flow}, expected {flow0 + repeat}")
+
+    @staticmethod
+    def prove_last_run(case: Case, t: Timing, expected: libbpf.RunResult,
+                       fails: list[str]) -> None:
+        """The last run's verdict and output are those of a direct run on its packet."""
+        if t.result.verdict != case.verdict:
+            fails.append(f"last run: verdict {t.result.verdict_name}, "
+                         f"expected {libbpf.VERDICTS[case.verdict]}")
+        if t.result.data != expected.data:
+            fails.append("last run: output differs from a direct run on its packet")
+
+    # ---- one case, one round ------------------------------------------------------------------
+    def measure(self, case: Case, round_no: int = 1) -> RoundResult:
+        repeat = self.repeat
+        fails: list[str] = []
+        lb = self.lb(case) if case.target == "lb" else None
+        if case.prime:
+            r = self.direct(case)
+            if r.verdict != case.verdict:
+                fails.append(f"priming run: verdict {r.verdict_name}")
+        expected_out = None if case.vary else self.direct(case)
+
+        res = RoundResult(case.name, round_no, repeat, 0, 0.0)
+        before = self.harness_alone(case, fails) if case.harness else None
+
+        flow0 = self.next_flow
+        entries0 = ctmap.count(lb.conntrack) if case.vary else 0
+        s0 = lb.stats(case.vip) if lb else ({}, 0)
+        if case.harness:
+            self.harness.load_frame(case.frame, case.vary, flow0)
+            t = self.harness.time(self.target_fd(case), repeat)
+            hc = self.harness.counts()
+        else:
+            t = time_run(self.target_fd(case), case.frame, repeat)
+            hc = None
+        s1 = lb.stats(case.vip) if lb else ({}, 0)
+        if case.vary:
+            self.next_flow += repeat
+        after = self.harness_alone(case, fails) if case.harness else None
+        self.record_timing(res, t, before, after)
+
+        # the path: the balancer's counters
+        if lb:
+            self.prove_counters(res, case, s0, s1, fails)
+        elif case.target == "encap":
+            # its only other exit is XDP_ABORTED (no headroom); each XDP_TX grew the head by
+            # 20 bytes, which the harness found and undid on the next run
+            tx = (hc.moved if hc.moved_bytes == 20 * hc.moved else 0) + \
+                (t.result.verdict == XDP_TX)
+            res.verdicts = {"TX": tx} if tx == repeat else {"TX": tx, "other": repeat - tx}
+            res.verdict_source = "head grown by 20 bytes (harness), and the last run's verdict"
+        else:
+            res.verdicts = {libbpf.VERDICTS[case.verdict]: repeat}
+            res.verdict_source = "single-exit program, and the last run's verdict"
+        self.prove_verdicts(res, case, fails)
+        if hc is not None:
+            self.prove_harness(res, case, hc, flow0, fails)
+
+        # every SYN made its own new entry
+        if case.vary:
+            entries1 = ctmap.count(lb.conntrack)
+            if case.fill_table:
+                # the kernel evicts a few entries at a time: allow that much movement
+                res.new_entries = entries1 - entries0
+                if abs(entries1 - entries0) > EVICT_SLACK:
+                    fails.append(f"full table: {entries0} entries before, {entries1} after; "
+                                 "every insert should have evicted one")
+            else:
+                # delete exactly this round's flows, newest first (see ctmap.py)
+                keys = ctmap.flow_keys(lb.conntrack, case.frame, case.vary, flow0, repeat)
+                res.new_entries = ctmap.delete_keys(lb.conntrack, keys)
+                if entries1 - entries0 != repeat or res.new_entries != repeat:
+                    fails.append(f"connection table: {entries1 - entries0} new entries, "
+                                 f"{res.new_entries} of the {repeat} flows found; expected all")
+
+        if case.vary:
+            last = flow0 + repeat - 1
+            expected_out = self.direct(case, case.vary.apply(case.frame, last))
+            if not case.fill_table:
+                ctmap.delete_keys(lb.conntrack, ctmap.flow_keys(lb.conntrack, case.frame,
+                                                                 case.vary, last, 1))
+        self.prove_last_run(case, t, expected_out, fails)
+        res.failures = fails
+        return res

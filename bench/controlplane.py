@@ -134,8 +134,8 @@ def rpc_latency(ctrl, requests: int, clients: int):
             def worker(k, kind=kind):
                 with Client(address) as c:
                     for i in range(requests // clients):
-                        # from the pool, past the VIP's 100: 250 addresses per client
-                        addr = pool(1, 1000 + 250 * k + i % 250)[0]
+                        # from the pool, past the VIP's 100: 100 addresses per client
+                        addr = pool(1, 1000 + 100 * k + i % 100)[0]
                         t = time.perf_counter()
                         if kind == "AddBackends":
                             c.call("AddBackends", pb.AddBackendsRequest(id=vid, backends=[pb.Backend(address=addr, weight=1)]))
@@ -274,9 +274,9 @@ def machine() -> dict:
 
 
 QUICK = {"rounds": 3, "sizes": (10, 100, 1000), "ring_sizes": (65537,), "requests": 100,
-         "clients": (1,), "changes": 20}
+         "clients": (1, 50), "changes": 20}
 FULL = {"rounds": 9, "sizes": (10, 100, 1000, 4096), "ring_sizes": (65537, 655373),
-        "requests": 400, "clients": (1, 8), "changes": 100}
+        "requests": 1000, "clients": (1, 8, 50), "changes": 100}
 SMOKE = {"rounds": 1, "sizes": (10, 100), "ring_sizes": (65537,), "requests": 8,
          "clients": (1,), "changes": 3}
 SETTINGS = {"FULL": FULL, "QUICK": QUICK, "SMOKE": SMOKE}
@@ -316,8 +316,10 @@ def run(settings: dict | str = FULL, log=print, loaded: Loaded | None = None) ->
         res["ring_push"] = ring_push(prog, cap, rounds * 3)
         res["rpc"] = {}
         for clients in settings["clients"]:
-            ctrl = Controller(_emptied(prog, cap), RuntimeConfig())
-            res["rpc"][str(clients)] = rpc_latency(ctrl, settings["requests"], clients)
+            # every change is persisted (fsync'd) as in `l4lb run`
+            state_file = Path(tempfile.mkdtemp(prefix="l4lb-bench-")) / "state.json"
+            ctrl = Controller(_emptied(prog, cap), RuntimeConfig(), state_file=state_file)
+            res["rpc"][str(clients)] = rpc_latency(ctrl, max(settings["requests"], 2 * clients), clients)
         res["rpc_to_packet"] = rpc_to_packet(prog, cap, settings["changes"], log)
     finally:
         if own:

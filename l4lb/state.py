@@ -22,6 +22,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 from typing import Protocol
 
 import numpy as np
@@ -53,7 +54,7 @@ class VipState:
     ring: int = 0  # active copy
 
     def clone(self) -> "VipState":
-        return replace(self, backends=dict(self.backends))
+        return VipState(self.key, self.vip_id, self.flags, dict(self.backends), self.ring)
 
 
 @dataclass
@@ -100,11 +101,16 @@ class MapImage:
     portless: int = 0
 
 
+@lru_cache(maxsize=65536)
+def _packed(address: str) -> bytes:
+    return ipaddress.ip_address(address).packed
+
+
 def ring_slots(capacity: Capacity, spec: tuple) -> np.ndarray:
     """Backend index per ring slot (0 = none) for ((address, index, weight), ...)."""
     if not spec:
         return np.zeros(capacity.ring_size, dtype=np.uint32)
-    keys = [ipaddress.ip_address(a).packed for a, _, _ in spec]
+    keys = [_packed(a) for a, _, _ in spec]
     pos = maglev.maglev_indices(keys, [w for _, _, w in spec], capacity.ring_size)
     lut = np.array([i for _, i, _ in spec] + [0], dtype=np.uint32)
     return lut[pos]  # position -1 picks the trailing 0
@@ -189,7 +195,7 @@ class LbModel:
         c = LbModel.__new__(LbModel)
         c.capacity = self.capacity
         c.vips = {k: v.clone() for k, v in self.vips.items()}
-        c.backends = {a: replace(b) for a, b in self.backends.items()}
+        c.backends = {a: BackendState(b.index, b.generation, b.refs) for a, b in self.backends.items()}
         c.generations = list(self.generations)
         c.vip_generations = list(self.vip_generations)
         c.reserved = self.reserved
@@ -260,10 +266,10 @@ class LbModel:
     def set_backends(self, key: VipKey, backends: dict[str, int]) -> None:
         """Replaces the VIP's backends and weights with `backends`, all at once."""
         vip = self.get(key)
-        for addr in backends:
+        added = [a for a in backends if a not in vip.backends]
+        for addr in added:
             check_backend_family(key.ip, parse_address(addr), f"backend {addr}")
         self._check_ring_room(backends)
-        added = [a for a in backends if a not in vip.backends]
         removed = [a for a in vip.backends if a not in backends]
         new_addrs = [a for a in added if a not in self.backends]
         indices = self._free_backend_indices(len(new_addrs))

@@ -1,6 +1,6 @@
 """`l4lb demo`: real TCP through the load balancer across network namespaces.
 
-Builds the testbed (l4lb/testbed.py), configures an IPv4 and an IPv6 VIP with
+Builds the testbed (l4lb/testbed/), configures an IPv4 and an IPv6 VIP with
 three backends through the gRPC API, opens connections from two clients and
 puts what the backends answered beside what the LB and the backends counted;
 then drains one backend while a connection to it stays open. Tears everything

@@ -16,12 +16,12 @@ only. The parts, by job:
 """
 from .common import MTU, SERVICE_PORT, TestbedError, wait_until
 from .hosts import Backend, Client, Conn, UdpFlow
-from .lbproc import Lb
+from .lbproc import Lb, LbLauncher
 from .namespaces import Node, sweep
 from .packets import inet_checksum, ip_source
 from .topology import Options, Testbed
 from .tunnels import DECAP_MODES, ipip_support
 
-__all__ = ["DECAP_MODES", "MTU", "SERVICE_PORT", "Backend", "Client", "Conn", "Lb", "Node", "Options",
+__all__ = ["DECAP_MODES", "MTU", "SERVICE_PORT", "Backend", "Client", "Conn", "Lb", "LbLauncher", "Node", "Options",
            "Testbed", "TestbedError", "UdpFlow", "inet_checksum", "ip_source", "ipip_support", "sweep",
            "wait_until"]

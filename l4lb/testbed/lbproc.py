@@ -3,26 +3,42 @@ subprocess entered into it with nsenter, so that it sees the BPF filesystem),
 attached natively to its veth, its gRPC API on a unix socket in the
 testbed's temp dir. Starting, waiting until it serves, stopping, restarting
 (it adopts the pinned maps), the attached program, and a capture of what its
-stack sees."""
+stack sees.
+
+The testbed knows no control plane: its caller hands it an LbLauncher, which
+says how to run `l4lb` and how to tell that it serves (control/launcher.py
+has the one that callers use)."""
 from __future__ import annotations
 
 import contextlib
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
+from typing import Protocol
 
 from .. import netlink
 from .common import NET4, NET6, PIN_ROOT, TestbedError
 from .namespaces import Node
 
 
+class LbLauncher(Protocol):
+    """What the testbed needs of the control plane, from its caller."""
+
+    def command(self, args: list[str]) -> list[str]:
+        """The command line that runs `l4lb <args>`."""
+
+    def ready(self, grpc_address: str) -> bool:
+        """Whether the process listening on grpc_address serves; False (never an
+        exception) while it does not, and within a second or so."""
+
+
 class Lb(Node):
-    def __init__(self, role: str, ns: str, ifname: str, workdir: Path):
+    def __init__(self, role: str, ns: str, ifname: str, workdir: Path, launcher: LbLauncher):
         super().__init__(role, ns)
+        self.launcher = launcher
         self.ifname = ifname
         self.addr4 = f"{NET4['lb']}.2"
         self.addr6 = f"{NET6['lb']}::2"
@@ -37,11 +53,9 @@ class Lb(Node):
         self.run_args: list[str] = []
 
     def command(self, with_config: bool) -> list[str]:
-        exe = Path(sys.executable).with_name("l4lb")
-        cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "control.cli"]
-        cmd += ["run", "--interface", self.ifname, "--listen", self.grpc_address,
+        args = ["run", "--interface", self.ifname, "--listen", self.grpc_address,
                 "--state-dir", str(self.state_dir), "--attach-mode", "native", *self.run_args]
-        return cmd + (["--config", str(self.config)] if with_config else [])
+        return self.launcher.command(args + (["--config", str(self.config)] if with_config else []))
 
     def start(self, with_config: bool = False) -> None:
         """Starts `l4lb run` in the LB namespace. The first start passes the
@@ -57,18 +71,12 @@ class Lb(Node):
                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
     def wait_healthy(self, timeout: float = 60.0) -> None:
-        import grpc  # noqa: PLC0415
-        from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: PLC0415
-
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise TestbedError(f"l4lb run exited with status {self.proc.returncode}:\n{self.log_tail()}")
-            if self.socket_path.exists():
-                with contextlib.suppress(grpc.RpcError), grpc.insecure_channel(self.grpc_address) as ch:
-                    r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
-                    if r.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
+            if self.socket_path.exists() and self.launcher.ready(self.grpc_address):
+                return
             time.sleep(0.05)
         raise TestbedError(f"l4lb run did not serve within {timeout:.0f} s:\n{self.log_tail()}")
 

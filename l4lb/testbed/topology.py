@@ -55,7 +55,7 @@ from . import server
 from .common import (ENCAP_NET4, ENCAP_NET6, MTU, NET4, NET6, NETNS_DIR, PREFIX, ROUTER_HOST, TIMEOUT,
                      VIP_NET4, VIP_NET6, TestbedError)
 from .hosts import Backend, Client
-from .lbproc import Lb
+from .lbproc import Lb, LbLauncher
 from .namespaces import Node, create_ns, next_tag, ns_pids, remove_ns, stop_pids, stop_popen, sweep
 from .tunnels import decapsulate, give_back, resolve_decap, take_decap
 
@@ -74,18 +74,22 @@ class Options:
 
 class Testbed:
     """The topology in the module docstring, built on __enter__ and removed on
-    __exit__ (also when building fails half-way)."""
+    __exit__ (also when building fails half-way). launcher runs the LB's
+    control plane (lbproc.LbLauncher; control.launcher.launcher() is the one
+    to pass)."""
 
     __test__ = False
 
     def __init__(self, decap: str = "auto", clients: int = 2, backends: int = 3, vips: int = 16,
-                 progress: Callable[[str], None] | None = None, lb_args: list[str] | None = None):
+                 progress: Callable[[str], None] | None = None, lb_args: list[str] | None = None,
+                 *, launcher: LbLauncher):
         if clients < 1 or not 1 <= backends <= 200 or not 1 <= vips <= 200:
             raise TestbedError("a testbed needs 1+ clients, 1-200 backends and 1-200 VIPs")
         self.opts = Options(decap, clients, backends, vips)
         if lb_args is not None:
             self.opts.lb_args = list(lb_args)
         self.say = progress or (lambda msg: log.info("%s", msg))
+        self.launcher = launcher
         self.tag = next_tag()
         self.decap = ""
         self.nodes: list[Node] = []
@@ -151,7 +155,7 @@ class Testbed:
                 self.router = Node(role, self.ns_name(role))
                 node = self.router
             elif role == "lb":
-                self.lb = Lb(role, self.ns_name(role), f"{PREFIX}{self.tag}", self.workdir)
+                self.lb = Lb(role, self.ns_name(role), f"{PREFIX}{self.tag}", self.workdir, self.launcher)
                 self.lb.run_args = list(self.opts.lb_args)
                 node = self.lb
             elif role.startswith("c"):

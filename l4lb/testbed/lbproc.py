@@ -6,8 +6,7 @@ testbed's temp dir. Starting, waiting until it serves, stopping, restarting
 stack sees.
 
 The testbed knows no control plane: its caller hands it an LbLauncher, which
-says how to run `l4lb` and how to tell that it serves (control/launcher.py
-has the one that callers use)."""
+says how to run `l4lb` and how to tell that it serves."""
 from __future__ import annotations
 
 import contextlib

@@ -74,9 +74,8 @@ class Options:
 
 class Testbed:
     """The topology in the module docstring, built on __enter__ and removed on
-    __exit__ (also when building fails half-way). launcher runs the LB's
-    control plane (lbproc.LbLauncher; control.launcher.launcher() is the one
-    to pass)."""
+    __exit__ (also when building fails half-way). launcher (an LbLauncher,
+    from the caller) says how to run the LB's control plane."""
 
     __test__ = False
 

@@ -8,11 +8,10 @@ which passes every frame: see topology.py for why."""
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import subprocess
 import threading
 
-from .. import bpf, consts
+from .. import decap
 from .common import PREFIX, TestbedError
 from .namespaces import Node, create_ns, next_tag, remove_ns
 
@@ -68,9 +67,7 @@ def decapsulate(b, mode: str) -> None:
     b.decap = mode
     if mode == "xdp":
         b.program = take_decap()
-        t = b.program.table(consts.MAP_DECAP_ADDRS)
-        for a in (b.addr4, b.addr6):
-            t[_addr_key(t, a)] = t.Leaf(1)
+        decap.set_endpoints(b.program, (b.addr4, b.addr6))
         b.run(b.program.attach, "eth0", "native")
         return
     # ipip: 4in4 lands on an ipip device, 6in6 and 4in6 on an ip6tnl device in
@@ -92,8 +89,9 @@ def take_decap():
     with _pool_lock:
         prog = _decap_pool.pop() if _decap_pool else None
     if prog is None:
-        prog = bpf.load_decap()
-    prog.table(consts.MAP_DECAP_ADDRS).clear()
+        prog = decap.load()
+    else:
+        decap.set_endpoints(prog, ())
     prog.ifname = prog.attach_mode = None
     return prog
 
@@ -102,13 +100,3 @@ def give_back(prog) -> None:
     with _pool_lock:
         _decap_pool.append(prog)
 
-
-def _addr_key(table, address: str):
-    """struct addr_key: the address as four words in raw network order, and its family."""
-    ip = ipaddress.ip_address(address)
-    k = table.Key()
-    packed = ip.packed.ljust(16, b"\0")
-    for i in range(4):
-        k.addr[i] = int.from_bytes(packed[4 * i:4 * i + 4], "little")
-    k.family = consts.FAMILY_V4 if ip.version == 4 else consts.FAMILY_V6
-    return k

@@ -20,10 +20,10 @@ from .namespaces import Node
 from .packets import inet_checksum
 from .tunnels import TUNNEL4, TUNNEL6
 
+
 @dataclass
-class Conn:
-    """A TCP connection from a client to an address (a VIP, usually). Every
-    ask() sends one line and reads the server's answer: its name, then the line."""
+class _Flow:
+    """A client's connected socket and the addresses and ports of its flow."""
 
     sock: socket.socket
     client: str
@@ -31,6 +31,20 @@ class Conn:
     sport: int
     dst: str
     dport: int
+
+    def endpoints(self) -> str:
+        return f"{self.client} {hostport(self.src, self.sport)} -> {hostport(self.dst, self.dport)}"
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+
+@dataclass
+class Conn(_Flow):
+    """A TCP connection from a client to an address (a VIP, usually). Every
+    ask() sends one line and reads the server's answer: its name, then the line."""
+
     backend: str = ""
 
     def ask(self, text: str = "hello", timeout: float = 5.0) -> str:
@@ -52,24 +66,13 @@ class Conn:
         self.backend = self.backend or name
         return name
 
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.sock.close()
-
     def __str__(self) -> str:
-        return f"tcp {self.client} {hostport(self.src, self.sport)} -> {hostport(self.dst, self.dport)}"
+        return f"tcp {self.endpoints()}"
 
 
 @dataclass
-class UdpFlow:
+class UdpFlow(_Flow):
     """A UDP flow (one source port) from a client."""
-
-    sock: socket.socket
-    client: str
-    src: str
-    sport: int
-    dst: str
-    dport: int
 
     def ask(self, text: str = "hello", timeout: float = 2.0) -> str:
         self.sock.settimeout(timeout)
@@ -77,16 +80,11 @@ class UdpFlow:
             self.sock.send(text.encode())
             data = self.sock.recv(65536)
         except OSError as e:
-            raise TestbedError(f"udp {self.client} {hostport(self.src, self.sport)} -> "
-                               f"{hostport(self.dst, self.dport)}: {e}") from e
+            raise TestbedError(f"udp {self.endpoints()}: {e}") from e
         name, _, echo = data.decode().partition(" ")
         if echo != text:
             raise TestbedError(f"udp answer {data[:40]!r} does not echo {text!r}")
         return name
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.sock.close()
 
 
 class Client(Node):

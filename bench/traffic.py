@@ -28,6 +28,7 @@ from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import Ether
 
 from control.client import Client
+from control.launcher import launcher
 from control.l4lb.v1 import l4lb_pb2 as pb
 from l4lb import netlink, libbpf
 from l4lb.bpf import percpu_sum
@@ -79,7 +80,8 @@ def _measure(tb, gen, frame: bytes, count: int, sink=None) -> dict:
 def run(quick: bool = False, count: int | None = None, say=print) -> dict:
     count = count or (200_000 if quick else 2_000_000)
     out = {"count": count, "flows": FLOWS, "frame_bytes": FRAME_LEN}
-    with Testbed(decap="xdp", clients=1, backends=3, vips=1, progress=lambda m: None) as tb:
+    with Testbed(decap="xdp", clients=1, backends=3, vips=1, progress=lambda m: None,
+                 launcher=launcher()) as tb:
         vip = tb.vip4(0)
         with Client(tb.lb.grpc_address) as c:
             c.call("AddVip", pb.AddVipRequest(

@@ -1,6 +1,6 @@
 """`l4lb demo`: real TCP through the load balancer across network namespaces.
 
-Builds the testbed (l4lb/testbed.py), configures an IPv4 and an IPv6 VIP with
+Builds the testbed (l4lb/testbed/), configures an IPv4 and an IPv6 VIP with
 three backends through the gRPC API, opens connections from two clients and
 puts what the backends answered beside what the LB and the backends counted;
 then drains one backend while a connection to it stays open. Tears everything
@@ -22,6 +22,7 @@ from l4lb.errors import L4lbError
 from l4lb.testbed import DECAP_MODES, SERVICE_PORT, Testbed
 
 from .client import Client, vip_text
+from .launcher import launcher
 from .l4lb.v1 import l4lb_pb2 as pb
 
 EPILOG = """examples:
@@ -82,7 +83,7 @@ class Demo:
         try:
             with self.step("build the testbed"):
                 with self.out.status("building") as status:
-                    bed = Testbed(decap=self.decap, progress=lambda m: status.update(m))
+                    bed = Testbed(decap=self.decap, progress=lambda m: status.update(m), launcher=launcher())
                     bed.__enter__()
                 self.out.print(f"  {len(bed.clients)} clients, a router, the LB, {len(bed.backends)} backends "
                                f"(namespaces {bed.ns_name('*')})")

@@ -22,9 +22,8 @@ import subprocess
 import sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from bcc import BPF
-
-from l4lb import bpf, consts
+from l4lb import decap
+from l4lb.errors import BpfError
 
 NAME = os.environ.get("BACKEND_NAME", "").strip() or socket.gethostname()
 
@@ -64,31 +63,17 @@ def data_interfaces() -> dict[str, list[str]]:
 
 
 def attach_decap(ifaces: dict[str, list[str]]):
-    prog = bpf.load_decap()
-    table = prog.table(consts.MAP_DECAP_ADDRS)
-    for addrs in ifaces.values():
-        for a in addrs:
-            addr = ipaddress.ip_address(a)
-            key = table.Key()
-            packed = addr.packed.ljust(16, b"\0")
-            for i in range(4):  # the address in network order, as four raw 32-bit words
-                key.addr[i] = int.from_bytes(packed[4 * i:4 * i + 4], "little")
-            key.family = consts.FAMILY_V4 if addr.version == 4 else consts.FAMILY_V6
-            table[key] = table.Leaf(1)
+    """The decap program with every data interface's addresses as tunnel
+    endpoints, attached to each of those interfaces (the one program serves
+    them all; it stays attached for the life of the container)."""
+    prog = decap.load([a for addrs in ifaces.values() for a in addrs])
     mode = os.environ.get("L4LB_DECAP_MODE", "auto").strip() or "auto"
-    flags = {"native": [BPF.XDP_FLAGS_DRV_MODE], "generic": [BPF.XDP_FLAGS_SKB_MODE],
-             "auto": [BPF.XDP_FLAGS_DRV_MODE, BPF.XDP_FLAGS_SKB_MODE]}[mode]
-    for ifname in ifaces:
-        for i, f in enumerate(flags):
-            try:
-                prog.bpf.attach_xdp(ifname, prog.fn, f)
-            except Exception as e:  # bcc raises bare Exception
-                if i + 1 == len(flags):
-                    raise SystemExit(f"l4lb-backend: cannot attach the decap program to {ifname}: {e}") from e
-                continue
-            say(f"decap program on {ifname} ({'native' if f == BPF.XDP_FLAGS_DRV_MODE else 'generic'}), "
-                f"tunnel endpoints {', '.join(ifaces[ifname])}")
-            break
+    for ifname, addrs in ifaces.items():
+        try:
+            got = prog.attach(ifname, mode)
+        except BpfError as e:
+            raise SystemExit(f"l4lb-backend: cannot attach the decap program to {ifname}: {e}") from e
+        say(f"decap program on {ifname} ({got}), tunnel endpoints {', '.join(addrs)}")
         rp = open(f"/proc/sys/net/ipv4/conf/{ifname}/rp_filter").read().strip()
         if rp == "1":
             say(f"warning: rp_filter is strict on {ifname}; decapsulated packets may be dropped")

@@ -11,10 +11,10 @@ import time
 import uuid
 from pathlib import Path
 
+import dockerenv
 from control.client import Client
 from control.l4lb.v1 import l4lb_pb2 as pb
-from l4lb import dockerenv
-from l4lb.dockerenv import DockerEnvError, Engine
+from dockerenv import DockerEnvError, Engine
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO / "docker" / "compose.yaml"

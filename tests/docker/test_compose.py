@@ -20,10 +20,10 @@ import time
 import grpc
 import pytest
 
+import dockerenv
 from control.client import Client
 from control.l4lb.v1 import l4lb_pb2 as pb
 from dockerstack import BACKENDS, Stack
-from l4lb import dockerenv
 from l4lb.flowhash import flow_hash, ring_slot
 from l4lb.maglev import maglev_table
 
@@ -41,7 +41,7 @@ def stack(pytestconfig, tmp_path_factory):
             with capture.global_and_fixture_disabled():
                 reporter.write_line(f"docker: {msg}")
 
-    class Relay(logging.Handler):  # what l4lb.dockerenv does (installs, starts, builds), as it happens
+    class Relay(logging.Handler):  # what dockerenv does (installs, starts, builds), as it happens
         def emit(self, record):
             say(record.getMessage())
 

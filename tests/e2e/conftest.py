@@ -3,6 +3,7 @@ in each decapsulation mode: the XDP decap program, and the kernel's ipip and
 ip6tnl devices where the kernel has them (skipped, with the reason, where not)."""
 import pytest
 
+from control.launcher import launcher
 from e2e_util import Lb
 from l4lb.testbed import Testbed, ipip_support
 
@@ -16,7 +17,7 @@ def bed(request):
         if not ok:
             _notes.add(f"ipip decapsulation tests skipped: {why}; the XDP decap program ran them")
             pytest.skip(f"ipip decapsulation: {why}")
-    with Testbed(decap=request.param) as tb:
+    with Testbed(decap=request.param, launcher=launcher()) as tb:
         yield tb
 
 

@@ -7,11 +7,14 @@ missing), with its default bridge and every network it allocates inside
 sure `l4lb/bookworm-base` exists: kept if present, pulled from a registry if
 one answers, otherwise built here with `debootstrap --variant=minbase
 bookworm` and `docker import`. Standard library only, so that it also runs
-with the system python3:
+with the system python3, from the repository root:
 
-    python3 -m l4lb.dockerenv engine     # make sure an engine runs (leaves it running)
-    python3 -m l4lb.dockerenv base       # make sure the base image exists
-    python3 -m l4lb.dockerenv stop       # stop the engine `engine` started
+    python3 tests/docker/dockerenv.py engine   # make sure an engine runs (leaves it running)
+    python3 tests/docker/dockerenv.py base     # make sure the base image exists
+    python3 tests/docker/dockerenv.py stop     # stop the engine `engine` started
+
+The Docker tests (test_compose.py, dockerstack.py beside this file) use it
+as a module.
 """
 from __future__ import annotations
 
@@ -28,9 +31,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import L4lbError
-
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 BASE_IMAGE = "l4lb/bookworm-base"
 REGISTRY_IMAGE = "debian:bookworm-slim"  # what a machine with a registry pulls instead
 DEBIAN_MIRROR = os.environ.get("L4LB_DEBIAN_MIRROR", "http://deb.debian.org/debian")
@@ -42,7 +43,7 @@ LOCAL_CA_SOURCE = Path("/usr/local/share/ca-certificates")
 LOCAL_CA_DIR = REPO / "docker" / "local-ca"
 
 
-class DockerEnvError(L4lbError):
+class DockerEnvError(Exception):
     """No engine, compose or base image could be had; the message says why."""
 
 
@@ -360,7 +361,7 @@ def build_base_image(engine: Engine, tag: str = BASE_IMAGE) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python3 -m l4lb.dockerenv", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python3 tests/docker/dockerenv.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["engine", "base", "stop"],
                    help="engine: make sure an engine answers (started ones keep running); "

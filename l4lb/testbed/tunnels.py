@@ -1,0 +1,102 @@
+"""How the testbed's backends decapsulate the LB's IP-in-IP packets: with the
+kernel's ipip and ip6tnl devices where this kernel can make them, otherwise
+with the XDP decap program (xdp/decap.c). The probe for tunnel devices, the
+choice of mode, the set-up on one backend, and a pool of loaded decap programs.
+
+The router's end of the LB link gets a decap program too, with no addresses,
+which passes every frame: see topology.py for why."""
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import threading
+
+from .. import decap
+from .common import PREFIX, TestbedError
+from .namespaces import Node, create_ns, next_tag, remove_ns
+
+DECAP_MODES = ("auto", "xdp", "ipip")
+TUNNEL4, TUNNEL6 = "l4lbip4", "l4lbip6"
+
+_ipip_support: tuple[bool, str] | None = None
+
+
+def ipip_support() -> tuple[bool, str]:
+    """(True, '') when this kernel can make ipip and ip6tnl devices, else (False, why).
+    Loads the modules if they exist, then tries both devices in a scratch namespace."""
+    global _ipip_support
+    if _ipip_support is not None:
+        return _ipip_support
+    from pyroute2.netlink.exceptions import NetlinkError  # noqa: PLC0415
+
+    for module in ("ipip", "ip6_tunnel"):
+        with contextlib.suppress(OSError):
+            subprocess.run(["modprobe", "-q", module], capture_output=True)
+    ns = f"{PREFIX}-{next_tag()}-probe"
+    create_ns(ns)
+    try:
+        with Node("probe", ns) as node:
+            for kind, name in (("ipip", "probe4"), ("ip6tnl", "probe6")):
+                try:
+                    node.ipr.link("add", ifname=name, kind=kind)
+                except NetlinkError as e:
+                    _ipip_support = (False, f"this kernel has no {kind} device (creating one fails: "
+                                            f"{e.args[1]}; CONFIG_NET_IPIP / CONFIG_IPV6_TUNNEL off)")
+                    break
+            else:
+                _ipip_support = (True, "")
+    finally:
+        remove_ns(ns)
+    return _ipip_support
+
+
+def resolve_decap(mode: str) -> str:
+    if mode not in DECAP_MODES:
+        raise TestbedError(f"--decap {mode!r}: use one of {', '.join(DECAP_MODES)}")
+    if mode == "auto":
+        return "ipip" if ipip_support()[0] else "xdp"
+    if mode == "ipip":
+        ok, why = ipip_support()
+        if not ok:
+            raise TestbedError(f"--decap ipip: {why}")
+    return mode
+
+
+def decapsulate(b, mode: str) -> None:
+    """Sets up decapsulation on backend b (a hosts.Backend) in mode 'xdp' or 'ipip'."""
+    b.decap = mode
+    if mode == "xdp":
+        b.program = take_decap()
+        decap.set_endpoints(b.program, (b.addr4, b.addr6))
+        b.run(b.program.attach, "eth0", "native")
+        return
+    # ipip: 4in4 lands on an ipip device, 6in6 and 4in6 on an ip6tnl device in
+    # mode any (IFLA_IP6TNL_PROTO 0), each bound to this backend's address
+    b.ipr.link("add", ifname=TUNNEL4, kind="ipip", ipip_local=b.addr4)
+    b.ipr.link("add", ifname=TUNNEL6, kind="ip6tnl", ip6tnl_local=b.addr6, ip6tnl_proto=0)
+    for dev in (TUNNEL4, TUNNEL6):
+        b.ipr.link("set", index=b.index(dev), state="up")
+        b.sysctl({f"net.ipv4.conf.{dev}.rp_filter": 0})
+
+
+# Compiling the decap program takes ~2 s; a process that builds several
+# testbeds reuses the loaded programs (they detach when a namespace goes).
+_decap_pool: list = []
+_pool_lock = threading.Lock()
+
+
+def take_decap():
+    with _pool_lock:
+        prog = _decap_pool.pop() if _decap_pool else None
+    if prog is None:
+        prog = decap.load()
+    else:
+        decap.set_endpoints(prog, ())
+    prog.ifname = prog.attach_mode = None
+    return prog
+
+
+def give_back(prog) -> None:
+    with _pool_lock:
+        _decap_pool.append(prog)
+

@@ -60,7 +60,7 @@ def _returned(tb, sink) -> int:
 
 
 def _backends_received(tb) -> int:
-    return sum(sum(b._decap_raw().values()) for b in tb.backends)
+    return sum(sum(b.decap_totals().values()) for b in tb.backends)
 
 
 def _measure(tb, gen, frame: bytes, count: int, sink=None) -> dict:

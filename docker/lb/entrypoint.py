@@ -33,10 +33,12 @@ from pathlib import Path
 
 import yaml
 
+from l4lb import consts
+
 RUN_DIR = Path("/run/l4lb")
 TLS_DIR = Path("/etc/l4lb/tls")
 START_CONFIG = RUN_DIR / "start.yaml"
-PIN_ROOT = Path("/sys/fs/bpf/l4lb")
+PIN_ROOT = Path(consts.PIN_ROOT)
 
 
 def say(msg: str) -> None:

@@ -9,17 +9,18 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from .. import consts
 from ..errors import L4lbError
 
 PREFIX = "l4lbtb"
 NETNS_DIR = Path("/run/netns")
-PIN_ROOT = Path("/sys/fs/bpf/l4lb")
+PIN_ROOT = Path(consts.PIN_ROOT)
 SERVICE_PORT = 80  # TCP and UDP port of the backends' servers (and so of the VIPs)
 
 NET4 = {"clients": "198.18.0", "lb": "198.18.1", "backends": "198.18.2", "vips": "198.18.10"}
 NET6 = {"clients": "fd00:198:18:0", "lb": "fd00:198:18:1", "backends": "fd00:198:18:2", "vips": "fd00:198:18:10"}
 VIP_NET4, VIP_NET6 = "198.18.10.0/24", "fd00:198:18:10::/64"
-ENCAP_NET4, ENCAP_NET6 = "198.18.20.0/24", "fd00:198:18:20::/64"
+ENCAP_NET4, ENCAP_NET6 = consts.DEFAULT_ENCAP_V4, consts.DEFAULT_ENCAP_V6
 ROUTER_HOST = 254  # the router's host number on the client and backend bridges
 MTU = 1500
 TIMEOUT = 20.0  # seconds any one readiness wait may take

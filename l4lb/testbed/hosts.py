@@ -149,7 +149,9 @@ class Backend(Node):
         self.server: subprocess.Popen | None = None
         self._base = {"decap4": 0, "decap6": 0}
 
-    def _decap_raw(self) -> dict[str, int]:
+    def decap_totals(self) -> dict[str, int]:
+        """Packets decapsulated here since decapsulation was set up (the
+        counters as they stand)."""
         if self.decap == "xdp":
             s = bpf.percpu_sum(self.program.table(consts.MAP_DECAP_STATS))
             return {"decap4": s["decap4"], "decap6": s["decap6"]}
@@ -159,5 +161,9 @@ class Backend(Node):
         """Packets decapsulated here since the testbed was built: decap4 (outer
         IPv4: 4in4) and decap6 (outer IPv6: 6in6 and 4in6), from the decap
         program's counters or the tunnel devices' rx_packets."""
-        raw = self._decap_raw()
+        raw = self.decap_totals()
         return {k: raw[k] - self._base[k] for k in raw}
+
+    def zero_decap_counts(self) -> None:
+        """decap_counts() counts from now on."""
+        self._base = self.decap_totals()

@@ -197,7 +197,7 @@ class Testbed:
         if not prog or prog[1] != consts.PROG_BALANCER:
             raise TestbedError(f"the LB's interface runs {prog}, not the balancer")
         for b in self.backends:
-            b._base = b._decap_raw()
+            b.zero_decap_counts()
         self.build_seconds = time.monotonic() - t0
         self.say(f"testbed ready in {self.build_seconds:.1f} s")
 

@@ -30,6 +30,7 @@ import numpy as np
 from . import maglev
 from .consts import Capacity
 from .errors import AlreadyExistsError, CapacityError, NotFoundError, StateError, ValidationError
+from .health import HealthCheck, effective_weights, parse_health
 from .model import VipKey, VipSpec, check_backend_family, flags_to_bits, parse_address, parse_flags
 
 
@@ -50,11 +51,17 @@ class VipState:
     key: VipKey
     vip_id: int
     flags: frozenset[str]
-    backends: dict[str, int] = field(default_factory=dict)  # address -> weight
+    backends: dict[str, int] = field(default_factory=dict)  # address -> weight, as the operator set it
     ring: int = 0  # active copy
+    health: HealthCheck | None = None
+    down: frozenset[str] = frozenset()  # backends a health check found down
 
     def clone(self) -> "VipState":
-        return VipState(self.key, self.vip_id, self.flags, dict(self.backends), self.ring)
+        return VipState(self.key, self.vip_id, self.flags, dict(self.backends), self.ring, self.health, self.down)
+
+    def effective(self) -> tuple[dict[str, int], bool]:
+        """(the weights the ring is built from, whether health is ignored: panic)."""
+        return effective_weights(self.backends, self.down, self.health)
 
 
 @dataclass
@@ -278,10 +285,23 @@ class LbModel:
             if a not in new_addrs:
                 self.backends[a].refs += 1
         vip.backends = dict(backends)
+        vip.down = frozenset(a for a in vip.down if a in backends)
         self._release(removed)
 
     def set_flags(self, key: VipKey, flags: frozenset[str]) -> None:
         self.get(key).flags = frozenset(flags)
+
+    def set_health_check(self, key: VipKey, check: HealthCheck | None) -> None:
+        """A new check starts from every backend up (no probe has failed yet)."""
+        vip = self.get(key)
+        if vip.health != check:
+            vip.health, vip.down = check, frozenset()
+
+    def set_backend_health(self, key: VipKey, address: str, up: bool) -> None:
+        vip = self.get(key)
+        if address not in vip.backends:
+            raise NotFoundError(f"backend {address} is not on VIP {key}")
+        vip.down = vip.down - {address} if up else vip.down | {address}
 
     def _check_ring_room(self, backends: dict[str, int]) -> None:
         live = sum(1 for w in backends.values() if w > 0)
@@ -307,8 +327,7 @@ class LbModel:
         listing: dict[str, set[int]] = {a: set() for a in self.backends}
         for key, v in self.vips.items():
             img.vips[key] = (v.vip_id, flags_to_bits(v.flags), v.ring)
-            img.rings[v.vip_id] = Ring(tuple(sorted((a, self.backends[a].index, w)
-                                                    for a, w in v.backends.items())))
+            img.rings[v.vip_id] = Ring(self.ring_spec(v))
             img.addresses[key.address] = img.addresses.get(key.address, 0) + 1
             for a in v.backends:
                 listing[a].add(v.vip_id)
@@ -320,6 +339,10 @@ class LbModel:
             img.backends[b.index] = BackendEntry(a, b.generation, frozenset(listing[a]))
         return img
 
+    def ring_spec(self, v: VipState) -> tuple:
+        weights, _ = v.effective()
+        return tuple(sorted((a, self.backends[a].index, w) for a, w in weights.items()))
+
     def flip_changed(self, base: "LbModel") -> None:
         """Each VIP whose backends differ from `base`'s (the model the maps
         reflect) takes the idle ring copy, so the new table is written beside
@@ -328,9 +351,7 @@ class LbModel:
             old = base.vips.get(key)
             if old is None or old.vip_id != v.vip_id:
                 continue
-            same = old.backends == v.backends and all(
-                base.backends[a].index == self.backends[a].index for a in v.backends)
-            v.ring = old.ring if same else 1 - old.ring
+            v.ring = old.ring if base.ring_spec(old) == self.ring_spec(v) else 1 - old.ring
 
     def resolve(self, have: MapImage) -> bool:
         """Before writing over `have` (maps of an earlier process): a VIP whose
@@ -350,7 +371,8 @@ class LbModel:
         return {
             "vips": [{"address": v.key.address, "port": v.key.port, "protocol": v.key.protocol,
                       "vip_id": v.vip_id, "flags": sorted(v.flags), "ring": v.ring,
-                      "backends": v.backends} for v in self.vips.values()],
+                      "backends": v.backends, "health": v.health.to_dict() if v.health else None,
+                      "down": sorted(v.down)} for v in self.vips.values()],
             "backends": {a: {"index": b.index, "generation": b.generation}
                          for a, b in self.backends.items()},
             "generations": {str(i): g for i, g in enumerate(self.generations) if g},
@@ -409,7 +431,12 @@ class LbModel:
                 m.backends[addr].refs += 1
             if v["ring"] not in (0, 1):
                 raise StateError(f"saved state: VIP {key} has ring copy {v['ring']!r} (0 or 1)")
-            m.vips[key] = VipState(key, vid, parse_flags(v["flags"], "saved flags"), backends, v["ring"])
+            health = parse_health(v.get("health"), f"saved VIP {key} health")
+            down = frozenset(str(parse_address(a, "saved backend")) for a in v.get("down", []))
+            if not down <= set(backends):
+                raise StateError(f"saved state: VIP {key} has a down backend it does not list")
+            m.vips[key] = VipState(key, vid, parse_flags(v["flags"], "saved flags"), backends, v["ring"],
+                                   health, down)
         orphans = [a for a, b in m.backends.items() if b.refs == 0]
         if orphans:
             raise StateError(f"saved state: backend {orphans[0]} is listed by no VIP")

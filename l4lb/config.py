@@ -12,10 +12,11 @@ import yaml
 from . import consts
 from .dataplane import RuntimeConfig
 from .errors import ConfigError, ValidationError
+from .health import HealthCheck, parse_health
 from .model import VipKey, VipSpec, parse_backends, parse_flags, parse_mac
 
 TOP_KEYS = {"gateway_mac", "encap_source", "mtu", "udp_timeout", "new_flow_rate", "icmp_rate", "vips"}
-VIP_KEYS = {"address", "port", "protocol", "flags", "backends"}
+VIP_KEYS = {"address", "port", "protocol", "flags", "backends", "health"}
 MIN_MTU, MAX_MTU = 1280, 9216
 
 
@@ -24,6 +25,7 @@ class LbConfig:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     vips: list[VipSpec] = field(default_factory=list)
     gateway_set: bool = False
+    health: dict[VipKey, HealthCheck | None] = field(default_factory=dict)  # each VIP's check
 
 
 def _int(value, what: str, lo: int, hi: int) -> int:
@@ -107,6 +109,7 @@ def _parse(doc) -> LbConfig:
             raise ValidationError(f"{w}.backends: expected a list of {{address, weight}}")
         spec = VipSpec(key, parse_flags(v.get("flags"), f"{w}.flags"),
                        parse_backends(key, backends, f"{w}.backends"))
+        cfg.health[key] = parse_health(v.get("health"), f"{w}.health")
         cfg.vips.append(spec)
     return cfg
 
@@ -117,13 +120,20 @@ def load_config(path: str | Path) -> LbConfig:
         text = p.read_text()
     except OSError as e:
         raise ConfigError(f"{p}: cannot read: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p}: not a text file (UTF-8 YAML expected)") from None
+    return parse_config_text(text, str(p))
+
+
+def parse_config_text(text: str, source: str = "config") -> LbConfig:
+    """A configuration from YAML text (a file's, or one sent over gRPC)."""
     try:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        raise ConfigError(f"{p}: {where}not valid YAML: {getattr(e, 'problem', None) or e}") from None
-    return parse_config(doc, str(p))
+        raise ConfigError(f"{source}: {where}not valid YAML: {getattr(e, 'problem', None) or e}") from None
+    return parse_config(doc, source)
 
 
 def check_capacity(cfg: LbConfig, cap: consts.Capacity) -> None:

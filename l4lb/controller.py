@@ -252,6 +252,33 @@ class Controller:
             return m.get(key).clone()
         return self._commit(change)
 
+    # ---- health ------------------------------------------------------------------------------
+    def set_health_check(self, key: VipKey, check) -> object:
+        """A VIP's health check (None: no check, every backend counts as up)."""
+        def change(m, _):
+            m.set_health_check(key, check)
+            return m.get(key).clone()
+        return self._commit(change)
+
+    def report_health(self, key: VipKey, address: str, up: bool, reason: str = "") -> None:
+        """A prober's verdict: a backend went up or down. Logged on one line; a
+        VIP entering or leaving panic is logged too."""
+        def change(m, _):
+            vip = m.get(key)
+            was_down, was_panic = address in vip.down, vip.effective()[1]
+            m.set_backend_health(key, address, up)
+            return was_down, was_panic, m.get(key).effective()[1]
+        try:
+            was_down, was_panic, panic = self._commit(change)
+        except NotFoundError:
+            return  # the VIP or backend went away while the probe ran
+        if was_down == up:
+            log.info("health: VIP %s backend %s %s -> %s (%s)", key, address,
+                     "down" if was_down else "up", "up" if up else "down", reason or "probe")
+        if panic != was_panic:
+            log.warning("health: VIP %s %s panic: %s", key, "enters" if panic else "leaves",
+                        "too few backends are up, every backend serves" if panic else "enough backends are up")
+
     # ---- backends ------------------------------------------------------------------------
     def add_backends(self, key: VipKey, backends: list[tuple[str, int]]):
         new = parse_backend_map(key, backends)
@@ -317,6 +344,11 @@ class Controller:
                     m.set_flags(obj.key, obj.flags)
                 elif kind == "backends":
                     m.set_backends(obj.key, dict(obj.backends))
+            for spec in cfg.vips:
+                check = cfg.health.get(spec.key)
+                if m.get(spec.key).health != check:
+                    m.set_health_check(spec.key, check)
+                    steps.append(("health", spec))
             if runtime and asdict(cfg.runtime) != asdict(ctx["runtime"]):
                 new_rt = RuntimeConfig(**asdict(cfg.runtime))
                 if not cfg.gateway_set:

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 import time
 
+import grpc
 from rich.console import Console
 from rich.table import Table
 
@@ -14,7 +16,7 @@ from l4lb.model import parse_decimal, parse_port
 
 from .client import Client, parse_backend, parse_vip, vip_text
 from .l4lb.v1 import l4lb_pb2 as pb
-from .server import DEFAULT_SOCKET
+from .server import DEFAULT_SOCKET, INSECURE_FLAG
 
 out = Console(markup=False, highlight=False)
 MAX_FLOWS_SHOWN = 100000  # ListFlows' own bound
@@ -53,9 +55,15 @@ def add_run(sub) -> None:
     r = sub.add_parser("run", help="load and attach the program, serve gRPC")
     r.add_argument("--interface", required=True, help="the LB's NIC")
     r.add_argument("--config", help="YAML configuration applied at start")
-    r.add_argument("--listen", default=DEFAULT_SOCKET, help="unix:PATH or HOST:PORT (non-loopback needs TLS)")
+    r.add_argument("--listen", default=DEFAULT_SOCKET,
+                   help="unix:PATH, or HOST:PORT with mutual TLS (--tls-cert, --tls-key, --tls-client-ca)")
     r.add_argument("--group", help="group of the unix socket (mode 0660)")
-    r.add_argument("--tls-cert"), r.add_argument("--tls-key"), r.add_argument("--tls-client-ca")
+    r.add_argument("--tls-cert", help="the server's certificate (PEM)")
+    r.add_argument("--tls-key", help="the server's key (PEM)")
+    r.add_argument("--tls-client-ca", help="CA that signs the clients' certificates (required on TCP)")
+    r.add_argument(INSECURE_FLAG, action="store_true",
+                   help="serve TCP without client authentication: on loopback without TLS, or TLS without "
+                        "--tls-client-ca (a warning is logged; any local user or any client can change the LB)")
     r.add_argument("--attach-mode", default="auto", choices=["auto", "native", "generic"])
     r.add_argument("--detach", action="store_true", help="detach and remove pinned maps on exit")
     r.add_argument("--force", action="store_true", help="replace an XDP program that is not l4lb's")
@@ -241,16 +249,42 @@ def _print_stats(s: pb.Stats) -> None:
 
 def cmd_stats(args) -> int:
     req_id = parse_vip(args.vip) if args.vip else None
-    with _client(args) as c:
-        if not args.watch:
+    if not args.watch:
+        with _client(args) as c:
             _print_stats(c.call("GetStats", pb.GetStatsRequest(id=req_id)))
-            return 0
-        stream = c.stub.WatchStats(pb.WatchStatsRequest(id=req_id, interval_seconds=args.interval))
-        for s in stream:
-            out.clear()
-            out.print(time.strftime("%H:%M:%S"))
-            _print_stats(s)
-    return 0
+        return 0
+    return _watch_stats(args, pb.WatchStatsRequest(id=req_id, interval_seconds=args.interval))
+
+
+RECONNECT_FIRST, RECONNECT_MAX = 0.5, 8.0  # seconds between attempts, doubling
+_GONE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+def _watch_stats(args, req) -> int:
+    """Streams until Ctrl-C. When the server goes (a restart), says so once on
+    stderr and reconnects, waiting longer between attempts up to RECONNECT_MAX."""
+    wait, waiting = RECONNECT_FIRST, False
+    while True:
+        try:
+            with _client(args) as c:
+                for s in c.stub.WatchStats(req):
+                    if waiting:
+                        print("l4lb: reconnected", file=sys.stderr, flush=True)
+                    wait, waiting = RECONNECT_FIRST, False
+                    out.clear()
+                    out.print(time.strftime("%H:%M:%S"))
+                    _print_stats(s)
+            reason = "the server ended the stream"
+        except grpc.RpcError as e:
+            if e.code() not in _GONE:
+                raise
+            reason = f"{e.code().name}: {e.details()}"
+        if not waiting:
+            print(f"l4lb: lost the server ({reason}); reconnecting to {args.server} until Ctrl-C",
+                  file=sys.stderr, flush=True)
+            waiting = True
+        time.sleep(wait)
+        wait = min(wait * 2, RECONNECT_MAX)
 
 
 def cmd_status(args) -> int:

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from control.l4lb.v1 import l4lb_pb2 as pb
-from test_server import L4LB, Server, _ip
+from test_server import L4LB, Server, _ip, server  # noqa: F401  (module-scoped fixture)
 from test_tls import _certs
 
 pytestmark = pytest.mark.kernel
@@ -43,17 +43,7 @@ def other(tmp_path):
         s.cleanup()
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    s = Server(tmp_path_factory.mktemp("srv"))
-    try:
-        s.start()
-        yield s
-    finally:
-        s.cleanup()
-
-
-def test_a_socket_another_daemon_serves_on_is_refused(server, other):
+def test_a_socket_another_daemon_serves_on_is_refused(server, other):  # noqa: F811
     rc, out = _run(other, f"unix:{server.sock}")
     assert rc == 2, out
     assert "another process serves on it" in out and "Traceback" not in out

@@ -16,20 +16,10 @@ import pytest
 from control.client import Client
 from control.l4lb.v1 import l4lb_pb2 as pb
 from control.server import MAX_STREAMS
-from test_server import L4LB, Server
+from test_server import L4LB, Server, server  # noqa: F401  (module-scoped fixture)
 
 pytestmark = pytest.mark.kernel
 FOREVER = pb.WatchStatsRequest(interval_seconds=3600)
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    s = Server(tmp_path_factory.mktemp("srv"))
-    try:
-        s.start()
-        yield s
-    finally:
-        s.cleanup()
 
 
 def _open_streams(stack: ExitStack, s: Server, n: int) -> list:
@@ -49,7 +39,7 @@ def _unary_calls_answer(s: Server, n: int = 20) -> None:
             c.call("ListVips", pb.ListVipsRequest())
 
 
-def test_open_streams_leave_workers_for_unary_calls(server):
+def test_open_streams_leave_workers_for_unary_calls(server):  # noqa: F811
     with ExitStack() as stack:
         streams = _open_streams(stack, server, MAX_STREAMS)
         _unary_calls_answer(server)
@@ -76,7 +66,7 @@ time.sleep(600)
 """
 
 
-def test_streams_of_a_client_that_vanished_free_their_slots(server):
+def test_streams_of_a_client_that_vanished_free_their_slots(server):  # noqa: F811
     proc = subprocess.Popen([sys.executable, "-c", ABANDON, f"unix:{server.sock}", str(MAX_STREAMS)],
                             stdout=subprocess.PIPE, text=True)
     try:

@@ -20,10 +20,17 @@ EPILOG = """examples:
 """
 
 
+MAX_MESSAGE = 300  # characters of an error message; argparse's echo whole arguments
+
+
+def one_line(message: str) -> str:
+    text = " ".join(message.split())
+    return text if len(text) <= MAX_MESSAGE else text[:MAX_MESSAGE] + "…"
+
+
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # usage errors: one line, exit 2
-        self.print_usage(sys.stderr)
-        print(f"l4lb: error: {message}", file=sys.stderr)
+        print(f"l4lb: error: {one_line(message)} (see: {self.prog} --help)", file=sys.stderr)
         sys.exit(2)
 
 
@@ -87,10 +94,10 @@ def main(argv: list[str]) -> int:
     try:
         return args.func(args)
     except L4lbError as e:
-        print(f"l4lb: error: {e}", file=sys.stderr)
+        print(f"l4lb: error: {one_line(str(e))}", file=sys.stderr)
         return 2
     except grpc.RpcError as e:
-        print(f"l4lb: {e.code().name}: {e.details()}", file=sys.stderr)
+        print(f"l4lb: {e.code().name}: {one_line(e.details() or '')}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -7,16 +7,30 @@ from pathlib import Path
 
 from l4lb import consts
 from l4lb.config import load_config
+from l4lb.errors import ValidationError
 from l4lb.node import LbNode, NodeOptions
 
-from .server import Tls, create_server, serve
+from .server import Tls, check_listen, create_server, serve
 from .servicer import LoadBalancerServicer
 
 log = logging.getLogger("l4lb.run")
 
 
+def tls_options(args) -> Tls | None:
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ValidationError("--tls-cert and --tls-key go together: give both, or neither")
+    if args.tls_client_ca and not args.tls_cert:
+        raise ValidationError("--tls-client-ca needs --tls-cert and --tls-key (the server's own certificate)")
+    if not args.tls_cert:
+        return None
+    return Tls(Path(args.tls_cert), Path(args.tls_key), Path(args.tls_client_ca) if args.tls_client_ca else None)
+
+
 def run(args) -> int:
     logging.basicConfig(level=logging.INFO, format="l4lb: %(message)s")
+    # the listener is checked before the program is loaded: a refusal leaves the interface as it was
+    tls = tls_options(args)
+    check_listen(args.listen, tls, args.insecure_allow_unauthenticated)
     opts = NodeOptions(
         interface=args.interface,
         capacity=consts.Capacity(max_vips=args.max_vips, max_backends=args.max_backends,
@@ -24,11 +38,10 @@ def run(args) -> int:
         state_dir=Path(args.state_dir), attach_mode=args.attach_mode, force=args.force,
         config=load_config(args.config) if args.config else None)
     node = LbNode.open(opts)
-    tls = Tls(Path(args.tls_cert), Path(args.tls_key), Path(args.tls_client_ca) if args.tls_client_ca else None) \
-        if args.tls_cert else None
     servicer = LoadBalancerServicer(node.ctrl, resolve_neighbour=node.resolve_neighbour,
                                     lookup_flow=node.ctrl.lookup_flow)
-    server, port = create_server(servicer, args.listen, tls=tls, group=args.group)
+    server, port = create_server(servicer, args.listen, tls=tls, group=args.group,
+                                 allow_unauthenticated=args.insecure_allow_unauthenticated)
     log.info("serving gRPC on %s", args.listen if args.listen.startswith("unix:") else f"port {port}")
     serve(server, lambda: node.close(detach=args.detach))
     return 0

@@ -3,6 +3,7 @@ typed errors into status codes. No load-balancing logic lives here."""
 from __future__ import annotations
 
 import functools
+import threading
 import time
 
 import grpc
@@ -32,13 +33,21 @@ def _status(err: L4lbError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+MAX_DETAILS = 1000  # characters of a status message (a trailer: it must stay small)
+
+
+def details(err: L4lbError) -> str:
+    text = str(err)
+    return text if len(text) <= MAX_DETAILS else text[:MAX_DETAILS] + "…"
+
+
 def rpc(fn):
     @functools.wraps(fn)
     def wrapper(self, request, context):
         try:
             return fn(self, request, context)
         except L4lbError as e:
-            context.abort(_status(e), str(e))
+            context.abort(_status(e), details(e))
     return wrapper
 
 
@@ -62,6 +71,17 @@ class LoadBalancerServicer(pb_grpc.LoadBalancerServicer):
         self.ctrl = ctrl
         self.resolve_neighbour = resolve_neighbour
         self.lookup_flow = lookup_flow
+        self.stopping = threading.Event()
+        self._wakers: set[threading.Event] = set()
+        self._wakers_lock = threading.Lock()
+
+    def stop_streams(self) -> None:
+        """Ends every stream now (UNAVAILABLE) and refuses new ones: the
+        server is stopping."""
+        self.stopping.set()
+        with self._wakers_lock:
+            for wake in self._wakers:
+                wake.set()
 
     @rpc
     def AddVip(self, request, context):
@@ -117,16 +137,27 @@ class LoadBalancerServicer(pb_grpc.LoadBalancerServicer):
         return self._stats(request)
 
     def WatchStats(self, request, context):
+        """Stats every interval until the client goes or the server stops:
+        the wait between two messages ends at once on either."""
         interval = request.interval_seconds or 1.0
         if not 0.1 <= interval <= 3600:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           f"interval_seconds: {interval} is out of range (0.1-3600)")
+        wake = threading.Event()
+        context.add_callback(wake.set)  # the call ended: cancelled, deadline, client gone
+        with self._wakers_lock:
+            self._wakers.add(wake)
         try:
-            while context.is_active():
+            while not (wake.is_set() or self.stopping.is_set()):
                 yield self._stats(request)
-                time.sleep(interval)
+                wake.wait(interval)
         except L4lbError as e:
-            context.abort(_status(e), str(e))
+            context.abort(_status(e), details(e))
+        finally:
+            with self._wakers_lock:
+                self._wakers.discard(wake)
+        if self.stopping.is_set():
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the server is stopping; reconnect when it is back")
 
     @rpc
     def SetGateway(self, request, context):

@@ -1,18 +1,43 @@
 """The `l4lb` verbs: `run` starts the server; the others are gRPC calls."""
 from __future__ import annotations
 
+import argparse
+import re
+import sys
 import time
 
+import grpc
 from rich.console import Console
 from rich.table import Table
 
 from l4lb import consts
+from l4lb.errors import ValidationError, shown
+from l4lb.model import parse_decimal, parse_port
 
 from .client import Client, parse_backend, parse_vip, vip_text
 from .l4lb.v1 import l4lb_pb2 as pb
-from .server import DEFAULT_SOCKET
+from .server import DEFAULT_SOCKET, INSECURE_FLAG
 
 out = Console(markup=False, highlight=False)
+MAX_FLOWS_SHOWN = 100000  # ListFlows' own bound
+
+
+def whole_number(text: str) -> int:
+    """argparse type: a whole number in ASCII digits (int() takes any script's digits)."""
+    if not (text.isascii() and text.isdigit() and len(text) <= 18):
+        raise ValueError(text)
+    return int(text)
+
+
+_SECONDS_RE = re.compile(r"^(?:[0-9]{1,7}(?:\.[0-9]*)?|\.[0-9]+)$")
+
+
+def seconds(text: str) -> float:
+    """argparse type: an interval of 0.1-3600 seconds in ASCII digits (float()
+    takes 'nan', 'inf' and any script's digits)."""
+    if not _SECONDS_RE.match(text) or not 0.1 <= float(text) <= 3600:
+        raise argparse.ArgumentTypeError(f"{shown(text)} is not a number of seconds from 0.1 to 3600")
+    return float(text)
 
 
 def _client(args) -> Client:
@@ -30,17 +55,23 @@ def add_run(sub) -> None:
     r = sub.add_parser("run", help="load and attach the program, serve gRPC")
     r.add_argument("--interface", required=True, help="the LB's NIC")
     r.add_argument("--config", help="YAML configuration applied at start")
-    r.add_argument("--listen", default=DEFAULT_SOCKET, help="unix:PATH or HOST:PORT (non-loopback needs TLS)")
+    r.add_argument("--listen", default=DEFAULT_SOCKET,
+                   help="unix:PATH, or HOST:PORT with mutual TLS (--tls-cert, --tls-key, --tls-client-ca)")
     r.add_argument("--group", help="group of the unix socket (mode 0660)")
-    r.add_argument("--tls-cert"), r.add_argument("--tls-key"), r.add_argument("--tls-client-ca")
+    r.add_argument("--tls-cert", help="the server's certificate (PEM)")
+    r.add_argument("--tls-key", help="the server's key (PEM)")
+    r.add_argument("--tls-client-ca", help="CA that signs the clients' certificates (required on TCP)")
+    r.add_argument(INSECURE_FLAG, action="store_true",
+                   help="serve TCP without client authentication: on loopback without TLS, or TLS without "
+                        "--tls-client-ca (a warning is logged; any local user or any client can change the LB)")
     r.add_argument("--attach-mode", default="auto", choices=["auto", "native", "generic"])
     r.add_argument("--detach", action="store_true", help="detach and remove pinned maps on exit")
     r.add_argument("--force", action="store_true", help="replace an XDP program that is not l4lb's")
     r.add_argument("--state-dir", default=consts.STATE_ROOT)
-    r.add_argument("--max-vips", type=int, default=consts.DEFAULT_MAX_VIPS)
-    r.add_argument("--max-backends", type=int, default=consts.DEFAULT_MAX_BACKENDS)
-    r.add_argument("--ct-size", type=int, default=consts.DEFAULT_CT_SIZE)
-    r.add_argument("--ring-size", type=int, default=consts.DEFAULT_RING_SIZE, choices=consts.ALLOWED_RING_SIZES)
+    r.add_argument("--max-vips", type=whole_number, default=consts.DEFAULT_MAX_VIPS)
+    r.add_argument("--max-backends", type=whole_number, default=consts.DEFAULT_MAX_BACKENDS)
+    r.add_argument("--ct-size", type=whole_number, default=consts.DEFAULT_CT_SIZE)
+    r.add_argument("--ring-size", type=whole_number, default=consts.DEFAULT_RING_SIZE, choices=consts.ALLOWED_RING_SIZES)
     r.set_defaults(func=cmd_run)
 
 
@@ -77,7 +108,7 @@ def add_stats(sub) -> None:
     st = sub.add_parser("stats", help="counters")
     st.add_argument("vip", nargs="?")
     st.add_argument("--watch", action="store_true")
-    st.add_argument("--interval", type=float, default=1.0)
+    st.add_argument("--interval", type=seconds, default=1.0, help="seconds between updates (0.1-3600)")
     st.set_defaults(func=cmd_stats)
     _conn(st)
 
@@ -108,7 +139,7 @@ def add_flows(sub) -> None:
     fl = sub.add_parser("flows", help="connection-table entries of a VIP").add_subparsers(dest="verb", required=True)
     fs = fl.add_parser("show", help="list a VIP's entries")
     fs.add_argument("vip")
-    fs.add_argument("--limit", type=int, default=100)
+    fs.add_argument("--limit", default="100", help=f"at most this many entries (1-{MAX_FLOWS_SHOWN})")
     fs.set_defaults(func=cmd_flows_show)
     ff = fl.add_parser("flush", help="delete a VIP's entries (their next packets re-pick)")
     ff.add_argument("vip")
@@ -192,9 +223,7 @@ def cmd_backend_weight(args) -> int:
     bs = []
     for b in args.backends:
         if "=" not in b:
-            from l4lb.errors import ValidationError  # noqa: PLC0415
-
-            raise ValidationError(f"backend {b!r}: write ADDRESS=WEIGHT")
+            raise ValidationError(f"backend {shown(b)}: write ADDRESS=WEIGHT")
         bs.append(parse_backend(b))
     return _backend_call(args, "SetBackendWeights", pb.SetBackendWeightsRequest(id=parse_vip(args.vip), backends=bs))
 
@@ -220,16 +249,42 @@ def _print_stats(s: pb.Stats) -> None:
 
 def cmd_stats(args) -> int:
     req_id = parse_vip(args.vip) if args.vip else None
-    with _client(args) as c:
-        if not args.watch:
+    if not args.watch:
+        with _client(args) as c:
             _print_stats(c.call("GetStats", pb.GetStatsRequest(id=req_id)))
-            return 0
-        stream = c.stub.WatchStats(pb.WatchStatsRequest(id=req_id, interval_seconds=args.interval))
-        for s in stream:
-            out.clear()
-            out.print(time.strftime("%H:%M:%S"))
-            _print_stats(s)
-    return 0
+        return 0
+    return _watch_stats(args, pb.WatchStatsRequest(id=req_id, interval_seconds=args.interval))
+
+
+RECONNECT_FIRST, RECONNECT_MAX = 0.5, 8.0  # seconds between attempts, doubling
+_GONE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+def _watch_stats(args, req) -> int:
+    """Streams until Ctrl-C. When the server goes (a restart), says so once on
+    stderr and reconnects, waiting longer between attempts up to RECONNECT_MAX."""
+    wait, waiting = RECONNECT_FIRST, False
+    while True:
+        try:
+            with _client(args) as c:
+                for s in c.stub.WatchStats(req):
+                    if waiting:
+                        print("l4lb: reconnected", file=sys.stderr, flush=True)
+                    wait, waiting = RECONNECT_FIRST, False
+                    out.clear()
+                    out.print(time.strftime("%H:%M:%S"))
+                    _print_stats(s)
+            reason = "the server ended the stream"
+        except grpc.RpcError as e:
+            if e.code() not in _GONE:
+                raise
+            reason = f"{e.code().name}: {e.details()}"
+        if not waiting:
+            print(f"l4lb: lost the server ({reason}); reconnecting to {args.server} until Ctrl-C",
+                  file=sys.stderr, flush=True)
+            waiting = True
+        time.sleep(wait)
+        wait = min(wait * 2, RECONNECT_MAX)
 
 
 def cmd_status(args) -> int:
@@ -248,17 +303,15 @@ def cmd_status(args) -> int:
     return 0
 
 
-def _hostport(text: str) -> tuple[str, int]:
-    from l4lb.errors import ValidationError  # noqa: PLC0415
-
+def _hostport(text: str, what: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValidationError(f"{text!r}: write ADDRESS:PORT ([ADDRESS]:PORT for IPv6)")
-    return host.strip("[]"), int(port)
+    if not sep or not host:
+        raise ValidationError(f"{what} {shown(text)}: write ADDRESS:PORT ([ADDRESS]:PORT for IPv6)")
+    return host.strip("[]"), parse_port(port, f"{what} {shown(text)}: port")
 
 
 def cmd_lookup(args) -> int:
-    (src, sport), (dst, dport) = _hostport(args.src), _hostport(args.dst)
+    (src, sport), (dst, dport) = _hostport(args.src, "source"), _hostport(args.dst, "destination")
     with _client(args) as c:
         r = c.call("LookupFlow", pb.LookupFlowRequest(src=src, dst=dst, sport=sport, dport=dport, protocol=args.protocol))
     out.print(f"{r.verdict}" + (f" -> {r.backend}" if r.backend else ""))
@@ -323,8 +376,11 @@ def cmd_apply(args) -> int:
 
 
 def cmd_flows_show(args) -> int:
+    limit = parse_decimal(args.limit, "--limit", f"1-{MAX_FLOWS_SHOWN}")
+    if not 1 <= limit <= MAX_FLOWS_SHOWN:
+        raise ValidationError(f"--limit: {limit} is out of range (1-{MAX_FLOWS_SHOWN})")
     with _client(args) as c:
-        r = c.call("ListFlows", pb.ListFlowsRequest(id=parse_vip(args.vip), limit=args.limit))
+        r = c.call("ListFlows", pb.ListFlowsRequest(id=parse_vip(args.vip), limit=limit))
     t = Table(title=f"{args.vip}: {r.total} entries" + (f" (first {len(r.flows)})" if r.total > len(r.flows) else ""))
     for col in ("client", "vip", "backend"):
         t.add_column(col)

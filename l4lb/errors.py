@@ -1,6 +1,24 @@
 """Typed errors. Every message names the bad value and what to do about it;
 the gRPC service maps each class to one status code."""
 
+SHOWN_CHARS = 64  # how much of a value from outside an error message echoes
+
+
+def shown(value) -> str:
+    """A value from outside (request, file, argument) as an error message
+    quotes it: its repr, cut at SHOWN_CHARS with an ellipsis, so a huge input
+    never makes a huge message."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int too long to print
+        text = f"<a {value.bit_length()}-bit integer>"
+    return cut(text)
+
+
+def cut(text: str) -> str:
+    """Text from outside, cut at SHOWN_CHARS with an ellipsis."""
+    return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS] + "…"
+
 
 class L4lbError(Exception):
     """Base of all l4lb errors."""

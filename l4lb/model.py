@@ -8,52 +8,120 @@ import re
 from dataclasses import dataclass, field
 
 from . import consts
-from .errors import ValidationError
+from .errors import ValidationError, cut, shown
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 _MAC_RE = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
+_LEADING_ZERO_RE = re.compile(r"(^|\.)0[0-9]")
+_ADDRESS_HINT = "give e.g. 198.18.10.10 or fd00:198:18:10::10"
+_MAX_ADDRESS_CHARS = 45  # the longest IPv6 text: ffff:...:ffff:255.255.255.255
+_BROADCAST = ipaddress.IPv4Address("255.255.255.255")
 
 
 def parse_address(value, what: str = "address") -> IPAddress:
+    """An IP address in one canonical form: any spelling Python's ipaddress
+    reads is accepted (upper-case hex, zero groups written out) and stored as
+    its canonical text, so one address has one key. Refused: zone indexes
+    ('%eth0': two spellings of one map key), IPv4 octets with leading zeros
+    (octal to some tools), IPv4-mapped and IPv4-compatible IPv6 (an IPv4 host
+    under a second name), and what is never one host: unspecified, multicast,
+    broadcast."""
+    if isinstance(value, ipaddress.IPv6Address) and value.scope_id:
+        value = str(value)
     if isinstance(value, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
-        return value
-    if not isinstance(value, str):
-        raise ValidationError(f"{what}: {value!r} is not an IP address (give e.g. 198.18.10.10 or fd00:198:18:10::10)")
-    try:
-        addr = ipaddress.ip_address(value.strip())
-    except ValueError:
-        raise ValidationError(f"{what}: {value!r} is not an IP address (give e.g. 198.18.10.10 or fd00:198:18:10::10)") from None
-    if addr.is_unspecified or addr.is_multicast:
-        raise ValidationError(f"{what}: {value} is {'unspecified' if addr.is_unspecified else 'multicast'}; give a unicast address")
+        addr = value
+    elif not isinstance(value, str):
+        raise ValidationError(f"{what}: {shown(value)} is not an IP address ({_ADDRESS_HINT})")
+    else:
+        addr = _parse_address_text(value, what)
+    reason = _not_one_host(addr)
+    if reason:
+        raise ValidationError(f"{what}: {addr} is {reason}")
     return addr
+
+
+def _parse_address_text(value: str, what: str) -> IPAddress:
+    text = value.strip()
+    if not text:
+        raise ValidationError(f"{what}: empty; {_ADDRESS_HINT}")
+    if "%" in text:
+        raise ValidationError(f"{what}: {shown(value)} has a zone index ('%...'); "
+                              "give the address without one (a zone names no separate address here)")
+    if len(text) > _MAX_ADDRESS_CHARS or not text.isascii():
+        raise ValidationError(f"{what}: {shown(value)} is not an IP address ({_ADDRESS_HINT})")
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        if ":" not in text and _LEADING_ZERO_RE.search(text):
+            raise ValidationError(f"{what}: {shown(value)} has an octet with a leading zero, which some tools "
+                                  "read as octal; write each octet without leading zeros") from None
+        raise ValidationError(f"{what}: {shown(value)} is not an IP address ({_ADDRESS_HINT})") from None
+
+
+def _not_one_host(addr: IPAddress) -> str:
+    if addr.is_unspecified:
+        return "the unspecified address; give a unicast address"
+    if addr.is_multicast:
+        return "multicast; give a unicast address"
+    if addr == _BROADCAST:
+        return "the broadcast address; give a unicast address"
+    if addr.version == 6 and addr.ipv4_mapped:
+        return f"an IPv4-mapped IPv6 address; give the IPv4 address {addr.ipv4_mapped} itself"
+    if addr.version == 6 and addr.packed[:12] == bytes(12) and not addr.is_loopback:
+        return "an IPv4-compatible IPv6 address (deprecated, RFC 4291); give the IPv4 address itself"
+    return ""
+
+
+def check_endpoint(addr: IPAddress, what: str) -> None:
+    """A VIP or a backend: an address packets reach across the network, so
+    neither loopback nor link-local (valid on one link only, and ambiguous
+    without a zone), and one host (parse_address)."""
+    reason = _not_one_host(addr)
+    if reason:
+        raise ValidationError(f"{what}: {addr} is {reason}")
+    if addr.is_loopback:
+        raise ValidationError(f"{what}: {addr} is a loopback address; give an address reachable over the network")
+    if addr.is_link_local:
+        raise ValidationError(f"{what}: {addr} is link-local; give a routable address")
 
 
 def family_of(addr: IPAddress) -> int:
     return consts.FAMILY_V4 if addr.version == 4 else consts.FAMILY_V6
 
 
+def parse_decimal(text: str, what: str, accepted: str) -> int:
+    """A whole number written in ASCII digits. (str.isdigit and int() also
+    take other scripts' digits: int('٨٠') is 80.)"""
+    t = text.strip() if isinstance(text, str) else ""
+    if not (t.isascii() and t.isdigit()):
+        raise ValidationError(f"{what}: {shown(text)} is not a whole number in ASCII digits ({accepted})")
+    if len(t) > 18:
+        raise ValidationError(f"{what}: {shown(text)} is out of range ({accepted})")
+    return int(t)
+
+
 def parse_port(value, what: str = "port") -> int:
+    accepted = "0-65535; 0 = every port"
+    if isinstance(value, str):
+        value = parse_decimal(value, what, accepted)
     if isinstance(value, bool) or not isinstance(value, int):
-        if isinstance(value, str) and value.isdigit():
-            value = int(value)
-        else:
-            raise ValidationError(f"{what}: {value!r} is not a port number (0-65535; 0 = every port)")
+        raise ValidationError(f"{what}: {shown(value)} is not a port number ({accepted})")
     if not 0 <= value <= 65535:
-        raise ValidationError(f"{what}: {value} is out of range (0-65535; 0 = every port)")
+        raise ValidationError(f"{what}: {shown(value)} is out of range ({accepted})")
     return value
 
 
 def parse_protocol(value, what: str = "protocol") -> str:
     if isinstance(value, str) and value.lower() in consts.PROTOCOLS:
         return value.lower()
-    raise ValidationError(f"{what}: {value!r} is not supported (use one of: {', '.join(consts.PROTOCOLS)})")
+    raise ValidationError(f"{what}: {shown(value)} is not supported (use one of: {', '.join(consts.PROTOCOLS)})")
 
 
 def parse_weight(value, what: str = "weight") -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValidationError(f"{what}: {value!r} is not an integer weight (0-{consts.MAX_WEIGHT}; 0 drains)")
+        raise ValidationError(f"{what}: {shown(value)} is not an integer weight (0-{consts.MAX_WEIGHT}; 0 drains)")
     if not 0 <= value <= consts.MAX_WEIGHT:
-        raise ValidationError(f"{what}: {value} is out of range (0-{consts.MAX_WEIGHT}; 0 drains)")
+        raise ValidationError(f"{what}: {shown(value)} is out of range (0-{consts.MAX_WEIGHT}; 0 drains)")
     return value
 
 
@@ -61,11 +129,11 @@ def parse_flags(values, what: str = "flags") -> frozenset[str]:
     if values is None:
         return frozenset()
     if isinstance(values, str) or not isinstance(values, (list, tuple, set, frozenset)):
-        raise ValidationError(f"{what}: {values!r} is not a list of flags (known: {', '.join(consts.VIP_FLAGS)})")
+        raise ValidationError(f"{what}: {shown(values)} is not a list of flags (known: {', '.join(consts.VIP_FLAGS)})")
     out = set()
     for v in values:
         if v not in consts.VIP_FLAGS:
-            raise ValidationError(f"{what}: unknown flag {v!r} (known: {', '.join(consts.VIP_FLAGS)})")
+            raise ValidationError(f"{what}: unknown flag {shown(v)} (known: {', '.join(consts.VIP_FLAGS)})")
         out.add(v)
     return frozenset(out)
 
@@ -79,8 +147,12 @@ def flags_to_bits(flags: frozenset[str]) -> int:
 
 def parse_mac(value, what: str = "gateway_mac") -> str:
     if not isinstance(value, str) or not _MAC_RE.match(value.strip()):
-        raise ValidationError(f"{what}: {value!r} is not a MAC address (give six hex pairs, e.g. 02:00:00:00:00:01)")
+        raise ValidationError(f"{what}: {shown(value)} is not a MAC address (give six hex pairs, e.g. 02:00:00:00:00:01)")
     mac = value.strip().lower()
+    if mac == "00:00:00:00:00:00":
+        raise ValidationError(f"{what}: {mac} is no station's MAC; give the gateway's unicast MAC")
+    if mac == "ff:ff:ff:ff:ff:ff":
+        raise ValidationError(f"{what}: {mac} is the broadcast MAC; give the gateway's unicast MAC")
     if int(mac[:2], 16) & 1:
         raise ValidationError(f"{what}: {mac} is a multicast MAC; give the gateway's unicast MAC")
     return mac
@@ -91,7 +163,13 @@ def mac_bytes(mac: str) -> bytes:
 
 
 def check_backend_family(vip: IPAddress, backend: IPAddress, what: str = "backend") -> None:
-    """An IPv6 VIP cannot be carried to an IPv4 backend; IPv4 VIPs go to either (4in4, 4in6)."""
+    """Whether `backend` can serve `vip`: an address reachable over the network
+    (check_endpoint), not the VIP itself, of a family the VIP's packets can be
+    tunnelled to: an IPv6 VIP cannot be carried to an IPv4 backend; IPv4 VIPs
+    go to either (4in4, 4in6)."""
+    check_endpoint(backend, what)
+    if backend == vip:
+        raise ValidationError(f"{what}: {backend} is the VIP itself; give the address of a real server")
     if vip.version == 6 and backend.version == 4:
         raise ValidationError(f"{what}: {backend} is IPv4 but VIP {vip} is IPv6; an IPv6 packet cannot be tunnelled to an IPv4 backend (use an IPv6 backend)")
 
@@ -105,6 +183,7 @@ class VipKey:
     @classmethod
     def parse(cls, address, port, protocol, what: str = "vip") -> "VipKey":
         addr = parse_address(address, f"{what}.address")
+        check_endpoint(addr, f"{what}.address")
         return cls(str(addr), parse_port(port, f"{what}.port"), parse_protocol(protocol, f"{what}.protocol"))
 
     @property
@@ -136,10 +215,10 @@ def parse_backends(vip: VipKey, items, what: str) -> dict[str, int]:
     for i, item in enumerate(items):
         w = f"{what}[{i}]"
         if not isinstance(item, dict):
-            raise ValidationError(f"{w}: expected {{address: ..., weight: ...}}, got {item!r}")
+            raise ValidationError(f"{w}: expected {{address: ..., weight: ...}}, got {shown(item)}")
         unknown = set(item) - {"address", "weight"}
         if unknown:
-            raise ValidationError(f"{w}: unknown key(s) {', '.join(sorted(unknown))} (known: address, weight)")
+            raise ValidationError(f"{w}: unknown key(s) {cut(', '.join(sorted(map(str, unknown))))} (known: address, weight)")
         if "address" not in item:
             raise ValidationError(f"{w}: missing address")
         addr = parse_address(item["address"], f"{w}.address")

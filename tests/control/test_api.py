@@ -123,7 +123,8 @@ def test_cli_verbs_show_tables_and_turn_errors_into_one_line(server):  # noqa: F
         (["vip", "show", "198.18.10.99:1/tcp"], "NOT_FOUND"),
         (["backend", "weight", "198.18.10.50:443/tcp", "198.18.2.1"], "ADDRESS=WEIGHT"),
         (["backend", "weight", "198.18.10.50:443/tcp", "198.18.2.1=x"], "whole number"),
-        (["backend", "add", "198.18.10.50:443/tcp", "198.18.2.9=70000"], "INVALID_ARGUMENT"),
+        (["backend", "add", "198.18.10.50:443/tcp", "198.18.2.9=70000"], "out of range"),  # refused before the call
+        (["backend", "add", "198.18.10.50:443/tcp", "127.0.0.1"], "INVALID_ARGUMENT"),
         (["backend", "del", "198.18.10.50:443/tcp", "198.18.2.77"], "NOT_FOUND"),
         (["lookup", "198.18.0.1", "198.18.10.50:443", "tcp"], "ADDRESS:PORT"),
         (["gateway", "nonsense"], "INVALID_ARGUMENT"),

@@ -1,4 +1,6 @@
-"""Listening: unix socket by default, TCP on loopback, TLS required elsewhere."""
+"""Listening: unix socket by default; TCP only with mutual TLS, unless the
+operator explicitly allows an unauthenticated listener (loopback only
+without TLS)."""
 from __future__ import annotations
 
 import subprocess
@@ -19,15 +21,37 @@ from l4lb.errors import ValidationError
 pytestmark = pytest.mark.kernel
 
 
-@pytest.mark.parametrize("address", ["198.18.1.1:50051", "[fd00:198:18:1::1]:50051", "0.0.0.0:50051"])
-def test_a_non_loopback_address_needs_tls(address):
+@pytest.mark.parametrize("address", ["198.18.1.1:50051", "[fd00:198:18:1::1]:50051", "0.0.0.0:50051", "[::]:1"])
+@pytest.mark.parametrize("allow", [False, True])
+def test_a_non_loopback_address_needs_tls_always(address, allow):
     with pytest.raises(ValidationError, match="needs TLS"):
+        check_listen(address, None, allow)
+
+
+def test_a_unix_socket_needs_no_tls(tmp_path):
+    assert check_listen(f"unix:{tmp_path}/x.sock", None) is None
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:0", "[::1]:50051", "localhost:1"])
+def test_plain_tcp_on_loopback_only_when_explicitly_allowed(address):
+    with pytest.raises(ValidationError, match="--insecure-allow-unauthenticated"):
         check_listen(address, None)
+    assert "without authentication" in check_listen(address, None, allow_unauthenticated=True)
 
 
-@pytest.mark.parametrize("address", ["unix:/run/l4lb/x.sock", "127.0.0.1:0", "[::1]:50051", "localhost:1"])
-def test_unix_and_loopback_addresses_need_no_tls(address):
-    check_listen(address, None)
+@pytest.mark.parametrize("address", ["127.0.0.1:0", "198.18.1.1:50051"])
+def test_tls_without_client_certificates_only_when_explicitly_allowed(tmp_path, address):
+    c = _certs(tmp_path)
+    tls = Tls(c["server.pem"], c["server.key"])
+    with pytest.raises(ValidationError, match="--tls-client-ca"):
+        check_listen(address, tls)
+    assert "without client certificates" in check_listen(address, tls, allow_unauthenticated=True)
+    assert check_listen(address, Tls(c["server.pem"], c["server.key"], c["ca.pem"])) is None
+
+
+def test_unreadable_tls_files_are_refused_before_anything_starts(tmp_path):
+    with pytest.raises(ValidationError, match="--tls-client-ca"):
+        check_listen("198.18.1.1:50051", Tls(Path("/etc/hostname"), Path("/etc/hostname"), tmp_path / "none.pem"))
 
 
 @pytest.mark.parametrize("address", ["unix:", "nohost", "127.0.0.1:http", "lb.example:80"])

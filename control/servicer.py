@@ -8,7 +8,9 @@ import time
 
 import grpc
 
-from l4lb.controller import Controller
+from l4lb.config import check_capacity, parse_config_text
+from l4lb.controller import Controller, describe_step
+from l4lb.health import parse_health
 from l4lb.errors import (AlreadyExistsError, BpfError, CapacityError, L4lbError, NotFoundError,
                          StateError, ValidationError)
 from l4lb.model import VipKey
@@ -57,13 +59,48 @@ def vip_key(vid, what: str = "id") -> VipKey:
     return VipKey.parse(vid.address, vid.port, vid.protocol, what)
 
 
-def vip_msg(v, stats: dict | None = None) -> pb.Vip:
+def health_msg(check) -> pb.HealthCheck:
+    return pb.HealthCheck(kind=check.kind, port=check.port, interval=check.interval, timeout=check.timeout,
+                          rise=check.rise, fall=check.fall, path=check.path, host=check.host,
+                          expect=list(check.expect), via=check.via, min_healthy=check.min_healthy)
+
+
+def health_from_msg(m: pb.HealthCheck, what: str = "health"):
+    """The request's check in the form the YAML takes (one validator for both)."""
+    if m.kind == "none":
+        return None
+    doc = {"kind": m.kind or "tcp"}
+    for name in ("port", "interval", "timeout", "rise", "fall", "min_healthy"):
+        if getattr(m, name):
+            doc[name] = getattr(m, name)
+    for name in ("path", "host", "via"):
+        if getattr(m, name):
+            doc[name] = getattr(m, name)
+    if m.expect:
+        doc["expect"] = list(m.expect)
+    return parse_health(doc, what)
+
+
+def vip_msg(v, stats: dict | None = None, probes: dict | None = None) -> pb.Vip:
+    weights, panic = v.effective()
     msg = pb.Vip(id=pb.VipId(address=v.key.address, port=v.key.port, protocol=v.key.protocol),
-                 flags=sorted(v.flags), vip_id=v.vip_id,
-                 backends=[pb.Backend(address=a, weight=w) for a, w in sorted(v.backends.items())])
+                 flags=sorted(v.flags), vip_id=v.vip_id, panic=panic)
+    for a, w in sorted(v.backends.items()):
+        b = pb.Backend(address=a, weight=w, effective_weight=weights[a])
+        if v.health:
+            b.health = "down" if a in v.down else "up"
+            last = (probes or {}).get(a)
+            if last:
+                b.last_result, b.latency_seconds, b.since = last
+        msg.backends.append(b)
+    if v.health:
+        msg.health.CopyFrom(health_msg(v.health))
     if stats:
         msg.packets, msg.bytes = stats["packets"], stats["bytes"]
     return msg
+
+
+MAX_CONFIG_BYTES = 4 << 20
 
 
 class LoadBalancerServicer(pb_grpc.LoadBalancerServicer):
@@ -202,6 +239,21 @@ class LoadBalancerServicer(pb_grpc.LoadBalancerServicer):
             raise ValidationError(f"limit: {request.limit} is too large (at most 100000)")
         flows, total = self.ctrl.list_flows(key, request.limit or 1000)
         return pb.ListFlowsResponse(flows=[pb.Flow(**f) for f in flows], total=total)
+
+    @rpc
+    def SetHealthCheck(self, request, context):
+        key = vip_key(request.id if request.HasField("id") else None)
+        check = health_from_msg(request.health) if request.HasField("health") else None
+        return vip_msg(self.ctrl.set_health_check(key, check))
+
+    @rpc
+    def Apply(self, request, context):
+        if len(request.config_yaml) > MAX_CONFIG_BYTES:
+            raise ValidationError(f"config_yaml: {len(request.config_yaml)} bytes, at most {MAX_CONFIG_BYTES}")
+        cfg = parse_config_text(request.config_yaml, "config")
+        check_capacity(cfg, self.ctrl.capacity)
+        steps = self.ctrl.apply(cfg, runtime=True, dry_run=request.dry_run)
+        return pb.ApplyResponse(changes=[describe_step(kind, obj) for kind, obj in steps])
 
     @rpc
     def FlushFlows(self, request, context):

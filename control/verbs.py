@@ -5,6 +5,7 @@ import argparse
 import re
 import sys
 import time
+from pathlib import Path
 
 import grpc
 from rich.console import Console
@@ -122,6 +123,7 @@ def add_status(sub) -> None:
 def add_apply(sub) -> None:
     ap = sub.add_parser("apply", help="make the running state equal a configuration file")
     ap.add_argument("-f", dest="file", required=True)
+    ap.add_argument("--dry-run", action="store_true", help="validate and list the changes, change nothing")
     ap.set_defaults(func=cmd_apply)
     _conn(ap)
 
@@ -330,48 +332,17 @@ def cmd_gateway(args) -> int:
 
 
 def cmd_apply(args) -> int:
+    """The file goes to the server whole and is applied as one change: every
+    entry, the runtime settings included, or nothing."""
     from l4lb.config import load_config  # noqa: PLC0415
 
-    cfg = load_config(args.file)
+    load_config(args.file)  # a bad file is named here, before any call
+    text = Path(args.file).read_text()
     with _client(args) as c:
-        current = {}
-        for v in c.call("ListVips", pb.ListVipsRequest()).vips:
-            current[(v.id.address, v.id.port, v.id.protocol)] = v
-        want = {(s.key.address, s.key.port, s.key.protocol): s for s in cfg.vips}
-        changes = 0
-        if cfg.gateway_set:
-            c.call("SetGateway", pb.SetGatewayRequest(mac=cfg.runtime.gateway_mac))
-        for k, v in current.items():
-            if k not in want:
-                c.call("DeleteVip", pb.DeleteVipRequest(id=v.id))
-                out.print(f"deleted {vip_text(v.id)}")
-                changes += 1
-        for k, spec in want.items():
-            vid = pb.VipId(address=k[0], port=k[1], protocol=k[2])
-            if k not in current:
-                c.call("AddVip", pb.AddVipRequest(id=vid, flags=sorted(spec.flags), backends=[
-                    pb.Backend(address=a, weight=w) for a, w in spec.backends.items()]))
-                out.print(f"added {vip_text(vid)}")
-                changes += 1
-                continue
-            cur = current[k]
-            if set(cur.flags) != set(spec.flags):
-                c.call("ModifyVip", pb.ModifyVipRequest(id=vid, flags=sorted(spec.flags)))
-                changes += 1
-            have = {b.address: b.weight for b in cur.backends}
-            gone = [a for a in have if a not in spec.backends]
-            new = {a: w for a, w in spec.backends.items() if a not in have}
-            reweigh = {a: w for a, w in spec.backends.items() if a in have and have[a] != w}
-            if new:
-                c.call("AddBackends", pb.AddBackendsRequest(id=vid, backends=[pb.Backend(address=a, weight=w) for a, w in new.items()]))
-            if reweigh:
-                c.call("SetBackendWeights", pb.SetBackendWeightsRequest(id=vid, backends=[pb.Backend(address=a, weight=w) for a, w in reweigh.items()]))
-            if gone:
-                c.call("RemoveBackends", pb.RemoveBackendsRequest(id=vid, addresses=gone))
-            if new or reweigh or gone:
-                out.print(f"changed {vip_text(vid)}: +{len(new)} -{len(gone)} ~{len(reweigh)}")
-                changes += 1
-    out.print(f"{changes} change(s) applied")
+        r = c.call("Apply", pb.ApplyRequest(config_yaml=text, dry_run=args.dry_run))
+    for line in r.changes:
+        out.print(line)
+    out.print(f"{len(r.changes)} change(s) {'would be applied' if args.dry_run else 'applied'}")
     return 0
 
 

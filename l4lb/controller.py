@@ -329,9 +329,11 @@ class Controller:
         return self._commit(change)
 
     # ---- a whole configuration -----------------------------------------------------------
-    def apply(self, cfg: LbConfig, runtime: bool = False) -> list[tuple[str, object]]:
-        """Makes the VIPs (and with runtime=True the runtime settings) equal the
-        configuration's, as one change: all of it, or nothing. Returns the steps."""
+    def apply(self, cfg: LbConfig, runtime: bool = False, dry_run: bool = False) -> list[tuple[str, object]]:
+        """Makes the VIPs (and with runtime=True the runtime settings: the
+        gateway when the file sets one, encapsulation sources, MTU, timeouts,
+        rates) equal the configuration's, as one change: all of it, or nothing.
+        Returns the steps; dry_run computes and validates them, changing nothing."""
         def change(m, ctx):
             current = {k: (v.flags, dict(v.backends)) for k, v in m.vips.items()}
             steps = plan(current, cfg)
@@ -353,10 +355,15 @@ class Controller:
                 new_rt = RuntimeConfig(**asdict(cfg.runtime))
                 if not cfg.gateway_set:
                     new_rt.gateway_mac = ctx["runtime"].gateway_mac
-                if asdict(new_rt) != asdict(ctx["runtime"]):
+                old, new = asdict(ctx["runtime"]), asdict(new_rt)
+                changed = [k for k in new if new[k] != old[k]]
+                if changed:
                     ctx["runtime"] = new_rt
-                    steps.append(("runtime", new_rt))
+                    steps.append(("runtime", changed))
             return steps
+        if dry_run:
+            with self.lock:
+                return change(self.model.clone(), {"runtime": self.runtime, "gateway_ip": self.gateway_ip})
         return self._commit(change)
 
     # ---- connection table ------------------------------------------------------------------
@@ -423,6 +430,16 @@ class Controller:
         # the kernel's own figure for pinned maps; the compiled sizes otherwise
         out["kernel_bytes"] = (bpf.maps_memory(self.pin_dir) if self.pin_dir else 0) or bpf.maps_size(self.dp.prog)
         return out
+
+
+def describe_step(kind: str, obj) -> str:
+    """One line for a step of apply()."""
+    if kind == "delete":
+        return f"deleted {obj}"
+    if kind == "runtime":
+        return "set " + ", ".join(obj)
+    return {"add": "added", "flags": "changed flags of", "backends": "changed backends of",
+            "health": "changed the health check of"}[kind] + f" {obj.key}"
 
 
 def plan(current: dict, cfg: LbConfig) -> list[tuple[str, object]]:

@@ -2,6 +2,9 @@
 streamed stats, concurrent writers, the CLI, apply, and TLS."""
 from __future__ import annotations
 
+import ctypes
+import json
+import os
 import random
 import subprocess
 import threading
@@ -10,6 +13,7 @@ import grpc
 import pytest
 
 from control.l4lb.v1 import l4lb_pb2 as pb
+from l4lb import bpf, consts, libbpf
 from l4lb.flowhash import flow_hash, ring_slot
 from l4lb.maglev import maglev_table
 from test_server import L4LB, server  # noqa: F401  (module-scoped fixture)
@@ -148,7 +152,7 @@ vips:
 """)
     r = _cli(server, "apply", "-f", str(f))
     assert r.returncode == 0, r.stderr
-    assert "2 change(s)" in r.stdout
+    assert "3 change(s)" in r.stdout and "set gateway_mac" in r.stdout  # two VIPs and the gateway
     assert _cli(server, "apply", "-f", str(f)).stdout.strip().endswith("0 change(s) applied")
     f.write_text("""
 vips:
@@ -163,3 +167,47 @@ vips:
         assert {b.address: b.weight for b in mine[0].backends} == {"198.18.2.1": 1, "198.18.2.3": 1}
         assert c.call("GetGateway", pb.GetGatewayRequest()).mac == "02:00:00:00:00:02"
         c.call("DeleteVip", pb.DeleteVipRequest(id=mine[0].id))
+
+
+def test_apply_is_one_transaction_and_sets_the_global_keys(server, tmp_path):  # noqa: F811
+    """A file whose last entry cannot be applied changes nothing at all; the
+    global keys (mtu, udp_timeout, encapsulation sources, rates) reach the maps."""
+    f = tmp_path / "lb.yaml"
+    f.write_text("""
+vips:
+  - {address: 198.18.10.61, port: 80, protocol: tcp, backends: [{address: 198.18.2.1}]}
+""")
+    assert _cli(server, "apply", "-f", str(f)).returncode == 0
+    with server.client() as c:
+        before = sorted((v.id.address, v.id.port) for v in c.call("ListVips", pb.ListVipsRequest()).vips)
+    many = "\n".join(f"  - {{address: 198.18.10.{100 + i}, port: 80, protocol: tcp, backends: [{{address: 198.18.2.{i + 1}}}]}}"
+                     for i in range(8))  # more VIPs than the server's capacity (8) with the others
+    f.write_text(f"mtu: 1400\nvips:\n  - {{address: 198.18.10.61, port: 80, protocol: tcp, backends: [{{address: 198.18.2.1}}]}}\n{many}\n")
+    r = _cli(server, "apply", "-f", str(f))
+    assert r.returncode != 0 and r.stderr.strip().count("\n") == 0, r.stderr
+    with server.client() as c:
+        after = sorted((v.id.address, v.id.port) for v in c.call("ListVips", pb.ListVipsRequest()).vips)
+    assert after == before
+    f.write_text("""
+mtu: 1400
+udp_timeout: 45
+encap_source: {ipv4: 198.18.20.0/25}
+vips:
+  - {address: 198.18.10.61, port: 80, protocol: tcp, backends: [{address: 198.18.2.1}]}
+""")
+    r = _cli(server, "apply", "-f", str(f))
+    assert r.returncode == 0, r.stderr
+    assert "set " in r.stdout and "mtu" in r.stdout and "udp_timeout_s" in r.stdout and "encap_v4" in r.stdout
+    state = json.loads((server.state / server.ifname / "state.json").read_text())
+    assert (state["runtime"]["mtu"], state["runtime"]["udp_timeout_s"], state["runtime"]["encap_v4"]) == \
+        (1400, 45, "198.18.20.0/25")
+    fd = libbpf.obj_get(f"{consts.PIN_ROOT}/{server.ifname}/config")
+    try:
+        prog = bpf.load_balancer(consts.Capacity(max_vips=8, max_backends=64, ct_size=4096))
+        leaf = prog.table(consts.MAP_CONFIG).Leaf
+        raw = libbpf.map_lookup(fd, (0).to_bytes(4, "little"), ctypes.sizeof(leaf))
+        assert leaf.from_buffer_copy(raw).mtu == 1400
+        prog.close()
+    finally:
+        os.close(fd)
+    assert _cli(server, "apply", "-f", str(f)).stdout.strip().endswith("0 change(s) applied")

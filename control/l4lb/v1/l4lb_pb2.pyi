@@ -17,28 +17,90 @@ class VipId(_message.Message):
     def __init__(self, address: _Optional[str] = ..., port: _Optional[int] = ..., protocol: _Optional[str] = ...) -> None: ...
 
 class Backend(_message.Message):
-    __slots__ = ("address", "weight")
+    __slots__ = ("address", "weight", "effective_weight", "health", "last_result", "latency_seconds", "since")
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    EFFECTIVE_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    HEALTH_FIELD_NUMBER: _ClassVar[int]
+    LAST_RESULT_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SINCE_FIELD_NUMBER: _ClassVar[int]
     address: str
     weight: int
-    def __init__(self, address: _Optional[str] = ..., weight: _Optional[int] = ...) -> None: ...
+    effective_weight: int
+    health: str
+    last_result: str
+    latency_seconds: float
+    since: float
+    def __init__(self, address: _Optional[str] = ..., weight: _Optional[int] = ..., effective_weight: _Optional[int] = ..., health: _Optional[str] = ..., last_result: _Optional[str] = ..., latency_seconds: _Optional[float] = ..., since: _Optional[float] = ...) -> None: ...
+
+class HealthCheck(_message.Message):
+    __slots__ = ("kind", "port", "interval", "timeout", "rise", "fall", "path", "host", "expect", "via", "min_healthy")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    INTERVAL_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    RISE_FIELD_NUMBER: _ClassVar[int]
+    FALL_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    EXPECT_FIELD_NUMBER: _ClassVar[int]
+    VIA_FIELD_NUMBER: _ClassVar[int]
+    MIN_HEALTHY_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    port: int
+    interval: float
+    timeout: float
+    rise: int
+    fall: int
+    path: str
+    host: str
+    expect: _containers.RepeatedScalarFieldContainer[int]
+    via: str
+    min_healthy: int
+    def __init__(self, kind: _Optional[str] = ..., port: _Optional[int] = ..., interval: _Optional[float] = ..., timeout: _Optional[float] = ..., rise: _Optional[int] = ..., fall: _Optional[int] = ..., path: _Optional[str] = ..., host: _Optional[str] = ..., expect: _Optional[_Iterable[int]] = ..., via: _Optional[str] = ..., min_healthy: _Optional[int] = ...) -> None: ...
 
 class Vip(_message.Message):
-    __slots__ = ("id", "flags", "backends", "vip_id", "packets", "bytes")
+    __slots__ = ("id", "flags", "backends", "vip_id", "packets", "bytes", "health", "panic")
     ID_FIELD_NUMBER: _ClassVar[int]
     FLAGS_FIELD_NUMBER: _ClassVar[int]
     BACKENDS_FIELD_NUMBER: _ClassVar[int]
     VIP_ID_FIELD_NUMBER: _ClassVar[int]
     PACKETS_FIELD_NUMBER: _ClassVar[int]
     BYTES_FIELD_NUMBER: _ClassVar[int]
+    HEALTH_FIELD_NUMBER: _ClassVar[int]
+    PANIC_FIELD_NUMBER: _ClassVar[int]
     id: VipId
     flags: _containers.RepeatedScalarFieldContainer[str]
     backends: _containers.RepeatedCompositeFieldContainer[Backend]
     vip_id: int
     packets: int
     bytes: int
-    def __init__(self, id: _Optional[_Union[VipId, _Mapping]] = ..., flags: _Optional[_Iterable[str]] = ..., backends: _Optional[_Iterable[_Union[Backend, _Mapping]]] = ..., vip_id: _Optional[int] = ..., packets: _Optional[int] = ..., bytes: _Optional[int] = ...) -> None: ...
+    health: HealthCheck
+    panic: bool
+    def __init__(self, id: _Optional[_Union[VipId, _Mapping]] = ..., flags: _Optional[_Iterable[str]] = ..., backends: _Optional[_Iterable[_Union[Backend, _Mapping]]] = ..., vip_id: _Optional[int] = ..., packets: _Optional[int] = ..., bytes: _Optional[int] = ..., health: _Optional[_Union[HealthCheck, _Mapping]] = ..., panic: _Optional[bool] = ...) -> None: ...
+
+class SetHealthCheckRequest(_message.Message):
+    __slots__ = ("id", "health")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    HEALTH_FIELD_NUMBER: _ClassVar[int]
+    id: VipId
+    health: HealthCheck
+    def __init__(self, id: _Optional[_Union[VipId, _Mapping]] = ..., health: _Optional[_Union[HealthCheck, _Mapping]] = ...) -> None: ...
+
+class ApplyRequest(_message.Message):
+    __slots__ = ("config_yaml", "dry_run")
+    CONFIG_YAML_FIELD_NUMBER: _ClassVar[int]
+    DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    config_yaml: str
+    dry_run: bool
+    def __init__(self, config_yaml: _Optional[str] = ..., dry_run: _Optional[bool] = ...) -> None: ...
+
+class ApplyResponse(_message.Message):
+    __slots__ = ("changes",)
+    CHANGES_FIELD_NUMBER: _ClassVar[int]
+    changes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, changes: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class AddVipRequest(_message.Message):
     __slots__ = ("id", "flags", "backends")

@@ -114,6 +114,16 @@ class LoadBalancerStub:
                 request_serializer=control_dot_l4lb_dot_v1_dot_l4lb__pb2.FlushFlowsRequest.SerializeToString,
                 response_deserializer=control_dot_l4lb_dot_v1_dot_l4lb__pb2.FlushFlowsResponse.FromString,
                 _registered_method=True)
+        self.SetHealthCheck = channel.unary_unary(
+                '/l4lb.v1.LoadBalancer/SetHealthCheck',
+                request_serializer=control_dot_l4lb_dot_v1_dot_l4lb__pb2.SetHealthCheckRequest.SerializeToString,
+                response_deserializer=control_dot_l4lb_dot_v1_dot_l4lb__pb2.Vip.FromString,
+                _registered_method=True)
+        self.Apply = channel.unary_unary(
+                '/l4lb.v1.LoadBalancer/Apply',
+                request_serializer=control_dot_l4lb_dot_v1_dot_l4lb__pb2.ApplyRequest.SerializeToString,
+                response_deserializer=control_dot_l4lb_dot_v1_dot_l4lb__pb2.ApplyResponse.FromString,
+                _registered_method=True)
 
 
 class LoadBalancerServicer:
@@ -215,6 +225,18 @@ class LoadBalancerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetHealthCheck(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Apply(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LoadBalancerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -297,6 +319,16 @@ def add_LoadBalancerServicer_to_server(servicer, server):
                     servicer.FlushFlows,
                     request_deserializer=control_dot_l4lb_dot_v1_dot_l4lb__pb2.FlushFlowsRequest.FromString,
                     response_serializer=control_dot_l4lb_dot_v1_dot_l4lb__pb2.FlushFlowsResponse.SerializeToString,
+            ),
+            'SetHealthCheck': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetHealthCheck,
+                    request_deserializer=control_dot_l4lb_dot_v1_dot_l4lb__pb2.SetHealthCheckRequest.FromString,
+                    response_serializer=control_dot_l4lb_dot_v1_dot_l4lb__pb2.Vip.SerializeToString,
+            ),
+            'Apply': grpc.unary_unary_rpc_method_handler(
+                    servicer.Apply,
+                    request_deserializer=control_dot_l4lb_dot_v1_dot_l4lb__pb2.ApplyRequest.FromString,
+                    response_serializer=control_dot_l4lb_dot_v1_dot_l4lb__pb2.ApplyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -731,6 +763,60 @@ class LoadBalancer:
             '/l4lb.v1.LoadBalancer/FlushFlows',
             control_dot_l4lb_dot_v1_dot_l4lb__pb2.FlushFlowsRequest.SerializeToString,
             control_dot_l4lb_dot_v1_dot_l4lb__pb2.FlushFlowsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetHealthCheck(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/l4lb.v1.LoadBalancer/SetHealthCheck',
+            control_dot_l4lb_dot_v1_dot_l4lb__pb2.SetHealthCheckRequest.SerializeToString,
+            control_dot_l4lb_dot_v1_dot_l4lb__pb2.Vip.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Apply(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/l4lb.v1.LoadBalancer/Apply',
+            control_dot_l4lb_dot_v1_dot_l4lb__pb2.ApplyRequest.SerializeToString,
+            control_dot_l4lb_dot_v1_dot_l4lb__pb2.ApplyResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -50,7 +50,7 @@ class _Pending:
     def __init__(self, change):
         self.change = change
         self.result = self.error = None
-        self.done = False
+        self.done = threading.Event()
 
 
 class Controller:
@@ -70,7 +70,8 @@ class Controller:
         self.started = time.monotonic()
         self.lock = threading.RLock()  # held by the committer; reads take it too
         self._queue: list[_Pending] = []
-        self._queue_lock = threading.Lock()
+        self._queue_cv = threading.Condition()
+        self._committer: threading.Thread | None = None
 
     @property
     def state(self) -> LbModel:
@@ -188,16 +189,34 @@ class Controller:
         """Runs change(model, ctx) on a copy; commits it with whatever else is
         waiting. Returns what change returned, or raises its error."""
         me = _Pending(change)
-        with self._queue_lock:
+        with self._queue_cv:
             self._queue.append(me)
-        with self.lock:
-            if not me.done:
-                with self._queue_lock:
-                    batch, self._queue = self._queue, []
-                self._run(batch)
+            if self._committer is None:
+                self._committer = threading.Thread(target=self._commit_loop, name="l4lb-commit", daemon=True)
+                self._committer.start()
+            self._queue_cv.notify()
+        me.done.wait()
         if me.error is not None:
             raise me.error
         return me.result
+
+    def _commit_loop(self) -> None:
+        """One thread commits: every request that arrived while it was busy
+        goes into its next commit."""
+        while True:
+            with self._queue_cv:
+                while not self._queue:
+                    self._queue_cv.wait()
+                batch, self._queue = self._queue, []
+            try:
+                with self.lock:
+                    self._run(batch)
+            except BaseException as e:  # never leave a caller waiting
+                for p in batch:
+                    if p.error is None:
+                        p.error = e if isinstance(e, L4lbError) else StateError(f"commit failed: {e}")
+            for p in batch:
+                p.done.set()
 
     def _run(self, batch: list[_Pending]) -> None:
         work = self.model.clone()
@@ -224,9 +243,6 @@ class Controller:
         except L4lbError as e:
             for p in ok:
                 p.error = e
-        finally:
-            for p in batch:
-                p.done = True
 
     # ---- VIPs --------------------------------------------------------------------------
     def add_vip(self, key: VipKey, flags, backends: list[tuple[str, int]]):

@@ -19,8 +19,10 @@ test-kernel:
 demo:
 	@.venv/bin/l4lb demo
 
+# AGAINST=REF: the per-packet costs of the working tree against git commit REF (A/B)
 bench:
-	@$(PY) -m bench.run
+	@if [ -n "$(AGAINST)" ]; then $(PY) -m bench.pktcost --against "$(AGAINST)"; \
+	else $(PY) -m bench.run; fi
 
 bench-quick:
 	@$(PY) -m bench.run --quick

@@ -11,16 +11,17 @@ from dataclasses import asdict, dataclass, field
 from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import Ether
 
-from l4lb import bpf, consts, libbpf
-from l4lb.dataplane import Dataplane, RuntimeConfig
+from l4lb import consts, libbpf
 from l4lb.errors import L4lbError
 from l4lb.libbpf import XDP_DROP, XDP_TX
 from l4lb.model import VipKey
-from l4lb.state import LbState
 
 from . import ctmap
 from .common import CLIENT_MAC, GW_MAC, LB_MAC, minmed, pin_to_cpu, possible_cpus
 from .harness import Harness, Timing, Vary, time_run
+from .ref import Code, worktree
+
+WORKTREE = worktree()
 
 ICMP_RATE_UNLIMITED = 0xFFFFFFFF
 EVICT_SLACK = 16  # entries a full LRU table may gain or lose: evictions come in small batches
@@ -75,6 +76,7 @@ class Case:
     prime: bool = False         # run once first: the flow's connection-table entry exists
     vary: Vary | None = None    # every run a new flow (new connection-table entry)
     fill_table: bool = False    # the table is full before timing: every insert evicts
+    resident: bool = False      # on the balancer whose table holds a resident population
 
 
 def drop_case(frame: bytes) -> Case:
@@ -123,26 +125,59 @@ def cost_summary(rounds: list[RoundResult], drop: list[int]) -> dict:
 
 # ---- the balancer ---------------------------------------------------------------------------------
 
+class _OtherBuild:
+    """The desired state of another build (bench.ref) as the benchmark's setups
+    see it: VIP keys and specs of the working tree, turned into the build's own."""
+
+    def __init__(self, state, code: Code):
+        self._state, self._code = state, code
+
+    def add_vip(self, spec):
+        return self._state.add_vip(self._code.vip_spec(spec))
+
+    def delete_vip(self, key):
+        return self._state.delete_vip(self._code.vip_key(key))
+
+    def set_backends(self, key, backends):
+        return self._state.set_backends(self._code.vip_key(key), backends)
+
+    def __getattr__(self, name):
+        return getattr(self._state, name)
+
+
 class Balancer:
     """One loaded balancer with the benchmark's configuration; `setup(state)`, when
-    given, adds its VIPs."""
+    given, adds its VIPs. `code`: the build to load, the working tree's by default
+    or another commit's (bench.ref), set up the same way through its own modules."""
 
-    def __init__(self, capacity: consts.Capacity, setup=None):
+    def __init__(self, capacity: consts.Capacity, setup=None, code: Code | None = None):
+        code = code or WORKTREE
+        self.code = code
         self.capacity = capacity
-        self.prog = bpf.load_balancer(capacity)
-        self.dp = Dataplane(self.prog, capacity)
-        self.dp.clear()
-        self.dp.write_config(RuntimeConfig(gateway_mac=GW_MAC, new_flow_rate=0,
-                                           icmp_rate=ICMP_RATE_UNLIMITED), portless_vips=0)
-        self.state = LbState(capacity, self.dp)
+        cap = code.capacity(capacity)
+        self.prog = code.bpf.load_balancer(cap)
+        self.dp = code.dataplane.Dataplane(self.prog, cap)
+        code.clear(self.dp)
+        self.dp.write_config(code.dataplane.RuntimeConfig(
+            gateway_mac=GW_MAC, new_flow_rate=0, icmp_rate=ICMP_RATE_UNLIMITED), portless_vips=0)
+        self.lbstate = code.state.LbState(cap, self.dp)
+        self.state = self.lbstate if code is WORKTREE else _OtherBuild(self.lbstate, code)
         if setup is not None:
             setup(self.state)
-        self.dp.set_portless(self.state.portless)
-        self.conntrack = self.prog.table(consts.MAP_CONNTRACK)
+        self.dp.set_portless(self.lbstate.portless)
+        self.conntrack = self.prog.table(code.consts.MAP_CONNTRACK)
+        self.conntrack6 = self.prog.table(code.consts.MAP_CONNTRACK6)
 
     def stats(self, vip: VipKey | None) -> tuple[dict[str, int], int]:
-        packets = self.dp.vip_stats(self.state.vips[vip].vip_id)["packets"] if vip else 0
+        packets = 0
+        if vip:
+            vip_id = self.lbstate.vips[self.code.vip_key(vip)].vip_id
+            packets = self.dp.vip_stats(vip_id)["packets"]
         return self.dp.global_stats(), packets
+
+    def table_for(self, frame: bytes):
+        """The connection table of the frame's family."""
+        return self.conntrack6 if frame[12:14] == b"\x86\xdd" else self.conntrack
 
     def close(self) -> None:
         self.prog.close()
@@ -213,7 +248,7 @@ class Measurer:
         os.sched_setaffinity(0, self._affinity)
 
     def lb(self, case: Case) -> Balancer:
-        return self.lbs["full" if case.fill_table else "main"]
+        return self.lbs["full" if case.fill_table else "resident" if case.resident else "main"]
 
     def target_fd(self, case: Case) -> int:
         if case.target == "lb":
@@ -302,8 +337,9 @@ class Measurer:
                 hc.moved_bytes != case.head_moves * want_moved:
             fails.append(f"harness: {hc}; expected {repeat} runs, {want_moved} head moves "
                          f"of {case.head_moves} bytes")
-        if case.vary and hc.flow != (flow0 + repeat) & 0xFFFFFFFF:
-            fails.append(f"harness flow number {hc.flow}, expected {flow0 + repeat}")
+        if case.vary and hc.flow != case.vary.after(flow0, repeat):
+            fails.append(f"harness flow number {hc.flow}, "
+                         f"expected {case.vary.after(flow0, repeat)}")
 
     @staticmethod
     def prove_last_run(case: Case, t: Timing, expected: libbpf.RunResult,
@@ -315,8 +351,73 @@ class Measurer:
         if t.result.data != expected.data:
             fails.append("last run: output differs from a direct run on its packet")
 
+    # ---- established flows, every run another one -------------------------------------------
+    def seed(self, lb: Balancer, syn: bytes, vary: Vary, flow0: int, n: int, fails: list[str],
+             grows: bool = True) -> int:
+        """Makes the entries of flows flow0 .. flow0+n-1 with SYNs of them (untimed).
+        Returns the entries written; grows: the table must have grown by n."""
+        table = lb.table_for(syn)
+        n0, (g0, _) = ctmap.count(table), lb.stats(None)
+        self.harness.load_frame(syn, vary, flow0)
+        seeded = self.harness.time(lb.prog.fd, n).result
+        n1, (g1, _) = ctmap.count(table), lb.stats(None)
+        inserted = g1["ct_insert"] - g0["ct_insert"]
+        if seeded.verdict != XDP_TX or inserted != n:
+            fails.append(f"seeding SYNs: {inserted} entries written, expected {n}")
+        if grows and n1 - n0 != n:
+            fails.append(f"seeding SYNs: the table grew by {n1 - n0}, expected {n}")
+        return inserted
+
+    def measure_spread(self, case: Case, round_no: int, seed: bytes | None = None) -> RoundResult:
+        """Every run hits a different established flow. With `seed` (the SYN of the case's
+        flow), this round's `repeat` flows get their entries first from SYNs (untimed) and
+        lose them after; without it the runs cycle through the flows resident in the table
+        (case.vary.wrap of them, made before, from flow number 0)."""
+        repeat, lb, fails = self.repeat, self.lb(case), []
+        res = RoundResult(case.name, round_no, repeat, 0, 0.0)
+        table = lb.table_for(case.frame)
+        inserted = 0
+        if seed is not None:
+            flow0 = self.next_flow
+            self.next_flow += repeat
+            inserted = self.seed(lb, seed, case.vary, flow0, repeat, fails,
+                                 grows=not case.fill_table)
+        else:
+            flow0 = 0
+        entries0 = ctmap.count(table)
+
+        before = self.harness_alone(case, fails, flow0)
+        s0 = lb.stats(case.vip)
+        self.harness.load_frame(case.frame, case.vary, flow0)
+        t = self.harness.time(lb.prog.fd, repeat)
+        hc = self.harness.counts()
+        s1 = lb.stats(case.vip)
+        after = self.harness_alone(case, fails, flow0)
+        self.record_timing(res, t, before, after)
+        self.prove_counters(res, case, s0, s1, fails)
+        self.prove_verdicts(res, case, fails)
+        self.prove_harness(res, case, hc, flow0, fails)
+        last = case.vary.apply(case.frame, case.vary.after(flow0, repeat - 1))
+        self.prove_last_run(case, t, self.direct(case, last), fails)
+        if seed is None:
+            res.new_entries = ctmap.count(table) - entries0
+            if res.new_entries:
+                fails.append(f"the resident flows' table changed by {res.new_entries} entries")
+        elif not case.fill_table:
+            # newest first: the free list is left as the seeding found it (see ctmap.py)
+            keys = ctmap.flow_keys(table, case.frame, case.vary, flow0, repeat)
+            res.new_entries = ctmap.delete_keys(table, keys)
+            if res.new_entries != repeat:
+                fails.append(f"{res.new_entries} of the {repeat} spread flows found afterwards")
+        else:
+            res.new_entries = inserted
+        res.failures = fails
+        return res
+
     # ---- one case, one round ------------------------------------------------------------------
     def measure(self, case: Case, round_no: int = 1) -> RoundResult:
+        if case.vary and case.vary.wrap:
+            return self.measure_spread(case, round_no)
         repeat = self.repeat
         fails: list[str] = []
         lb = self.lb(case) if case.target == "lb" else None
@@ -330,7 +431,8 @@ class Measurer:
         before = self.harness_alone(case, fails) if case.harness else None
 
         flow0 = self.next_flow
-        entries0 = ctmap.count(lb.conntrack) if case.vary else 0
+        table = lb.table_for(case.frame) if lb else None
+        entries0 = ctmap.count(table) if case.vary else 0
         s0 = lb.stats(case.vip) if lb else ({}, 0)
         if case.harness:
             self.harness.load_frame(case.frame, case.vary, flow0)
@@ -364,7 +466,7 @@ class Measurer:
 
         # every SYN made its own new entry
         if case.vary:
-            entries1 = ctmap.count(lb.conntrack)
+            entries1 = ctmap.count(table)
             if case.fill_table:
                 # the kernel evicts a few entries at a time: allow that much movement
                 res.new_entries = entries1 - entries0
@@ -373,8 +475,8 @@ class Measurer:
                                  "every insert should have evicted one")
             else:
                 # delete exactly this round's flows, newest first (see ctmap.py)
-                keys = ctmap.flow_keys(lb.conntrack, case.frame, case.vary, flow0, repeat)
-                res.new_entries = ctmap.delete_keys(lb.conntrack, keys)
+                keys = ctmap.flow_keys(table, case.frame, case.vary, flow0, repeat)
+                res.new_entries = ctmap.delete_keys(table, keys)
                 if entries1 - entries0 != repeat or res.new_entries != repeat:
                     fails.append(f"connection table: {entries1 - entries0} new entries, "
                                  f"{res.new_entries} of the {repeat} flows found; expected all")
@@ -383,8 +485,7 @@ class Measurer:
             last = flow0 + repeat - 1
             expected_out = self.direct(case, case.vary.apply(case.frame, last))
             if not case.fill_table:
-                ctmap.delete_keys(lb.conntrack, ctmap.flow_keys(lb.conntrack, case.frame,
-                                                                 case.vary, last, 1))
+                ctmap.delete_keys(table, ctmap.flow_keys(table, case.frame, case.vary, last, 1))
         self.prove_last_run(case, t, expected_out, fails)
         res.failures = fails
         return res

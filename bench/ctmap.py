@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import ctypes
 import ipaddress
+import socket
 
 import numpy as np
 from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 
 from l4lb import libbpf
@@ -48,28 +50,36 @@ def delete_keys(table, keys: bytes) -> int:
 def flow_keys(table, frame: bytes, vary: Vary, first: int, n: int,
               newest_first: bool = True) -> bytes:
     """Connection-table keys of the flows the harness makes from `frame` with
-    flow numbers first .. first+n-1 (IPv4 TCP/UDP frames), packed in the map's
-    key layout (taken from the compiled program)."""
+    flow numbers first .. first+n-1 (IPv4 or IPv6 TCP/UDP frames; with vary.wrap
+    the numbers cycle), packed in the map's key layout (taken from the compiled
+    program)."""
     pkt = Ether(frame)
-    if IP not in pkt or not (TCP in pkt or UDP in pkt):
-        raise BpfError("flow keys are built for IPv4 TCP/UDP frames only")
-    ip = pkt[IP]
+    if IP in pkt:
+        ip, alen, src_in_ip, hdr_len = pkt[IP], 4, 12, pkt[IP].ihl * 4
+    elif IPv6 in pkt:
+        ip, alen, src_in_ip, hdr_len = pkt[IPv6], 16, 8, 40
+    else:
+        raise BpfError("flow keys are built for IPv4 or IPv6 TCP/UDP frames only")
+    if not (TCP in pkt or UDP in pkt):
+        raise BpfError("flow keys are built for TCP/UDP frames only")
     l4 = pkt[TCP] if TCP in pkt else pkt[UDP]
     ip_start = len(frame) - len(bytes(ip))
-    src_off = ip_start + 12
-    if vary.sport_off != ip_start + ip.ihl * 4 or not src_off <= vary.addr_off <= src_off + 2:
+    src_off = ip_start + src_in_ip
+    if vary.sport_off != ip_start + hdr_len or \
+            not src_off <= vary.addr_off <= src_off + alen - 2:
         raise BpfError("the harness varies fields this key builder does not know")
     key_t = table.Key
     ksz = ctypes.sizeof(key_t)
     base = bytearray(ksz)
-    base[key_t.src.offset:key_t.src.offset + 4] = ipaddress.IPv4Address(ip.src).packed
-    base[key_t.dst.offset:key_t.dst.offset + 4] = ipaddress.IPv4Address(ip.dst).packed
+    base[key_t.src.offset:key_t.src.offset + alen] = ipaddress.ip_address(ip.src).packed
+    base[key_t.dst.offset:key_t.dst.offset + alen] = ipaddress.ip_address(ip.dst).packed
     base[key_t.dport.offset:key_t.dport.offset + 2] = l4.dport.to_bytes(2, "big")
-    base[key_t.proto.offset] = ip.proto
+    base[key_t.proto.offset] = socket.IPPROTO_TCP if TCP in pkt else socket.IPPROTO_UDP
     if hasattr(key_t, "family"):
-        base[key_t.family.offset] = 4
+        base[key_t.family.offset] = 4 if alen == 4 else 6
 
-    flows = (np.arange(first, first + n, dtype=np.uint64) & 0xFFFFFFFF)
+    flows = np.arange(first, first + n, dtype=np.uint64)
+    flows = flows % vary.wrap if vary.wrap else flows & 0xFFFFFFFF
     sport = ((l4.sport + (flows & 0xFFFF)) & 0xFFFF).astype(np.uint16)
     a = key_t.src.offset + (vary.addr_off - src_off)
     word = int.from_bytes(frame[vary.addr_off:vary.addr_off + 2], "big")

@@ -13,7 +13,8 @@
  *      the stored copy: the programs measured here only change headers;
  *   3. optionally give the flow a new identity (TCP/UDP source port, then a
  *      16-bit word of the source address), so that every run is a new flow,
- *      with the checksums updated;
+ *      with the checksums updated; the flow numbers may cycle through a fixed set
+ *      of flows (`wrap`), so that every run hits another of a resident population;
  * and then tail-calls the program under test (slot 0 of `target`).
  * Programs that move the tail (bpf_xdp_adjust_tail) or change bytes past
  * COPY_MAX are out of its reach; the benchmark's checks (the head moves
@@ -38,7 +39,7 @@ struct harness_state {
     __u16 ipcsum_off;   /* offset of the IPv4 header checksum; 0: none (IPv6) */
     __u16 l4csum_off;   /* offset of the TCP/UDP checksum; 0: none */
     __u32 flow;         /* the next run's flow number: sport += low 16 bits, address += high 16 */
-    __u32 pad;
+    __u32 wrap;         /* flow numbers run 0 .. wrap-1 and start again (flows that stay resident); 0: never */
     __u64 runs;         /* runs through the harness */
     __u64 moved;        /* runs that found the head moved by the previous run and moved it back */
     __s64 moved_bytes;  /* the sum of those moves: 20 per run after a 4in4 encapsulation */
@@ -129,6 +130,9 @@ int harness(struct xdp_md *ctx)
 
     if (s->sport_off) {
         __u32 flow = s->flow++;
+
+        if (s->flow == s->wrap)
+            s->flow = 0;
 
         if (bump16(data, data_end, s->sport_off, flow & 0xffff, 0, s->l4csum_off, 0))
             goto bad;

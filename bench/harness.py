@@ -30,12 +30,21 @@ def load_program(source: str, fn_name: str, cflags: list[str] | None = None) -> 
 class Vary:
     """Byte offsets in the frame of what the harness changes to make every run a new flow:
     the source port gets the flow number's low 16 bits, the source address's last
-    16-bit word its high 16 bits; the checksums that cover them are updated."""
+    16-bit word its high 16 bits; the checksums that cover them are updated. With
+    `wrap`, flow numbers cycle through 0 .. wrap-1 (a resident population of flows)."""
 
     sport_off: int
     addr_off: int = 0
     ipcsum_off: int = 0
     l4csum_off: int = 0
+    wrap: int = 0
+
+    def after(self, flow: int, runs: int) -> int:
+        """The flow number after `runs` runs from `flow`."""
+        return (flow + runs) % self.wrap if self.wrap else (flow + runs) & 0xFFFFFFFF
+
+    def cycled(self, wrap: int) -> "Vary":
+        return Vary(self.sport_off, self.addr_off, self.ipcsum_off, self.l4csum_off, wrap)
 
     def apply(self, frame: bytes, flow: int) -> bytes:
         """The frame as the harness leaves it for flow number `flow` (for checks)."""
@@ -131,7 +140,8 @@ class Harness:
             if vary:
                 v.sport_off, v.addr_off = vary.sport_off, vary.addr_off
                 v.ipcsum_off, v.l4csum_off = vary.ipcsum_off, vary.l4csum_off
-                v.flow = flow & 0xFFFFFFFF
+                v.flow = vary.after(flow, 0)
+                v.wrap = vary.wrap
             ctypes.memmove(v.bytes, frame, copy_len)
             values[cpu] = v
         t[t.Key(0)] = values

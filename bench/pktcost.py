@@ -1,6 +1,7 @@
 """Per-packet cost of the balancer in the kernel, with BPF_PROG_TEST_RUN.
 
     .venv/bin/python -m bench.pktcost [--quick] [--rounds N] [--repeat N] [--out PATH]
+    .venv/bin/python -m bench.pktcost --quick --against b82801c   # A/B against a commit
 
 Every case runs `repeat` times per round through the harness (harness.c),
 which puts the original frame back before each run and tail-calls the
@@ -40,6 +41,7 @@ under a flood of new flows)."""
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from dataclasses import asdict
@@ -50,15 +52,21 @@ from scapy.layers.inet6 import IPv6
 from scapy.packet import Raw
 
 from l4lb import consts, libbpf
+from l4lb.errors import L4lbError
 from l4lb.libbpf import XDP_PASS, XDP_TX
 from l4lb.model import VipKey, VipSpec
 from l4lb.state import LbState
 
-from .balancer import (ICMP_RATE_UNLIMITED, VARY4, Balancer, Case, Loaded, Measurer,
-                       RoundResult, cost_summary, drop_case, eth, tcp, tcp4_frame)
+from . import ctmap
+from .balancer import (ICMP_RATE_UNLIMITED, IP_OFF, VARY4, WORKTREE, Balancer, Case, Loaded,
+                       Measurer, RoundResult, cost_summary, drop_case, eth, tcp, tcp4_frame)
 from .common import (CLIENT4, RESULTS_DIR, VIP4, finish_report, machine, progress, run_command,
                      table, utc_now)
-from .harness import Harness
+from .harness import Harness, Vary
+from .ref import Code, RefCode
+
+# an IPv6 TCP frame made a new flow on every run (no IP checksum)
+VARY6 = Vary(sport_off=IP_OFF + 40, addr_off=IP_OFF + 8 + 14, l4csum_off=IP_OFF + 40 + 16)
 
 DEFAULT_REPEAT = 1_000_000
 QUICK_REPEAT = 100_000
@@ -70,6 +78,9 @@ CLIENT6 = "fd00:198:18::5"
 VIP4_TO_V6 = "198.18.10.11"   # TCP :80, IPv6 backends (4in6)
 VIP6 = "fd00:198:18:10::10"   # TCP :80, IPv6 backends (6in6)
 NOT_A_VIP = "198.18.1.1"      # the LB's own link address: XDP_PASS
+VIP_RESIDENT = "198.18.10.12"  # TCP :80, IPv4 backends: the resident flows' VIP
+CLIENT_RESIDENT = "198.18.0.7"  # the resident flows come from 198.18.0.7-10, other ports
+RESIDENT = 200_000            # flows resident in the table of the populated cases
 BACKENDS4 = [f"198.18.2.{i}" for i in range(1, 9)]
 BACKENDS6 = [f"fd00:198:18:2::{i}" for i in range(1, 9)]
 
@@ -95,12 +106,22 @@ def build_cases() -> list[Case]:
                         options=[("NOP", None), ("NOP", None), ("Timestamp", (2000, 1000))]))
     echo = bytes(eth() / IP(src=CLIENT4, dst=VIP4, ttl=64) / ICMP(type=8, id=0x4242, seq=1) /
                  Raw(bytes(range(56))))
+    syn6 = bytes(eth() / IPv6(src=CLIENT6, dst=VIP6, hlim=64) / tcp("S", 40010))
+    spread = tcp4_frame(CLIENT_RESIDENT, VIP_RESIDENT, "A", 1000)
     tcp80 = VipKey(VIP4, 80, "tcp")
     return [
         Case("established", "TCP established (connection-table hit), 4in4", est, "lb", XDP_TX,
              ("tx", "ct_hit"), 20, tcp80, prime=True),
         Case("syn", "TCP SYN, a new connection-table entry per run, 4in4", syn, "lb", XDP_TX,
              ("tx", "ct_miss", "ct_insert"), 20, tcp80, vary=VARY4),
+        Case("syn6", "IPv6 TCP SYN, a new connection-table entry per run, 6in6", syn6, "lb",
+             XDP_TX, ("tx", "ct_miss", "ct_insert"), 40, VipKey(VIP6, 80, "tcp"), vary=VARY6),
+        Case("syn_resident", f"TCP SYN, a new entry per run, {RESIDENT:,} flows resident, 4in4",
+             syn, "lb", XDP_TX, ("tx", "ct_miss", "ct_insert"), 20, tcp80, vary=VARY4,
+             resident=True),
+        Case("spread", f"TCP established, every run another of {RESIDENT:,} resident flows, "
+             "4in4", spread, "lb", XDP_TX, ("tx", "ct_hit"), 20,
+             VipKey(VIP_RESIDENT, 80, "tcp"), vary=VARY4.cycled(RESIDENT), resident=True),
         Case("syn_evict", "TCP SYN into a full table (each insert evicts), 4in4", syn, "lb",
              XDP_TX, ("tx", "ct_miss", "ct_insert"), 20, tcp80, vary=VARY4, fill_table=True),
         Case("udp", "UDP established (connection-table hit), 4in4", udp, "lb", XDP_TX,
@@ -128,28 +149,51 @@ def add_vips(state: LbState) -> None:
     add(VIP4, 53, "udp", BACKENDS4)
     add(VIP6, 80, "tcp", BACKENDS6)
     add(VIP4_TO_V6, 80, "tcp", BACKENDS6)
+    add(VIP_RESIDENT, 80, "tcp", BACKENDS4)
 
 
 class PktCost(Measurer):
-    """The balancers, the harness and the cases. Two balancers: `main` for
-    every case but one, `full` for the SYN case into a full table, whose
-    connection table is filled once and stays full (every insert evicts)."""
+    """The balancers, the harness and the cases. Three balancers: `main` for
+    most cases; `resident`, whose table holds RESIDENT established flows made
+    once, for the populated cases; `full` for the SYN case into a full table,
+    whose connection table is filled once and stays full (every insert evicts).
+    `code`: the build to load (the working tree's, or another commit's)."""
 
     def __init__(self, repeat: int, cpu: int | None = None, full_table: bool = True,
-                 harness: Harness | None = None):
-        """harness: one already loaded (it stays open on close()); by default its own."""
+                 harness: Harness | None = None, code: Code = WORKTREE,
+                 only: frozenset[str] = frozenset()):
+        """harness: one already loaded (it stays open on close()); by default its own.
+        only: the names of the cases to measure (and the baselines); all when empty."""
         super().__init__(repeat, cpu, harness)
-        # The SYN case needs room for one round of new entries on the CPU that runs it:
-        # with per-CPU LRU lists each CPU owns ct_size / possible CPUs of the entries.
+        self.code = code
+        # The SYN case needs room for one round of new entries on the CPU that runs it,
+        # and the populated cases for the resident flows besides: with per-CPU LRU lists
+        # (older builds) each CPU owns ct_size / possible CPUs of the entries.
         self.capacity = consts.Capacity(max_vips=8, max_backends=64,
                                         ct_size=max(65536, (repeat + 1024) * self.ncpus))
+        self.resident_capacity = consts.Capacity(
+            max_vips=8, max_backends=64, ct_size=(RESIDENT + repeat + 2048) * self.ncpus)
         self.share = self.capacity.ct_size // self.ncpus
-        self.cases = [c for c in build_cases() if full_table or not c.fill_table]
+        self.cases = [c for c in build_cases() if (full_table or not c.fill_table) and
+                      (not only or c.name in only or c.target != "lb")]
+        names = {c.name for c in self.cases}
 
         def load():
-            self.lbs["main"] = Balancer(self.capacity, add_vips)
-            if full_table:
-                self.lbs["full"] = Balancer(self.capacity, add_vips)
+            self.lbs["main"] = Balancer(self.capacity, add_vips, code)
+            if not names & {"spread", "syn_resident"}:
+                return
+            self.lbs["resident"] = Balancer(self.resident_capacity, add_vips, code)
+            fails: list[str] = []
+            spread = next(c for c in build_cases() if c.name == "spread")
+            self.seed(self.lbs["resident"], tcp4_frame(CLIENT_RESIDENT, VIP_RESIDENT, "S", 1000),
+                      VARY4, 0, RESIDENT, fails)
+            if fails:
+                raise L4lbError(f"{code.label}: the resident flows: {'; '.join(fails)}")
+            if ctmap.count(self.lbs["resident"].table_for(spread.frame)) != RESIDENT:
+                raise L4lbError(f"{code.label}: {RESIDENT} resident flows asked, the table "
+                                "holds another number")
+            if "syn_evict" in names:
+                self.lbs["full"] = Balancer(self.capacity, add_vips, code)
                 self.fill_conntrack(self.lbs["full"], self.case("syn_evict"))
             # the established flows' entries, made before the SYN case first takes free entries
             for c in self.cases:
@@ -308,6 +352,126 @@ def run(repeat: int, rounds: int, out: Path | None, cpu: int | None = None,
     return report
 
 
+# ---- A/B: the working tree against another commit ----------------------------------------------
+
+AB_TARGETS = {  # new / old, docs: performance targets
+    "syn": 0.5, "syn6": 0.5, "syn_resident": 0.5, "spread": 0.65,
+    "established": 1.05, "udp": 1.05, "pass": 1.05,
+}
+
+
+def ab_summary(new: dict[str, list[RoundResult]], old: dict[str, list[RoundResult]]) -> dict:
+    """Per case the ratio new / old of the net and gross costs, taken within each round
+    (the two builds ran side by side in it): min, median and max over rounds."""
+    drop_new = [r.ns for r in new["drop_direct"]]
+    drop_old = [r.ns for r in old["drop_direct"]]
+    out = {}
+    for name in new:
+        if new[name][0].net_ns is None:
+            continue
+        net = [a.net_ns / b.net_ns for a, b in zip(new[name], old[name]) if b.net_ns > 0]
+        gross = [(a.net_ns + da) / (b.net_ns + db) for a, b, da, db in
+                 zip(new[name], old[name], drop_new, drop_old)]
+        out[name] = {"new": cost_summary(new[name], drop_new),
+                     "old": cost_summary(old[name], drop_old),
+                     "net": _spread(net), "gross": _spread(gross),
+                     "target": AB_TARGETS.get(name)}
+    return out
+
+
+def _spread(values: list[float]) -> dict:
+    values = sorted(values)
+    if not values:
+        return {"min": None, "median": None, "max": None}
+    return {"min": values[0], "median": statistics.median(values), "max": values[-1]}
+
+
+def render_ab(console, report: dict) -> None:
+    s = report["settings"]
+    t = table(f"{s['new']} against {s['old']}: net ns and the ratio new / old per round "
+              f"(repeat {s['repeat']:,}, {s['rounds']} rounds, interleaved)",
+              [("case", "left"), "new net med", "old net med", "net ratio min / med / max",
+               "gross ratio min / med / max", "target", "median meets it"])
+    for name, c in report["ab"].items():
+        tgt = c["target"]
+        meets = "-" if tgt is None else ", ".join(
+            f"{k}: {'yes' if c[k]['median'] is not None and c[k]['median'] <= tgt else 'NO'}"
+            for k in ("net", "gross"))
+        t.add_row(name, _fmt(c["new"]["net_ns"]["median"]), _fmt(c["old"]["net_ns"]["median"]),
+                  " / ".join(_fmt(c["net"][k], 2) for k in ("min", "median", "max")),
+                  " / ".join(_fmt(c["gross"][k], 2) for k in ("min", "median", "max")),
+                  "-" if tgt is None else f"<= {tgt:g}", meets)
+    console.print(t)
+    console.print("[dim]net: beyond the harness -> XDP_DROP; gross: net + a plain XDP_DROP "
+                  "program run directly (each build's own round).[/dim]")
+
+
+def run_ab(against: str, repeat: int, rounds: int, out: Path | None, cpu: int | None = None,
+           console=None, full_table: bool = True, only: frozenset[str] = frozenset()) -> dict:
+    """Both builds through one harness, case by case, round by round: in each round every
+    case runs on the working tree's program and on the other commit's, in alternating
+    order, with every proof of run() for both."""
+    from rich.console import Console  # noqa: PLC0415
+
+    console = console or Console()
+    started = time.time()
+    ref = RefCode(against)
+    benches: list[PktCost] = []
+    try:
+        console.print(f"loading the working tree's balancers and those of {ref.code.label}")
+        benches.append(PktCost(repeat, cpu, full_table=full_table, only=only))
+        benches.append(PktCost(repeat, cpu, full_table=full_table, harness=benches[0].harness,
+                               code=ref.code, only=only))
+        console.print(f"pinned to CPU {benches[0].cpu}; ready in {time.time() - started:.1f} s")
+        results = [{c.name: [] for c in b.cases} for b in benches]
+        cases = benches[0].cases
+        with progress(console) as prog:
+            task = prog.add_task("measuring", total=rounds * len(cases) * 2)
+            for rnd in range(1, rounds + 1):
+                for case in cases:
+                    order = (0, 1) if (rnd + len(results[0][case.name])) % 2 else (1, 0)
+                    for side in order:
+                        b = benches[side]
+                        prog.update(task, description=f"round {rnd}/{rounds}: {case.name} "
+                                                      f"({b.code.label})")
+                        rr = b.measure(b.case(case.name), rnd)
+                        results[side][case.name].append(rr)
+                        prog.advance(task)
+                    a, o = results[0][case.name][-1], results[1][case.name][-1]
+                    status = "[green]ok[/green]" if not (a.failures or o.failures) else \
+                        "[red]FAILED: " + "; ".join(a.failures + o.failures) + "[/red]"
+                    if a.net_ns is not None:
+                        timing = f"net {a.net_ns:4d} / {o.net_ns:4d} ns"
+                    else:
+                        timing = f"direct {a.ns:4d} / {o.ns:4d} ns"
+                    prog.console.print(f"round {rnd} {case.name:13s} {timing:26s} {status}")
+    finally:
+        for b in reversed(benches):
+            b.close()
+        ref.close()
+
+    failures = [f"{label} {r.case} round {r.round}: {f}"
+                for label, res in (("new", results[0]), ("old", results[1]))
+                for rs in res.values() for r in rs for f in r.failures]
+    report = {
+        "benchmark": "pktcost-ab",
+        "date": utc_now(),
+        "duration_s": round(time.time() - started, 1),
+        "machine": machine(),
+        "settings": {"repeat": repeat, "rounds": rounds, "cpu": benches[0].cpu,
+                     "new": "working tree", "old": ref.code.label, "old_commit": ref.commit,
+                     "resident_flows": RESIDENT},
+        "cases": [{"name": c.name, "title": c.title,
+                   "rounds_new": [asdict(r) for r in results[0][c.name]],
+                   "rounds_old": [asdict(r) for r in results[1][c.name]]} for c in cases],
+        "ab": ab_summary(results[0], results[1]),
+        "ok": not failures,
+        "failures": failures,
+    }
+    finish_report(console, report, out, render_ab)
+    return report
+
+
 def _plot(report: dict, path: Path) -> bool:
     """The per-packet cost plot of bench.run, for this report alone; False without
     matplotlib."""
@@ -330,10 +494,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT,
                     help="JSON results (default bench/results/pktcost.json)")
     ap.add_argument("--cpu", type=int, help="CPU to run on (default: the last one allowed)")
+    ap.add_argument("--against", metavar="REF",
+                    help="also build the program of git commit REF and report, per case, "
+                         "the ratio working tree / REF (interleaved rounds, one harness)")
+    ap.add_argument("--cases", default="",
+                    help="comma-separated names of the cases to measure with --against "
+                         "(default: all)")
     args = ap.parse_args(argv)
+    only = frozenset(filter(None, args.cases.split(",")))
     repeat = args.repeat or (QUICK_REPEAT if args.quick else DEFAULT_REPEAT)
     if repeat < 2 or args.rounds < 1:
         ap.error("--repeat must be at least 2 and --rounds at least 1")
+    if args.against:
+        out = args.out if args.out != DEFAULT_OUT else RESULTS_DIR / "pktcost-ab.json"
+        return run_command("bench.pktcost", lambda: run_ab(args.against, repeat, args.rounds,
+                                                           out, args.cpu, only=only))
     return run_command("bench.pktcost", lambda: run(repeat, args.rounds, args.out, args.cpu))
 
 

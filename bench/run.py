@@ -170,8 +170,11 @@ def headlines(results: dict) -> list[dict]:
     if isinstance(cp, dict) and "maglev" in cp:
         for b in cp["maglev"]:
             if b["backends"] == 1000 and b["ring_size"] == 65537:
-                add("controlplane", "Maglev table N=1000 M=65537, ms (min)",
+                add("controlplane", "Maglev table N=1000 M=65537, indices, ms (min)",
                     f"{b['min_ms']:.2f}", "<= 10 ms", b["min_ms"] <= 10)
+                add("controlplane", "maglev_table N=1000 M=65537, addresses out, ms (min / median)",
+                    f"{b['table_min_ms']:.2f} / {b['table_median_ms']:.2f}", "<= 5 ms",
+                    b["table_median_ms"] <= 5)
         rp = cp["ring_push"]
         add("controlplane", "one full ring into the kernel, ms (min)",
             f"{rp['whole_ring_min_ms']:.3f}", "<= 1 ms", rp["whole_ring_min_ms"] <= 1)

@@ -236,50 +236,9 @@ class Scaling(Measurer):
     def kinds_for(self, dim: str, point) -> dict[str, Case]:
         return self.kinds[dim == "conntrack" and point == "full"]
 
-    # ---- a spread run: `repeat` established flows, each hit once --------------------------
-    def measure_spread(self, case: Case, round_no: int) -> RoundResult:
-        repeat, lb, fails = self.repeat, self.lb(case), []
-        res = RoundResult(case.name, round_no, repeat, 0, 0.0)
-        flow0 = self.next_flow
-        self.next_flow += repeat
-        # the flows' entries, made by SYNs of the same flows (untimed)
-        n0, (g0, _) = ctmap.count(lb.conntrack), lb.stats(None)
-        self.harness.load_frame(SPREAD_SEED, case.vary, flow0)
-        seed = self.harness.time(lb.prog.fd, repeat).result
-        n1, (g1, _) = ctmap.count(lb.conntrack), lb.stats(None)
-        inserted = g1["ct_insert"] - g0["ct_insert"]
-        if seed.verdict != XDP_TX or inserted != repeat:
-            fails.append(f"seeding SYNs: {inserted} entries written, expected {repeat}")
-        if not case.fill_table and n1 - n0 != repeat:
-            fails.append(f"seeding SYNs: the table grew by {n1 - n0}, expected {repeat}")
-
-        before = self.harness_alone(case, fails, flow0)
-        s0 = lb.stats(case.vip)
-        self.harness.load_frame(case.frame, case.vary, flow0)
-        t = self.harness.time(lb.prog.fd, repeat)
-        hc = self.harness.counts()
-        s1 = lb.stats(case.vip)
-        after = self.harness_alone(case, fails, flow0)
-        self.record_timing(res, t, before, after)
-        self.prove_counters(res, case, s0, s1, fails)
-        self.prove_verdicts(res, case, fails)
-        self.prove_harness(res, case, hc, flow0, fails)
-        last = case.vary.apply(case.frame, flow0 + repeat - 1)
-        self.prove_last_run(case, t, self.direct(case, last), fails)
-        if not case.fill_table:
-            # newest first: the free list is left as the seeding found it (see ctmap.py)
-            keys = ctmap.flow_keys(lb.conntrack, case.frame, case.vary, flow0, repeat)
-            res.new_entries = ctmap.delete_keys(lb.conntrack, keys)
-            if res.new_entries != repeat:
-                fails.append(f"{res.new_entries} of the {repeat} spread flows found afterwards")
-        else:
-            res.new_entries = inserted
-        res.failures = fails
-        return res
-
     def measure_kind(self, case: Case, round_no: int) -> RoundResult:
         if case.name == "established_spread":
-            return self.measure_spread(case, round_no)
+            return self.measure_spread(case, round_no, seed=SPREAD_SEED)
         return self.measure(case, round_no)
 
 

@@ -136,6 +136,28 @@ def _check_positive_count(count: int, size: int) -> None:
         )
 
 
+@lru_cache(maxsize=65536)
+def _parse_backend(addr: object) -> tuple[str, bytes]:
+    """(canonical text, packed bytes) of a backend address; remembered, since the
+    same backends come back with every table (a refused address is not)."""
+    if not isinstance(addr, str):
+        raise ValidationError(
+            f"backend address {addr!r} is not a string; give an IPv4 or IPv6 address such as '198.18.2.1'"
+        )
+    try:
+        ip = ipaddress.ip_address(addr)
+    except ValueError:
+        raise ValidationError(
+            f"backend address {addr!r} is not an IP address; "
+            "give an IPv4 or IPv6 address such as '198.18.2.1' or 'fd00:198:18:2::1'"
+        ) from None
+    if getattr(ip, "scope_id", None):
+        raise ValidationError(
+            f"backend address {addr!r} has a zone index; give the address without '%{ip.scope_id}'"
+        )
+    return str(ip), ip.packed
+
+
 def _canonical_backends(backends: Mapping[str, int]) -> tuple[list[str], list[bytes], list[int]]:
     """Validate a mapping address -> weight; return canonical addresses, keys and weights."""
     if not isinstance(backends, Mapping):
@@ -145,29 +167,14 @@ def _canonical_backends(backends: Mapping[str, int]) -> tuple[list[str], list[by
     weights: list[int] = []
     seen: dict[bytes, str] = {}
     for addr, weight in backends.items():
-        if not isinstance(addr, str):
-            raise ValidationError(
-                f"backend address {addr!r} is not a string; give an IPv4 or IPv6 address such as '198.18.2.1'"
-            )
-        try:
-            ip = ipaddress.ip_address(addr)
-        except ValueError:
-            raise ValidationError(
-                f"backend address {addr!r} is not an IP address; "
-                "give an IPv4 or IPv6 address such as '198.18.2.1' or 'fd00:198:18:2::1'"
-            ) from None
-        if getattr(ip, "scope_id", None):
-            raise ValidationError(
-                f"backend address {addr!r} has a zone index; give the address without '%{ip.scope_id}'"
-            )
-        key = ip.packed
+        canonical, key = _parse_backend(addr)
         if key in seen:
             raise ValidationError(
                 f"backend address {addr!r} is the same address as {seen[key]!r}; list each backend once"
             )
         seen[key] = addr
         weights.append(_check_weight(weight, f"backend {addr}"))
-        addrs.append(str(ip))
+        addrs.append(canonical)
         keys.append(key)
     return addrs, keys, weights
 
@@ -229,9 +236,16 @@ def _prepare(keys: list[bytes], weights: list[int], size: int):
     _check_positive_count(len(live), size)
     live.sort(key=lambda i: (len(keys[i]), keys[i]))
     quotas = _quotas([weights[i] for i in live], size)
-    offsets = [mmh3.hash(keys[i], MAGLEV_SEED_OFFSET, signed=False) % size for i in live]
-    skips = [mmh3.hash(keys[i], MAGLEV_SEED_SKIP, signed=False) % (size - 1) + 1 for i in live]
-    return live, offsets, skips, quotas
+    params = [_params(keys[i], size) for i in live]
+    return live, [p[0] for p in params], [p[1] for p in params], quotas
+
+
+@lru_cache(maxsize=65536)
+def _params(key: bytes, size: int) -> tuple[int, int]:
+    """permutation_params without the checks, remembered: a backend's offset and skip
+    never change, and every table of its VIP needs them again."""
+    return (mmh3.hash(key, MAGLEV_SEED_OFFSET, signed=False) % size,
+            mmh3.hash(key, MAGLEV_SEED_SKIP, signed=False) % (size - 1) + 1)
 
 
 # --- the fill: C through ctypes, or pure Python -------------------------------------
@@ -338,9 +352,16 @@ def _fill(size, offsets, skips, quotas, force_python: bool) -> np.ndarray:
     return _fill_python(size, offsets, skips, quotas)
 
 
-def _indices(keys: list[bytes], weights: list[int], size: int, force_python: bool) -> np.ndarray:
+def _indices(keys: list[bytes], weights: list[int], size: int, force_python: bool,
+             names: list | None = None) -> np.ndarray:
+    """Positions into keys per entry (-1 where empty); with `names` (one per key), the
+    names instead, as a list (None where empty): one gather instead of two."""
     live, offsets, skips, quotas = _prepare(keys, weights, size)
     entry = _fill(size, offsets, skips, quotas, force_python)
+    if names is not None:
+        if not live:
+            return [None] * size
+        return np.array([names[i] for i in live], dtype=object)[entry].tolist()
     if not live:
         return entry  # all -1
     # entry holds positions in the sorted live list; map them to the caller's positions
@@ -372,10 +393,8 @@ def maglev_table(
     drains the backend. Every entry is None when no backend has weight > 0."""
     size = _check_size(size)
     addrs, keys, weights = _canonical_backends(backends)
-    idx = _indices(keys, weights, size, force_python)
-    if idx[0] < 0:  # the table is either full or empty
-        return [None] * size
-    return np.asarray(addrs, dtype=object)[idx].tolist()
+    # the table is either full or empty: live backends fill every entry
+    return _indices(keys, weights, size, force_python, names=addrs)
 
 
 def reference_table(keys: Sequence[bytes], weights: Sequence[int], size: int) -> list[int]:

@@ -11,14 +11,14 @@ from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import Ether
 
 from bench import ctmap
-from bench.pktcost import PktCost, run
+from bench.pktcost import RESIDENT, PktCost, run, run_ab
 from l4lb import libbpf
 
 pytestmark = pytest.mark.kernel
 
 REPEAT = 1000
-THROUGH_HARNESS = ["established", "syn", "syn_evict", "udp", "v6", "v4_in_v6", "pass",
-                   "icmp_echo", "encap"]
+THROUGH_HARNESS = ["established", "syn", "syn6", "syn_resident", "spread", "syn_evict", "udp",
+                   "v6", "v4_in_v6", "pass", "icmp_echo", "encap"]
 ALL_CASES = THROUGH_HARNESS + ["pass_direct", "drop_direct"]
 
 
@@ -42,8 +42,8 @@ def test_one_run_through_the_harness_equals_a_direct_run(bench, name):
     assert direct.verdict == case.verdict
     assert through.verdict == direct.verdict
     assert through.data == direct.data
-    if case.vary and not case.fill_table:
-        ct = bench.lb(case).conntrack
+    if case.vary and not case.fill_table and not case.vary.wrap:
+        ct = bench.lb(case).table_for(case.frame)
         assert ctmap.delete_keys(ct, ctmap.flow_keys(ct, case.frame, case.vary, 0, 1)) == 1
 
 
@@ -93,6 +93,33 @@ def test_syn_case_makes_one_new_entry_per_run(bench):
     assert ctmap.count(ct) == before
 
 
+@pytest.mark.parametrize("name", ["syn6", "syn_resident"])
+def test_other_syn_cases_make_one_new_entry_per_run_beside_what_is_resident(bench, name):
+    case = bench.case(name)
+    ct = bench.lb(case).table_for(case.frame)
+    before = ctmap.count(ct)
+    if case.resident:
+        assert before == RESIDENT
+    r = bench.measure(case)
+    assert r.failures == [] and r.new_entries == REPEAT
+    assert ctmap.count(ct) == before
+
+
+def test_spread_hits_a_different_resident_flow_on_every_run(bench):
+    case = bench.case("spread")
+    assert case.vary.wrap == RESIDENT
+    ct = bench.lb(case).table_for(case.frame)
+    # every resident flow is in the table under the key the harness makes for it
+    keys = ctmap.flow_keys(ct, case.frame, case.vary, 0, RESIDENT)
+    assert len(set(keys[i:i + 16] for i in range(0, len(keys), 16))) == RESIDENT
+    assert ctmap.count(ct) == RESIDENT
+    r = bench.measure(case)
+    assert r.failures == [] and r.counters == {"tx": REPEAT, "ct_hit": REPEAT}
+    assert r.harness_counts["flow"] == REPEAT and ctmap.count(ct) == RESIDENT
+    # the numbers wrap: the last flows of the population, then the first ones again
+    assert case.vary.after(RESIDENT - 2, 3) == 1
+
+
 def test_syn_into_the_full_table_evicts_instead_of_growing(bench):
     case = bench.case("syn_evict")
     ct = bench.lb(case).conntrack
@@ -132,3 +159,19 @@ def test_report_has_machine_ratios_and_every_round(bench, tmp_path):
     assert set(saved["summary"]["ratios"]) >= {"established / encap", "syn / encap", "pass / drop"}
     text = console.file.getvalue()
     assert "established" in text and "ratios" in text
+
+
+def test_against_another_commit_times_both_builds_through_one_harness(tmp_path):
+    """--against: the old commit's own package and program, set up the same way, every
+    path proven on both (b82801c: the commit whose program the targets compare with)."""
+    out = tmp_path / "ab.json"
+    console = Console(file=io.StringIO(), width=160)
+    report = run_ab("b82801c", REPEAT, 1, out, console=console, full_table=False,
+                    only=frozenset({"established", "syn", "syn6"}))
+    assert report["ok"], report["failures"]
+    saved = json.loads(out.read_text())
+    assert saved["settings"]["old_commit"].startswith("b82801c")
+    assert {"established", "syn", "syn6", "encap"} <= set(saved["ab"])
+    for c in saved["cases"]:
+        assert len(c["rounds_new"]) == len(c["rounds_old"]) == 1
+    assert saved["ab"]["syn"]["net"]["median"] > 0

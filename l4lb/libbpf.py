@@ -59,6 +59,24 @@ class _XdpMd(ctypes.Structure):
     ]
 
 
+class _SkBuffCtx(ctypes.Structure):
+    # the head of struct __sk_buff up to the fields a test run may set; the
+    # kernel zero-fills the rest of a shorter context
+    _fields_ = [
+        ("len", ctypes.c_uint32),
+        ("pkt_type", ctypes.c_uint32),
+        ("mark", ctypes.c_uint32),
+        ("queue_mapping", ctypes.c_uint32),
+        ("protocol", ctypes.c_uint32),
+        ("vlan_present", ctypes.c_uint32),
+        ("vlan_tci", ctypes.c_uint32),
+        ("vlan_proto", ctypes.c_uint32),
+        ("priority", ctypes.c_uint32),
+        ("ingress_ifindex", ctypes.c_uint32),
+        ("ifindex", ctypes.c_uint32),
+    ]
+
+
 class _XdpAttachOpts(ctypes.Structure):
     _fields_ = [("sz", ctypes.c_size_t), ("old_prog_fd", ctypes.c_int)]
 
@@ -133,6 +151,28 @@ def run(prog_fd: int, packet: bytes, repeat: int = 1, ifindex: int = 0,
     rc = _lib().bpf_prog_test_run_opts(prog_fd, ctypes.byref(opts))
     if rc:
         raise _fail("BPF_PROG_TEST_RUN failed", rc)
+    return RunResult(opts.retval, outbuf.raw[: opts.data_size_out], opts.duration)
+
+
+def run_skb(prog_fd: int, packet: bytes, mark: int = 0, repeat: int = 1) -> RunResult:
+    """Runs a tc (SCHED_CLS) program on an skb made of packet (an Ethernet
+    frame) whose skb->mark is mark. The verdict is the TC_ACT_* return value
+    as an unsigned 32-bit number (TC_ACT_UNSPEC: 0xffffffff)."""
+    inbuf = ctypes.create_string_buffer(packet, len(packet))
+    outbuf = ctypes.create_string_buffer(len(packet) + _OUT_SLACK)
+    ctx = _SkBuffCtx(mark=mark)
+    opts = _TestRunOpts()
+    opts.sz = ctypes.sizeof(_TestRunOpts)
+    opts.data_in = ctypes.cast(inbuf, ctypes.c_void_p)
+    opts.data_size_in = len(packet)
+    opts.data_out = ctypes.cast(outbuf, ctypes.c_void_p)
+    opts.data_size_out = len(outbuf)
+    opts.ctx_in = ctypes.cast(ctypes.pointer(ctx), ctypes.c_void_p)
+    opts.ctx_size_in = ctypes.sizeof(ctx)
+    opts.repeat = max(1, repeat)
+    rc = _lib().bpf_prog_test_run_opts(prog_fd, ctypes.byref(opts))
+    if rc:
+        raise _fail("BPF_PROG_TEST_RUN (skb) failed", rc)
     return RunResult(opts.retval, outbuf.raw[: opts.data_size_out], opts.duration)
 
 

@@ -24,6 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 from . import consts
 
@@ -88,9 +89,8 @@ class Target:
                 "Connection: close\r\n\r\n").encode()
 
 
-@dataclass(frozen=True)
-class Status:
-    """What results() reports for one target."""
+class Status(NamedTuple):
+    """What results() reports for one target (a tuple: one is made per probe)."""
 
     state: str  # "up", "down" or "unknown"
     since: float  # time.time() of the last transition (or of the target's arrival)

@@ -80,14 +80,17 @@ class _TempFile(io.FileIO):
             os.unlink(self._path)
 
 
-def compile_program(source: str, cflags: list[str], fn_names: list[str], src_dir: Path = XDP_DIR):
-    """Compiles <src_dir>/<source> (xdp/ by default) and loads the named XDP
-    functions. Returns (bpf, {name: fn})."""
+def compile_program(source: str, cflags: list[str], fn_names: list[str], src_dir: Path = XDP_DIR,
+                    kind: str = "xdp"):
+    """Compiles <src_dir>/<source> (xdp/ by default) and loads the named
+    functions as XDP programs, or as tc classifiers (kind "sched_cls").
+    Returns (bpf, {name: fn})."""
     bcc = _bcc()
+    prog_type = {"xdp": bcc.BPF.XDP, "sched_cls": bcc.BPF.SCHED_CLS}[kind]
     with _quiet_stderr() as err:
         try:
             b = bcc.BPF(src_file=str(src_dir / source).encode(), cflags=cflags + [f"-I{XDP_DIR}"])
-            fns = {n: b.load_func(n.encode(), bcc.BPF.XDP) for n in fn_names}
+            fns = {n: b.load_func(n.encode(), prog_type) for n in fn_names}
         except Exception as e:  # bcc raises bare Exception
             detail = err.text().strip().splitlines()
             tail = "\n".join(detail[-30:])
@@ -182,6 +185,57 @@ def load_decap() -> Program:
     b, fns = compile_program("decap.c", consts.cflags(Capacity(max_vips=1, ct_size=1, ring_size=3)),
                              [consts.PROG_DECAP])
     return Program(b, fns[consts.PROG_DECAP], consts.PROG_DECAP)
+
+
+class TcProgram(Program):
+    """A loaded tc classifier (direct action), attached to an interface's
+    clsact egress hook by attach_egress and removed, with the clsact qdisc if
+    it added it, by detach."""
+
+    def __init__(self, bpf, fn, name: str):
+        super().__init__(bpf, fn, name)
+        self.added_qdisc = False
+
+    def run(self, packet: bytes, repeat: int = 1, mark: int = 0) -> libbpf.RunResult:
+        return libbpf.run_skb(self.fd, packet, mark=mark, repeat=repeat)
+
+    def attach(self, ifname: str, mode: str = "auto", replace_id: int | None = None) -> str:
+        raise BpfError(f"{self.name} is a tc program: use attach_egress")
+
+    def attach_egress(self, ifname: str) -> None:
+        self.added_qdisc = netlink.tc_attach_egress(ifname, self.fd, self.name)
+        self.ifname, self.attach_mode = ifname, "tc-egress"
+
+    def detach(self) -> None:
+        if not self.ifname:
+            return
+        netlink.tc_detach_egress(self.ifname, remove_qdisc=self.added_qdisc)
+        self.ifname = self.attach_mode = None
+        self.added_qdisc = False
+
+
+def load_probe_encap(capacity: Capacity, pin_dir: str) -> TcProgram:
+    """Compiles the probes' tc egress program (xdp/probe_encap.c) against the
+    balancer's pinned maps in pin_dir, which must exist (the balancer loaded
+    with the same capacity): it reads the backends and the configuration
+    the balancer uses, and never creates them."""
+    need = [m for m in consts.maps_of(consts.PROG_PROBE) if m.pinned]
+    missing = [m.name for m in need if not os.path.exists(os.path.join(pin_dir, m.name))]
+    if missing:
+        raise BpfError(f"pinned maps {', '.join(missing)} are missing in {pin_dir}: the probe program "
+                       "shares the balancer's; start `l4lb run` on the interface first")
+    b, fns = compile_program("probe_encap.c", consts.cflags(capacity) + [f'-DPIN_DIR="{pin_dir}"'],
+                             [consts.PROG_PROBE], kind="sched_cls")
+    prog = TcProgram(b, fns[consts.PROG_PROBE], consts.PROG_PROBE)
+    have = pinned_layout(pin_dir)
+    new = layout_of(prog)
+    wrong = [f"{m.name}: pinned ({have[m.name]}), probe program ({new[m.name]})"
+             for m in need if have.get(m.name) != new[m.name]]
+    if wrong:
+        prog.close()
+        raise BpfError("the probe program and the pinned balancer maps differ (another capacity?): "
+                       + "; ".join(wrong))
+    return prog
 
 
 def percpu_sum(table, key_index: int = 0) -> dict[str, int]:

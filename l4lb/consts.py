@@ -44,6 +44,21 @@ PIN_ROOT = "/sys/fs/bpf/l4lb"  # maps pinned under PIN_ROOT/<interface>/
 STATE_ROOT = "/var/lib/l4lb"  # desired state under STATE_ROOT/<interface>/state.json
 LOCK_ROOT = "/run/l4lb"  # LOCK_ROOT/<interface>.lock: held by the one process that owns the interface
 
+# --- health probes (xdp/probe_encap.c, l4lb/probe.py) ------------------------------
+# A tunnel probe's socket mark (SO_MARK) names the backend its packets go to:
+# PROBE_MARK_TAG in the bits of PROBE_MARK_MASK, the backend index (1..max) in
+# the others. The tc egress program encapsulates only packets whose mark
+# carries the tag, so marks that other software sets pass untouched.
+PROBE_MARK_TAG = 0x4C400000
+PROBE_MARK_MASK = 0xFFF00000
+PROBE_INDEX_MASK = ~PROBE_MARK_MASK & 0xFFFFFFFF  # up to 1M backends
+PROBE_TC_PRIO = 0xC4  # the egress filter's priority and handle, so detach finds exactly ours
+PROBE_TC_HANDLE = 0x4C4
+DEFAULT_PROBE_INTERVAL_S = 2.0
+DEFAULT_PROBE_TIMEOUT_S = 1.0
+DEFAULT_PROBE_RISE = 2
+DEFAULT_PROBE_FALL = 3
+
 # --- families and protocols ----------------------------------------------------
 FAMILY_V4 = 4
 FAMILY_V6 = 6
@@ -76,8 +91,10 @@ MAP_GLOBAL_STATS = "global_stats"
 MAP_CPU_STATE = "cpu_state"
 MAP_DECAP_ADDRS = "decap_addrs"
 MAP_DECAP_STATS = "decap_stats"
+MAP_PROBE_STATS = "probe_stats"
 PROG_BALANCER = "balancer"
 PROG_DECAP = "decap"
+PROG_PROBE = "probe_encap"
 DECAP_MAX_ADDRS = 64  # tunnel endpoint addresses one decap program knows
 
 
@@ -110,6 +127,7 @@ class MapSpec:
     flags: int = 0  # BPF_F_* map flags
     program: str = PROG_BALANCER  # the program in xdp/ that declares it
     pinned: bool = True  # pinned under the interface's directory by `l4lb run`
+    users: tuple[str, ...] = ()  # other programs that open it through its pin (never its owner's copy)
 
     @property
     def macro(self) -> str:
@@ -123,12 +141,13 @@ MAPS: tuple[MapSpec, ...] = (
     MapSpec(MAP_VIP_INFO, "array", "__u32", "struct vip_info", lambda c: c.max_vips),
     MapSpec(MAP_VIP_FILTER, "array", "__u32", "struct vip_filter", lambda c: 1),
     MapSpec(MAP_RINGS, "array", "__u32", "struct ring", lambda c: 2 * c.max_vips),
-    MapSpec(MAP_BACKENDS, "array", "__u32", "struct backend", lambda c: c.max_backends + 1),
+    MapSpec(MAP_BACKENDS, "array", "__u32", "struct backend", lambda c: c.max_backends + 1,
+            users=(PROG_PROBE,)),
     MapSpec(MAP_CONNTRACK, "lru_hash", "struct flow4_key", "struct ct_entry", lambda c: c.ct_size,
             BPF_F_NO_COMMON_LRU),
     MapSpec(MAP_CONNTRACK6, "lru_hash", "struct flow_key", "struct ct_entry", lambda c: c.ct_size,
             BPF_F_NO_COMMON_LRU),
-    MapSpec(MAP_CONFIG, "array", "__u32", "struct lb_config", lambda c: 1),
+    MapSpec(MAP_CONFIG, "array", "__u32", "struct lb_config", lambda c: 1, users=(PROG_PROBE,)),
     MapSpec(MAP_VIP_STATS, "percpu_array", "__u32", "struct vip_stats", lambda c: c.max_vips),
     MapSpec(MAP_GLOBAL_STATS, "percpu_array", "__u32", "struct global_stats", lambda c: 1),
     MapSpec(MAP_CPU_STATE, "percpu_array", "__u32", "struct cpu_state", lambda c: 1),
@@ -136,12 +155,15 @@ MAPS: tuple[MapSpec, ...] = (
             program=PROG_DECAP, pinned=False),
     MapSpec(MAP_DECAP_STATS, "percpu_array", "__u32", "struct decap_stats", lambda c: 1,
             program=PROG_DECAP, pinned=False),
+    MapSpec(MAP_PROBE_STATS, "percpu_array", "__u32", "struct probe_stats", lambda c: 1,
+            program=PROG_PROBE, pinned=False),
 )
 MAP_BY_NAME = {m.name: m for m in MAPS}
 
 
 def maps_of(program: str) -> tuple[MapSpec, ...]:
-    return tuple(m for m in MAPS if m.program == program)
+    """The maps a program declares: its own, and those it shares through their pins."""
+    return tuple(m for m in MAPS if m.program == program or program in m.users)
 
 
 def cflags(cap: Capacity) -> list[str]:
@@ -159,6 +181,8 @@ def cflags(cap: Capacity) -> list[str]:
         "FAMILY_V6": FAMILY_V6,
         "VIP_FILTER_BITS_LOG2": VIP_FILTER_BITS_LOG2,
         "VIP_FILTER_MULT": VIP_FILTER_MULT,
+        "PROBE_MARK_TAG": PROBE_MARK_TAG,
+        "PROBE_MARK_MASK": PROBE_MARK_MASK,
     }
     for m in MAPS:
         defs[f"{m.macro}_ENTRIES"] = m.entries(cap)

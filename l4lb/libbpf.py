@@ -59,6 +59,24 @@ class _XdpMd(ctypes.Structure):
     ]
 
 
+class _SkBuffCtx(ctypes.Structure):
+    # the head of struct __sk_buff up to the fields a test run may set; the
+    # kernel zero-fills the rest of a shorter context
+    _fields_ = [
+        ("len", ctypes.c_uint32),
+        ("pkt_type", ctypes.c_uint32),
+        ("mark", ctypes.c_uint32),
+        ("queue_mapping", ctypes.c_uint32),
+        ("protocol", ctypes.c_uint32),
+        ("vlan_present", ctypes.c_uint32),
+        ("vlan_tci", ctypes.c_uint32),
+        ("vlan_proto", ctypes.c_uint32),
+        ("priority", ctypes.c_uint32),
+        ("ingress_ifindex", ctypes.c_uint32),
+        ("ifindex", ctypes.c_uint32),
+    ]
+
+
 class _XdpAttachOpts(ctypes.Structure):
     _fields_ = [("sz", ctypes.c_size_t), ("old_prog_fd", ctypes.c_int)]
 
@@ -111,10 +129,7 @@ class RunResult:
         return VERDICTS.get(self.verdict, str(self.verdict))
 
 
-def run(prog_fd: int, packet: bytes, repeat: int = 1, ifindex: int = 0,
-        rx_queue: int = 0) -> RunResult:
-    """Runs the program once (or `repeat` times on the same buffer: see
-    bench/ for why that does not restore the input between runs)."""
+def _test_run(prog_fd: int, packet: bytes, repeat: int, ctx: ctypes.Structure | None, what: str) -> RunResult:
     inbuf = ctypes.create_string_buffer(packet, len(packet))
     outbuf = ctypes.create_string_buffer(len(packet) + _OUT_SLACK)
     opts = _TestRunOpts()
@@ -124,16 +139,29 @@ def run(prog_fd: int, packet: bytes, repeat: int = 1, ifindex: int = 0,
     opts.data_out = ctypes.cast(outbuf, ctypes.c_void_p)
     opts.data_size_out = len(outbuf)
     opts.repeat = max(1, repeat)
-    ctx = None
-    if ifindex:
-        ctx = _XdpMd(data=0, data_end=len(packet), ingress_ifindex=ifindex,
-                     rx_queue_index=rx_queue)
+    if ctx is not None:
         opts.ctx_in = ctypes.cast(ctypes.pointer(ctx), ctypes.c_void_p)
         opts.ctx_size_in = ctypes.sizeof(ctx)
     rc = _lib().bpf_prog_test_run_opts(prog_fd, ctypes.byref(opts))
     if rc:
-        raise _fail("BPF_PROG_TEST_RUN failed", rc)
+        raise _fail(f"{what} failed", rc)
     return RunResult(opts.retval, outbuf.raw[: opts.data_size_out], opts.duration)
+
+
+def run(prog_fd: int, packet: bytes, repeat: int = 1, ifindex: int = 0,
+        rx_queue: int = 0) -> RunResult:
+    """Runs the program once (or `repeat` times on the same buffer: see
+    bench/ for why that does not restore the input between runs)."""
+    ctx = _XdpMd(data=0, data_end=len(packet), ingress_ifindex=ifindex, rx_queue_index=rx_queue) \
+        if ifindex else None
+    return _test_run(prog_fd, packet, repeat, ctx, "BPF_PROG_TEST_RUN")
+
+
+def run_skb(prog_fd: int, packet: bytes, mark: int = 0, repeat: int = 1) -> RunResult:
+    """Runs a tc (SCHED_CLS) program on an skb made of packet (an Ethernet
+    frame) whose skb->mark is mark. The verdict is the TC_ACT_* return value
+    as an unsigned 32-bit number (TC_ACT_UNSPEC: 0xffffffff)."""
+    return _test_run(prog_fd, packet, repeat, _SkBuffCtx(mark=mark), "BPF_PROG_TEST_RUN (skb)")
 
 
 def run_live(prog_fd: int, packet: bytes, repeat: int, ifindex: int,

@@ -1,14 +1,22 @@
 """The only pyroute2 importer: interface facts, the attached XDP program,
-neighbour resolution. (Attaching XDP goes through l4lb.libbpf.)"""
+neighbour resolution, and the probes' tc egress filter (clsact). (Attaching
+XDP goes through l4lb.libbpf.)"""
 from __future__ import annotations
 
+import errno
 import json
 import subprocess
 
 from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
 
+from . import consts
 from .errors import BpfError, ValidationError
 from .model import parse_address
+
+TC_EGRESS = 0xFFFFFFF3  # clsact's egress hook (ffff:fff3)
+TC_INGRESS = 0xFFFFFFF2  # and its ingress hook (ffff:fff2)
+_ETH_P_ALL = 0x0003
 
 
 def ifindex(ifname: str) -> int:
@@ -49,3 +57,72 @@ def require_bpftool() -> None:
         subprocess.run(["bpftool", "version"], capture_output=True, check=True)
     except (OSError, subprocess.CalledProcessError) as e:
         raise BpfError("bpftool is missing: run `make setup`") from e
+
+
+def _has_clsact(ipr: IPRoute, index: int) -> bool:
+    return any(q.get_attr("TCA_KIND") == "clsact" for q in ipr.get_qdiscs(index=index))
+
+
+def _egress_filters(ipr: IPRoute, index: int) -> list:
+    return [f for f in ipr.get_filters(index=index, parent=TC_EGRESS) if f.get_attr("TCA_KIND")]
+
+
+def tc_attach_egress(ifname: str, prog_fd: int, name: str) -> bool:
+    """Attaches a BPF classifier (direct action) to ifname's egress hook, at
+    the probes' priority and handle (consts.PROBE_TC_PRIO/_HANDLE), adding a
+    clsact qdisc if the interface has none. Returns whether it added the
+    qdisc, which tc_detach_egress then removes."""
+    index = ifindex(ifname)
+    with IPRoute() as ipr:
+        added = False
+        if not _has_clsact(ipr, index):
+            try:
+                ipr.tc("add", "clsact", index)
+            except NetlinkError as e:
+                raise BpfError(f"cannot add a clsact qdisc to {ifname}: {e}") from e
+            added = True
+        try:
+            ipr.tc("add-filter", "bpf", index, handle=consts.PROBE_TC_HANDLE, fd=prog_fd, name=name,
+                   parent=TC_EGRESS, prio=consts.PROBE_TC_PRIO, protocol=_ETH_P_ALL, direct_action=True)
+        except NetlinkError as e:
+            if added:
+                ipr.tc("del", "clsact", index)
+            hint = "; a probe filter is attached already" if e.code == errno.EEXIST else ""
+            raise BpfError(f"cannot attach {name} to the egress of {ifname}: {e}{hint}") from e
+    return added
+
+
+def tc_detach_egress(ifname: str, remove_qdisc: bool) -> None:
+    """Removes the probes' egress filter from ifname, and the clsact qdisc when
+    remove_qdisc (tc_attach_egress added it) and no other filter uses it."""
+    index = ifindex(ifname)
+    with IPRoute() as ipr:
+        try:
+            ipr.tc("del-filter", "bpf", index, handle=consts.PROBE_TC_HANDLE, parent=TC_EGRESS,
+                   prio=consts.PROBE_TC_PRIO, protocol=_ETH_P_ALL)
+        except NetlinkError as e:
+            if e.code not in (errno.ENOENT, errno.EINVAL):
+                raise BpfError(f"cannot remove the probe filter from {ifname}: {e}") from e
+        if remove_qdisc and _has_clsact(ipr, index) and not _egress_filters(ipr, index) \
+                and not ipr.get_filters(index=index, parent=TC_INGRESS):
+            ipr.tc("del", "clsact", index)
+
+
+def tc_egress_filters(ifname: str) -> list[tuple[int, str]]:
+    """(priority, name) of each BPF filter on ifname's egress hook; [] without clsact."""
+    index = ifindex(ifname)
+    with IPRoute() as ipr:
+        if not _has_clsact(ipr, index):
+            return []
+        out = []
+        for f in _egress_filters(ipr, index):
+            opts = f.get_attr("TCA_OPTIONS")
+            name = opts.get_attr("TCA_BPF_NAME") if opts is not None else None
+            if name:
+                out.append((f["info"] >> 16, name))
+        return out
+
+
+def has_clsact(ifname: str) -> bool:
+    with IPRoute() as ipr:
+        return _has_clsact(ipr, ifindex(ifname))

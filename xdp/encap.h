@@ -50,6 +50,40 @@ static __always_inline __be32 outer_src4(const struct lb_config *cfg, __u32 hash
     return (cfg->src4 & ~cfg->src4_hostmask) | (hash & cfg->src4_hostmask);
 }
 
+/* The outer headers, written in place; shared with the probes' tc program
+ * (probe_encap.c), so a probe leaves exactly as client traffic does.
+ * inner_len: bytes of the inner IP packet. */
+static __always_inline void write_outer4(struct iphdr *o, const struct lb_config *cfg, __u32 hash,
+                                         __u8 tos, __u32 inner_len, __u8 df, __be32 daddr)
+{
+    *(__u8 *)o = 0x45; /* version 4, IHL 5 */
+    o->tos = tos;
+    o->tot_len = bpf_htons(inner_len + sizeof(*o));
+    o->id = 0;
+    o->frag_off = df ? IP_DF_BE : 0;
+    o->ttl = OUTER_TTL;
+    o->protocol = PROTO_IPIP;
+    o->check = 0;
+    o->saddr = outer_src4(cfg, hash);
+    o->daddr = daddr;
+    o->check = ipv4_hdr_csum(o);
+}
+
+static __always_inline void write_outer6(struct ipv6hdr *o, const struct lb_config *cfg, __u32 hash,
+                                         __u8 tos, __u32 inner_len, __u8 nexthdr, const __be32 *daddr)
+{
+    __be32 *w = (__be32 *)o;
+
+    /* version, traffic class, and the flow hash as flow label for ECMP/RSS */
+    w[0] = bpf_htonl((6u << 28) | ((__u32)tos << 20) | (hash & 0xfffff));
+    o->payload_len = bpf_htons(inner_len);
+    o->nexthdr = nexthdr;
+    o->hop_limit = OUTER_TTL;
+    __builtin_memcpy(&o->saddr, cfg->src6, 12);
+    o->saddr.in6_u.u6_addr32[3] = (cfg->src6[3] & ~cfg->src6_hostmask) | (hash & cfg->src6_hostmask);
+    __builtin_memcpy(&o->daddr, daddr, 16);
+}
+
 /* Encapsulates the packet described by p towards backend b and returns the
  * verdict. Outer TTL 64, TOS copied, DF copied from IPv4 (always on for an
  * IPv6 outer header, which routers never fragment). */
@@ -77,34 +111,15 @@ static __always_inline int encap(struct xdp_md *ctx, struct pkt *p, const struct
         if ((void *)(o + 1) > data_end || data + 18 > data_end)
             return -1;
         write_l2(data, p, &l2, cfg->gw_mac, l2.own_mac, ETH_P_IP_BE);
-        *(__u8 *)o = 0x45; /* version 4, IHL 5 */
-        o->tos = p->tos;
-        o->tot_len = bpf_htons(p->ip_len + sizeof(*o));
-        o->id = 0;
-        o->frag_off = p->df ? IP_DF_BE : 0;
-        o->ttl = OUTER_TTL;
-        o->protocol = PROTO_IPIP;
-        o->check = 0;
-        o->saddr = outer_src4(cfg, hash);
-        o->daddr = b->addr[0];
-        o->check = ipv4_hdr_csum(o);
+        write_outer4(o, cfg, hash, p->tos, p->ip_len, p->df, b->addr[0]);
     } else {
         struct ipv6hdr *o = data + l3off;
-        __be32 *w;
 
         if ((void *)(o + 1) > data_end || data + 18 > data_end)
             return -1;
         write_l2(data, p, &l2, cfg->gw_mac, l2.own_mac, ETH_P_IPV6_BE);
-        w = (__be32 *)o;
-        /* version, traffic class, and the flow hash as flow label for ECMP/RSS */
-        w[0] = bpf_htonl((6u << 28) | ((__u32)p->tos << 20) | (hash & 0xfffff));
-        o->payload_len = bpf_htons(p->ip_len);
-        o->nexthdr = p->flow.family == FAMILY_V4 ? PROTO_IPIP : PROTO_IPV6;
-        o->hop_limit = OUTER_TTL;
-        __builtin_memcpy(&o->saddr, cfg->src6, 12);
-        o->saddr.in6_u.u6_addr32[3] =
-            (cfg->src6[3] & ~cfg->src6_hostmask) | (hash & cfg->src6_hostmask);
-        __builtin_memcpy(&o->daddr, b->addr, 16);
+        write_outer6(o, cfg, hash, p->tos, p->ip_len,
+                     p->flow.family == FAMILY_V4 ? PROTO_IPIP : PROTO_IPV6, b->addr);
     }
     return XDP_TX;
 }

@@ -151,6 +151,15 @@ struct decap_stats {
     __u64 malformed;   /* truncated tunnel packet: dropped */
 };
 
+/* Probe encapsulation counters (per CPU), tc egress on the LB's interface. */
+struct probe_stats {
+    __u64 encap4;      /* a probe's packet sent in an outer IPv4 header */
+    __u64 encap6;      /* a probe's packet sent in an outer IPv6 header */
+    __u64 pass;        /* no probe mark: left to the next filter, untouched */
+    __u64 no_backend;  /* the mark names an index with no valid backend: dropped */
+    __u64 error;       /* not IP, IPv6 to an IPv4 backend, no configuration, or a helper failed: dropped */
+};
+
 /* What the parser learned about one packet. */
 struct pkt {
     struct flow_key flow; /* client -> VIP (for ICMP errors: rebuilt from the quoted header) */

@@ -69,6 +69,30 @@ def measure(n: int, seconds: float, kind: str, port: int, interval: float = 1.0)
             "system_share": round(system / wall, 4), "cpu_us_per_probe": round(1e6 * cpu / max(probes, 1), 1)}
 
 
+def run(targets=(1, 100, 1000, 4096), seconds: float = 10.0, kind: str = "tcp", log=print) -> dict:
+    """Every size in turn against one listener; the part `make bench` runs."""
+    lsock = socket.socket()
+    lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    lsock.bind((LOCAL, 0))
+    lsock.listen(4096)
+    server = multiprocessing.Process(target=_serve, args=(lsock, kind), daemon=True)
+    server.start()
+    rows = []
+    try:
+        for n in targets:
+            row = measure(n, seconds, kind, lsock.getsockname()[1])
+            rows.append(row)
+            log(f"  prober: {row['targets']:5d} targets ({row['kind']}, every {row['interval_s']:g} s): "
+                f"{row['probes_per_s']:7.1f} probes/s, CPU {100 * row['cpu_share_of_one_core']:5.1f}% "
+                f"of one core (user {100 * row['user_share']:.1f}%, system {100 * row['system_share']:.1f}%), "
+                f"{row['cpu_us_per_probe']:.0f} us/probe, failed {row['failed_last']}")
+    finally:
+        server.terminate()
+        server.join()
+        lsock.close()
+    return {"benchmark": "prober", "rows": rows}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--targets", type=int, nargs="+", default=[1, 100, 1000, 4096])
@@ -76,27 +100,7 @@ def main(argv=None) -> int:
     ap.add_argument("--kind", choices=["tcp", "http"], default="tcp")
     ap.add_argument("--json", help="also write the results to this file")
     args = ap.parse_args(argv)
-
-    lsock = socket.socket()
-    lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    lsock.bind((LOCAL, 0))
-    lsock.listen(4096)
-    server = multiprocessing.Process(target=_serve, args=(lsock, args.kind), daemon=True)
-    server.start()
-    rows = []
-    try:
-        for n in args.targets:
-            row = measure(n, args.seconds, args.kind, lsock.getsockname()[1])
-            rows.append(row)
-            print(f"{row['targets']:5d} targets ({row['kind']}, every {row['interval_s']:g} s): "
-                  f"{row['probes_per_s']:7.1f} probes/s, CPU {100 * row['cpu_share_of_one_core']:5.1f}% "
-                  f"of one core (user {100 * row['user_share']:.1f}%, system {100 * row['system_share']:.1f}%), "
-                  f"{row['cpu_us_per_probe']:.0f} us/probe, failed {row['failed_last']}",
-                  flush=True)
-    finally:
-        server.terminate()
-        server.join()
-        lsock.close()
+    rows = run(args.targets, args.seconds, args.kind, log=lambda line: print(line, flush=True))["rows"]
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

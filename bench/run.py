@@ -37,7 +37,7 @@ from . import common, plots
 from .balancer import Loaded
 from .common import RESULTS_DIR
 
-PARTS = ("pktcost", "scaling", "controlplane", "quality", "traffic")
+PARTS = ("pktcost", "scaling", "controlplane", "quality", "traffic", "prober")
 
 MODES = {
     "full": {
@@ -46,6 +46,7 @@ MODES = {
         "controlplane": "FULL",
         "quality": {"quick": False},
         "traffic": {"quick": False},
+        "prober": {"targets": (1, 100, 1000, 4096), "seconds": 10.0},
     },
     "quick": {
         # no second balancer for pktcost's SYN into a full table: scaling measures that case
@@ -54,6 +55,7 @@ MODES = {
         "controlplane": "QUICK",
         "quality": {"quick": True},
         "traffic": {"quick": True},
+        "prober": {"targets": (1, 1000, 4096), "seconds": 3.0},
     },
     "smoke": {
         "pktcost": {"repeat": 2_000, "rounds": 1, "full_table": False},
@@ -61,6 +63,7 @@ MODES = {
         "controlplane": "SMOKE",
         "quality": {"ns": (10, 100), "ks": (1, 10), "trials": 1},
         "traffic": None,  # a namespace testbed takes ~15 s: tests/bench/test_traffic.py covers it
+        "prober": {"targets": (1, 100), "seconds": 0.5},
     },
 }
 
@@ -119,6 +122,12 @@ def part_quality(ctx: Context) -> dict:
     return quality.run(log=ctx.log, console=ctx.console, **ctx.cfg["quality"])
 
 
+def part_prober(ctx: Context) -> dict:
+    from . import prober  # noqa: PLC0415
+
+    return prober.run(log=ctx.log, **ctx.cfg["prober"])
+
+
 def part_traffic(ctx: Context) -> dict:
     """The hook for bench/traffic.py: run(quick=..., count=..., say=...) -> dict."""
     if importlib.util.find_spec("bench.traffic") is None:
@@ -131,7 +140,7 @@ def part_traffic(ctx: Context) -> dict:
 
 
 RUNNERS = {"pktcost": part_pktcost, "scaling": part_scaling, "controlplane": part_controlplane,
-           "quality": part_quality, "traffic": part_traffic}
+           "quality": part_quality, "traffic": part_traffic, "prober": part_prober}
 
 
 # ---- the summary -----------------------------------------------------------------------------
@@ -207,6 +216,12 @@ def headlines(results: dict) -> list[dict]:
         elif "ratio" in tr:
             add("traffic", "veth rate, LB / XDP_TX reflector", f"{tr['ratio']:.2f}", ">= 0.5",
                 tr["ratio"] >= 0.5)
+    pr = results.get("prober")
+    if isinstance(pr, dict) and "rows" in pr:
+        for r in pr["rows"]:
+            add("prober", f"health probes, {r['targets']} backends every {r['interval_s']:g} s: CPU of one core",
+                f"{100 * r['cpu_share_of_one_core']:.1f}%", "<= 25% at 4096" if r["targets"] == 4096 else "",
+                r["cpu_share_of_one_core"] <= 0.25 if r["targets"] == 4096 else None)
     for part in PARTS:
         err = results.get(part, {}).get("error") if isinstance(results.get(part), dict) else None
         if err:

@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
 def verbs_table():
     """Every verb of the `l4lb` command, in the order `l4lb --help` lists them;
     each module adds its own arguments."""
-    from . import demo, verbs  # noqa: PLC0415
+    from . import demo, health_cli, verbs  # noqa: PLC0415
 
     return (
         ("run", verbs.add_run),
@@ -57,6 +57,7 @@ def verbs_table():
         ("apply", verbs.add_apply),
         ("lookup", verbs.add_lookup),
         ("flows", verbs.add_flows),
+        ("health", lambda sub: health_cli.add_parser(sub, verbs.add_connection, verbs.client)),
         ("gateway", verbs.add_gateway),
         ("replay", add_replay),
         ("demo", demo.add_parser),

@@ -94,6 +94,7 @@ class Demo:
                 vips = self.configure()
                 self.traffic(vips)
                 self.drain(vips[0])
+                self.health(vips[1])
         except Failed as e:
             self.failures.append(str(e))
         except KeyboardInterrupt:
@@ -272,3 +273,62 @@ class Demo:
             self.check(answer == victim.role, f"the established connection still reaches {victim.role}")
             if self.failures:
                 raise Failed("draining did not behave")
+
+    def _spread(self, vid: pb.VipId, title: str) -> Counter:
+        n = max(self.n // 2, 1)
+        with self._progress() as progress:
+            new = self._open(vid, n, progress, progress.add_task("new connections", total=n))
+        got = Counter(c.backend for c in new)
+        for c in new:
+            c.close()
+        v = self.api.call("GetVip", pb.GetVipRequest(id=vid))
+        state = {b.address: b for b in v.backends}
+        t = Table(title=f"{title}: {n} new connections", title_justify="left")
+        for col in ("backend", "health", "weight", "effective", "new connections"):
+            t.add_column(col, justify="left" if col in ("backend", "health") else "right")
+        for b in self.bed.backends:
+            s = state[b.addr6]
+            t.add_row(b.role, s.health, str(s.weight), str(s.effective_weight), str(got[b.role]))
+        self.out.print(t)
+        return got
+
+    def _wait_health(self, vid: pb.VipId, address: str, want: str, timeout: float = 15.0) -> float:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            v = self.api.call("GetVip", pb.GetVipRequest(id=vid))
+            if all(b.health for b in v.backends) and any(
+                    b.address == address and b.health == want for b in v.backends):
+                return time.monotonic() - t0
+            time.sleep(0.05)
+        raise Failed(f"{address} was not {want} within {timeout:.0f} s")
+
+    def health(self, vid: pb.VipId) -> None:
+        bed = self.bed
+        victim = bed.backends[2]
+        check = pb.HealthCheck(kind="tcp", interval=0.5, timeout=0.3, rise=2, fall=2)
+        with self.step(f"health check through the tunnel: {victim.role} loses the VIP, then gets it back"):
+            self.api.call("SetHealthCheck", pb.SetHealthCheckRequest(id=vid, health=check))
+            self.out.print(f"  l4lb health set {escape(vip_text(vid))} --kind tcp --interval 0.5 --timeout 0.3 "
+                           "--rise 2 --fall 2   (via tunnel: probes go to the VIP through each backend's tunnel)")
+            for b in bed.backends:
+                self._wait_health(vid, b.addr6, "up")
+            before = self._spread(vid, "every backend up")
+            lo = victim.index("lo")
+            victim.ipr.addr("del", index=lo, address=vid.address, prefixlen=128)
+            self.out.print(f"  on {victim.role}: ip addr del {vid.address}/128 dev lo   (its server still runs)")
+            try:
+                took = self._wait_health(vid, victim.addr6, "down")
+                self.out.print(f"  {victim.role} down after {took:.1f} s (fall 2 x interval 0.5 s + timeout 0.3 s)")
+                during = self._spread(vid, f"{victim.role} down")
+            finally:
+                victim.ipr.addr("add", index=lo, address=vid.address, prefixlen=128)
+            self.out.print(f"  on {victim.role}: ip addr add {vid.address}/128 dev lo")
+            took = self._wait_health(vid, victim.addr6, "up")
+            self.out.print(f"  {victim.role} up again after {took:.1f} s (rise 2 x interval 0.5 s)")
+            after = self._spread(vid, f"{victim.role} back")
+            self.check(before[victim.role] > 0, f"{victim.role} took new connections while up")
+            self.check(during[victim.role] == 0, f"no new connection went to {victim.role} while it was down")
+            self.check(after[victim.role] > 0, f"{victim.role} takes new connections again")
+            self.api.call("SetHealthCheck", pb.SetHealthCheckRequest(id=vid, health=pb.HealthCheck(kind="none")))
+            if self.failures:
+                raise Failed("health checks did not behave")

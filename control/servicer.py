@@ -140,7 +140,7 @@ class LoadBalancerServicer(pb_grpc.LoadBalancerServicer):
         key = vip_key(request.id if request.HasField("id") else None)
         _, per_vip = self.ctrl.stats(key)
         v, st = per_vip[0]
-        return vip_msg(v, st)
+        return vip_msg(v, st, self.ctrl.health_details(key))
 
     @rpc
     def ModifyVip(self, request, context):

@@ -41,11 +41,13 @@ def seconds(text: str) -> float:
     return float(text)
 
 
-def _client(args) -> Client:
+def client(args) -> Client:
+    """A client for the connection options of args."""
     return Client(args.server, tls_ca=args.tls_ca, cert=args.tls_cert_client, key=args.tls_key_client)
 
 
-def _conn(p):
+def add_connection(p):
+    """The connection options every gRPC verb takes."""
     p.add_argument("--server", default=DEFAULT_SOCKET, help=f"gRPC address (default {DEFAULT_SOCKET})")
     p.add_argument("--tls-ca", help="CA certificate to verify a TLS server")
     p.add_argument("--tls-cert-client", help="client certificate (when the server asks for one)")
@@ -91,7 +93,7 @@ def add_vip(sub) -> None:
     s.add_argument("vip")
     s.set_defaults(func=cmd_vip_show)
     for p in (a, d, s) + tuple(vip.choices[n] for n in ("list",)):
-        _conn(p)
+        add_connection(p)
 
 
 def add_backend(sub) -> None:
@@ -102,7 +104,7 @@ def add_backend(sub) -> None:
         p.add_argument("vip")
         p.add_argument("backends", nargs="+", help=hlp)
         p.set_defaults(func=fn)
-        _conn(p)
+        add_connection(p)
 
 
 def add_stats(sub) -> None:
@@ -111,13 +113,13 @@ def add_stats(sub) -> None:
     st.add_argument("--watch", action="store_true")
     st.add_argument("--interval", type=seconds, default=1.0, help="seconds between updates (0.1-3600)")
     st.set_defaults(func=cmd_stats)
-    _conn(st)
+    add_connection(st)
 
 
 def add_status(sub) -> None:
     ss = sub.add_parser("status", help="interface, program, capacity")
     ss.set_defaults(func=cmd_status)
-    _conn(ss)
+    add_connection(ss)
 
 
 def add_apply(sub) -> None:
@@ -125,7 +127,7 @@ def add_apply(sub) -> None:
     ap.add_argument("-f", dest="file", required=True)
     ap.add_argument("--dry-run", action="store_true", help="validate and list the changes, change nothing")
     ap.set_defaults(func=cmd_apply)
-    _conn(ap)
+    add_connection(ap)
 
 
 def add_lookup(sub) -> None:
@@ -134,7 +136,7 @@ def add_lookup(sub) -> None:
     lk.add_argument("dst")
     lk.add_argument("protocol", choices=sorted(consts.PROTOCOLS))
     lk.set_defaults(func=cmd_lookup)
-    _conn(lk)
+    add_connection(lk)
 
 
 def add_flows(sub) -> None:
@@ -146,7 +148,7 @@ def add_flows(sub) -> None:
     ff = fl.add_parser("flush", help="delete a VIP's entries (their next packets re-pick)")
     ff.add_argument("vip")
     ff.set_defaults(func=cmd_flows_flush)
-    _conn(fs), _conn(ff)
+    add_connection(fs), add_connection(ff)
 
 
 def add_gateway(sub) -> None:
@@ -154,7 +156,7 @@ def add_gateway(sub) -> None:
     gw.add_argument("mac", nargs="?", help="MAC to set")
     gw.add_argument("--ip", help="resolve the MAC of this neighbour")
     gw.set_defaults(func=cmd_gateway)
-    _conn(gw)
+    add_connection(gw)
 
 
 def cmd_run(args) -> int:
@@ -175,20 +177,20 @@ def _print_vip(v: pb.Vip, counters: bool = False) -> None:
 
 def cmd_vip_add(args) -> int:
     req = pb.AddVipRequest(id=parse_vip(args.vip), flags=args.flag, backends=[parse_backend(b) for b in args.backend])
-    with _client(args) as c:
+    with client(args) as c:
         _print_vip(c.call("AddVip", req))
     return 0
 
 
 def cmd_vip_del(args) -> int:
-    with _client(args) as c:
+    with client(args) as c:
         c.call("DeleteVip", pb.DeleteVipRequest(id=parse_vip(args.vip)))
     out.print(f"deleted {args.vip}")
     return 0
 
 
 def cmd_vip_list(args) -> int:
-    with _client(args) as c:
+    with client(args) as c:
         vips = c.call("ListVips", pb.ListVipsRequest()).vips
     t = Table(title="VIPs")
     for col in ("vip", "flags", "backends", "draining"):
@@ -201,13 +203,13 @@ def cmd_vip_list(args) -> int:
 
 
 def cmd_vip_show(args) -> int:
-    with _client(args) as c:
+    with client(args) as c:
         _print_vip(c.call("GetVip", pb.GetVipRequest(id=parse_vip(args.vip))), counters=True)
     return 0
 
 
 def _backend_call(args, rpc: str, req) -> int:
-    with _client(args) as c:
+    with client(args) as c:
         _print_vip(c.call(rpc, req))
     return 0
 
@@ -252,7 +254,7 @@ def _print_stats(s: pb.Stats) -> None:
 def cmd_stats(args) -> int:
     req_id = parse_vip(args.vip) if args.vip else None
     if not args.watch:
-        with _client(args) as c:
+        with client(args) as c:
             _print_stats(c.call("GetStats", pb.GetStatsRequest(id=req_id)))
         return 0
     return _watch_stats(args, pb.WatchStatsRequest(id=req_id, interval_seconds=args.interval))
@@ -268,7 +270,7 @@ def _watch_stats(args, req) -> int:
     wait, waiting = RECONNECT_FIRST, False
     while True:
         try:
-            with _client(args) as c:
+            with client(args) as c:
                 for s in c.stub.WatchStats(req):
                     if waiting:
                         print("l4lb: reconnected", file=sys.stderr, flush=True)
@@ -290,7 +292,7 @@ def _watch_stats(args, req) -> int:
 
 
 def cmd_status(args) -> int:
-    with _client(args) as c:
+    with client(args) as c:
         s = c.call("GetStatus", pb.GetStatusRequest())
     t = Table(title="l4lb")
     t.add_column("what"), t.add_column("value")
@@ -314,14 +316,14 @@ def _hostport(text: str, what: str) -> tuple[str, int]:
 
 def cmd_lookup(args) -> int:
     (src, sport), (dst, dport) = _hostport(args.src, "source"), _hostport(args.dst, "destination")
-    with _client(args) as c:
+    with client(args) as c:
         r = c.call("LookupFlow", pb.LookupFlowRequest(src=src, dst=dst, sport=sport, dport=dport, protocol=args.protocol))
     out.print(f"{r.verdict}" + (f" -> {r.backend}" if r.backend else ""))
     return 0
 
 
 def cmd_gateway(args) -> int:
-    with _client(args) as c:
+    with client(args) as c:
         if args.mac or args.ip:
             req = pb.SetGatewayRequest(mac=args.mac) if args.mac else pb.SetGatewayRequest(ip=args.ip)
             g = c.call("SetGateway", req)
@@ -338,7 +340,7 @@ def cmd_apply(args) -> int:
 
     load_config(args.file)  # a bad file is named here, before any call
     text = Path(args.file).read_text()
-    with _client(args) as c:
+    with client(args) as c:
         r = c.call("Apply", pb.ApplyRequest(config_yaml=text, dry_run=args.dry_run))
     for line in r.changes:
         out.print(line)
@@ -350,7 +352,7 @@ def cmd_flows_show(args) -> int:
     limit = parse_decimal(args.limit, "--limit", f"1-{MAX_FLOWS_SHOWN}")
     if not 1 <= limit <= MAX_FLOWS_SHOWN:
         raise ValidationError(f"--limit: {limit} is out of range (1-{MAX_FLOWS_SHOWN})")
-    with _client(args) as c:
+    with client(args) as c:
         r = c.call("ListFlows", pb.ListFlowsRequest(id=parse_vip(args.vip), limit=limit))
     t = Table(title=f"{args.vip}: {r.total} entries" + (f" (first {len(r.flows)})" if r.total > len(r.flows) else ""))
     for col in ("client", "vip", "backend"):
@@ -362,7 +364,7 @@ def cmd_flows_show(args) -> int:
 
 
 def cmd_flows_flush(args) -> int:
-    with _client(args) as c:
+    with client(args) as c:
         r = c.call("FlushFlows", pb.FlushFlowsRequest(id=parse_vip(args.vip)))
     out.print(f"flushed {r.flushed} entries of {args.vip}")
     return 0

@@ -72,6 +72,8 @@ class Controller:
         self._queue: list[_Pending] = []
         self._queue_cv = threading.Condition()
         self._committer: threading.Thread | None = None
+        self.on_commit: list = []  # called (no arguments, no lock held) after each commit that changed something
+        self.health_details = lambda key: {}  # {backend: (last result, latency, since)} from a checker
 
     @property
     def state(self) -> LbModel:
@@ -217,6 +219,12 @@ class Controller:
                         p.error = e if isinstance(e, L4lbError) else StateError(f"commit failed: {e}")
             for p in batch:
                 p.done.set()
+            if any(p.error is None for p in batch):
+                for fn in list(self.on_commit):
+                    try:
+                        fn()
+                    except Exception as e:  # a listener's failure is not the request's
+                        log.error("after a commit: %s", e)
 
     def _run(self, batch: list[_Pending]) -> None:
         work = self.model.clone()

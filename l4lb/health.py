@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+from . import consts
 from .errors import ValidationError
 
 KINDS = ("tcp", "http", "none")
@@ -24,10 +25,10 @@ KEYS = {"kind", "port", "interval", "timeout", "rise", "fall", "path", "host", "
 class HealthCheck:
     kind: str = "tcp"
     port: int = 0  # 0: the VIP's port
-    interval: float = 2.0  # seconds between probes of one backend
-    timeout: float = 1.0
-    rise: int = 2  # consecutive successes that make a down backend up
-    fall: int = 3  # consecutive failures that make an up backend down
+    interval: float = consts.DEFAULT_PROBE_INTERVAL_S  # seconds between probes of one backend
+    timeout: float = consts.DEFAULT_PROBE_TIMEOUT_S
+    rise: int = consts.DEFAULT_PROBE_RISE  # consecutive successes that make a down backend up
+    fall: int = consts.DEFAULT_PROBE_FALL  # consecutive failures that make an up backend down
     path: str = "/"
     host: str = ""
     expect: tuple[int, ...] = (200,)

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from . import bpf, consts, netlink
+from .checker import HealthChecker
 from .config import LbConfig, check_capacity
 from .controller import Controller
 from .dataplane import Dataplane, RuntimeConfig
@@ -61,6 +62,8 @@ class LbNode:
         self.prog = prog
         self.ctrl = ctrl
         self.adopted = adopted
+        self.checker: HealthChecker | None = None
+        self.probe_encap = None  # bpf.TcProgram, once a tunnel probe needs it
 
     @property
     def pin_dir(self) -> Path:
@@ -134,7 +137,17 @@ class LbNode:
         node = cls(opts, prog, ctrl, adopted=bool(saved))
         node.lock_fd = lock_fd
         node._attach(saved if pinned else None)
+        node.checker = HealthChecker(ctrl, ensure_tunnel=node._ensure_probe_encap)
+        ctrl.health_details = node.checker.details
         return node
+
+    def _ensure_probe_encap(self) -> None:
+        """The tc program that carries tunnel probes, loaded and attached once."""
+        if self.probe_encap is None:
+            prog = bpf.load_probe_encap(self.opts.capacity, str(self.pin_dir))
+            prog.attach_egress(self.opts.interface)
+            self.probe_encap = prog
+            log.info("health: tunnel probes leave %s through the probe encapsulation program", self.opts.interface)
 
     def _attach(self, saved: dict | None) -> None:
         ifname, ctrl, prog = self.opts.interface, self.ctrl, self.prog
@@ -160,7 +173,11 @@ class LbNode:
     def close(self, detach: bool = False) -> None:
         """Leaves the program attached (traffic flows on), or with detach
         removes it, its pinned maps and the saved state."""
+        if self.checker:
+            self.checker.stop()
         if detach:
+            if self.probe_encap is not None:
+                self.probe_encap.detach()
             self.prog.detach()
             bpf.remove_pins(str(self.pin_dir))
             self.ctrl.state_file.unlink(missing_ok=True)

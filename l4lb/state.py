@@ -294,6 +294,8 @@ class LbModel:
     def set_health_check(self, key: VipKey, check: HealthCheck | None) -> None:
         """A new check starts from every backend up (no probe has failed yet)."""
         vip = self.get(key)
+        if check is not None and not check.port and not key.port:
+            raise ValidationError(f"health.port: VIP {key} takes every port; give the port to probe")
         if vip.health != check:
             vip.health, vip.down = check, frozenset()
 

@@ -202,14 +202,18 @@ class TcProgram(Program):
     def attach(self, ifname: str, mode: str = "auto", replace_id: int | None = None) -> str:
         raise BpfError(f"{self.name} is a tc program: use attach_egress")
 
-    def attach_egress(self, ifname: str) -> None:
-        self.added_qdisc = netlink.tc_attach_egress(ifname, self.fd, self.name)
+    def attach_egress(self, ifname: str, replace: bool = False) -> None:
+        """replace: take the place of the probe filter an earlier process left
+        (l4lb run leaves it, like the XDP program, when it stops)."""
+        self.added_qdisc = netlink.tc_attach_egress(ifname, self.fd, self.name, replace=replace)
         self.ifname, self.attach_mode = ifname, "tc-egress"
 
-    def detach(self) -> None:
+    def detach(self, remove_qdisc: bool | None = None) -> None:
+        """remove_qdisc: also the clsact qdisc when no other filter uses it
+        (default: only if attach_egress added it)."""
         if not self.ifname:
             return
-        netlink.tc_detach_egress(self.ifname, remove_qdisc=self.added_qdisc)
+        netlink.tc_detach_egress(self.ifname, remove_qdisc=self.added_qdisc if remove_qdisc is None else remove_qdisc)
         self.ifname = self.attach_mode = None
         self.added_qdisc = False
 

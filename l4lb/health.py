@@ -36,8 +36,16 @@ class HealthCheck:
     min_healthy: int = 50  # percent of serving backends below which health is ignored
 
     def to_dict(self) -> dict:
+        """The form parse_health() reads back."""
         d = asdict(self)
         d["expect"] = list(self.expect)
+        if not self.port:
+            del d["port"]  # the VIP's
+        if self.kind != "http":
+            for key in ("path", "host", "expect"):
+                del d[key]
+        elif not self.host:
+            del d["host"]
         return d
 
 

@@ -67,7 +67,7 @@ def _egress_filters(ipr: IPRoute, index: int) -> list:
     return [f for f in ipr.get_filters(index=index, parent=TC_EGRESS) if f.get_attr("TCA_KIND")]
 
 
-def tc_attach_egress(ifname: str, prog_fd: int, name: str) -> bool:
+def tc_attach_egress(ifname: str, prog_fd: int, name: str, replace: bool = False) -> bool:
     """Attaches a BPF classifier (direct action) to ifname's egress hook, at
     the probes' priority and handle (consts.PROBE_TC_PRIO/_HANDLE), adding a
     clsact qdisc if the interface has none. Returns whether it added the
@@ -82,7 +82,7 @@ def tc_attach_egress(ifname: str, prog_fd: int, name: str) -> bool:
                 raise BpfError(f"cannot add a clsact qdisc to {ifname}: {e}") from e
             added = True
         try:
-            ipr.tc("add-filter", "bpf", index, handle=consts.PROBE_TC_HANDLE, fd=prog_fd, name=name,
+            ipr.tc("replace-filter" if replace else "add-filter", "bpf", index, handle=consts.PROBE_TC_HANDLE, fd=prog_fd, name=name,
                    parent=TC_EGRESS, prio=consts.PROBE_TC_PRIO, protocol=_ETH_P_ALL, direct_action=True)
         except NetlinkError as e:
             if added:

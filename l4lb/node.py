@@ -145,7 +145,7 @@ class LbNode:
         """The tc program that carries tunnel probes, loaded and attached once."""
         if self.probe_encap is None:
             prog = bpf.load_probe_encap(self.opts.capacity, str(self.pin_dir))
-            prog.attach_egress(self.opts.interface)
+            prog.attach_egress(self.opts.interface, replace=True)
             self.probe_encap = prog
             log.info("health: tunnel probes leave %s through the probe encapsulation program", self.opts.interface)
 
@@ -177,7 +177,7 @@ class LbNode:
             self.checker.stop()
         if detach:
             if self.probe_encap is not None:
-                self.probe_encap.detach()
+                self.probe_encap.detach(remove_qdisc=True)  # no trace: the qdisc too, unless others use it
             self.prog.detach()
             bpf.remove_pins(str(self.pin_dir))
             self.ctrl.state_file.unlink(missing_ok=True)

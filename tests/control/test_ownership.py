@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 
 import pytest
 
@@ -128,5 +129,29 @@ def test_l4lb_run_killed_between_named_steps_comes_back_consistent(tmp_path, poi
         assert listed == {**BACKENDS, "198.18.2.9": 2}
         got = {b for verdict, b in picks(s) if verdict == "TX"}
         assert got <= set(listed) and "198.18.2.9" in got
+    finally:
+        s.cleanup()
+
+
+def test_run_with_detach_leaves_no_trace_of_either_program(tmp_path):
+    s = Server(tmp_path)
+    try:
+        s.start("--detach")
+        configure(s)
+        with s.client() as c:  # a tunnel check: the probe encapsulation program is attached
+            c.call("SetHealthCheck", pb.SetHealthCheckRequest(id=VIP, health=pb.HealthCheck(kind="tcp")))
+        qdisc = lambda: subprocess.run(["tc", "-n", s.ns, "qdisc", "show", "dev", s.ifname],  # noqa: E731
+                                       capture_output=True, text=True).stdout
+        filters = lambda: subprocess.run(["tc", "-n", s.ns, "filter", "show", "dev", s.ifname, "egress"],  # noqa: E731
+                                         capture_output=True, text=True).stdout
+        deadline = time.monotonic() + 20
+        while "probe_encap" not in filters() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "clsact" in qdisc() and "probe_encap" in filters()
+        assert s.xdp_id()
+        s.stop()
+        assert s.proc.returncode == 0
+        assert not s.xdp_id() and "clsact" not in qdisc() and not filters().strip()
+        assert not os.path.exists(f"{consts.PIN_ROOT}/{s.ifname}")
     finally:
         s.cleanup()

@@ -81,3 +81,11 @@ def test_missing_file_is_a_config_error(tmp_path):
 
 def test_empty_document_is_an_empty_configuration():
     assert parse_config(None).vips == []
+
+
+def test_health_checks_read_back_what_they_save():
+    from l4lb.health import HealthCheck, parse_health
+
+    for check in (HealthCheck(), HealthCheck(kind="http", path="/healthz", expect=(200, 204), host="svc"),
+                  HealthCheck(kind="tcp", port=8080, via="direct", min_healthy=0)):
+        assert parse_health(check.to_dict()) == check

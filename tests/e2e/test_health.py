@@ -7,6 +7,7 @@ invents no transition and keeps the tables; the tunnel route fails where the
 backend does not own the VIP while the direct route does not notice."""
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -18,7 +19,7 @@ from e2e_util import vip_id
 
 PORT = 8081  # the checks' port; the testbed's own server holds 80
 CHECK = dict(kind="tcp", port=PORT, interval=0.3, timeout=0.2, rise=2, fall=2)
-SLACK = 1.5  # commit, the poll below and a loaded machine
+SLACK = 3.0  # a probe round, the commit, the poll below, and a loaded CI machine
 
 
 class Listener:
@@ -79,6 +80,15 @@ def wait(cond, timeout: float, what: str) -> float:
     raise AssertionError(f"timed out after {timeout:.1f} s waiting for {what}")
 
 
+@contextlib.contextmanager
+def checked_vip(lb, vid, addrs):
+    """A VIP on addrs with the fast check, every backend up; deleted afterwards."""
+    with lb.vip(vid.address, {a: 1 for a in addrs}):
+        lb.call("SetHealthCheck", pb.SetHealthCheckRequest(id=vid, health=pb.HealthCheck(**CHECK)))
+        wait(lambda: set(states(lb, vid).values()) == {"up"}, 10, "every backend up")
+        yield
+
+
 def picks(lb, bed, vid, n: int = 150) -> set[str]:
     return {lb.lookup(bed.clients[0].addr4, vid.address, 20000 + i, 80) for i in range(n)}
 
@@ -86,9 +96,7 @@ def picks(lb, bed, vid, n: int = 150) -> set[str]:
 def test_a_stopped_server_leaves_the_ring_and_comes_back(bed, lb, listeners):
     vid = vip_id(bed.vip4(7))
     addrs = [b.addr4 for b in bed.backends]
-    with lb.vip(vid.address, {a: 1 for a in addrs}):
-        lb.call("SetHealthCheck", pb.SetHealthCheckRequest(id=vid, health=pb.HealthCheck(**CHECK)))
-        wait(lambda: set(states(lb, vid).values()) == {"up"}, 10, "every backend up")
+    with checked_vip(lb, vid, addrs):
         assert picks(lb, bed, vid) == set(addrs)
         listeners[0].stop()
         took = wait(lambda: states(lb, vid)[addrs[0]] == "down", 10, "b1 down")
@@ -102,15 +110,12 @@ def test_a_stopped_server_leaves_the_ring_and_comes_back(bed, lb, listeners):
         took = wait(lambda: states(lb, vid)[addrs[0]] == "up", 10, "b1 up again")
         assert took <= CHECK["rise"] * CHECK["interval"] + SLACK
         assert picks(lb, bed, vid) == set(addrs)
-        print(f"health: down after {took:.2f} s")
 
 
 def test_below_the_panic_threshold_every_backend_serves(bed, lb, listeners):
     vid = vip_id(bed.vip4(8))
     addrs = [b.addr4 for b in bed.backends]
-    with lb.vip(vid.address, {a: 1 for a in addrs}):
-        lb.call("SetHealthCheck", pb.SetHealthCheckRequest(id=vid, health=pb.HealthCheck(**CHECK)))
-        wait(lambda: set(states(lb, vid).values()) == {"up"}, 10, "every backend up")
+    with checked_vip(lb, vid, addrs):
         listeners[0].stop()
         listeners[1].stop()
         try:
@@ -130,9 +135,7 @@ def test_below_the_panic_threshold_every_backend_serves(bed, lb, listeners):
 def test_a_restart_invents_no_transition_and_keeps_the_tables(bed, lb, listeners):
     vid = vip_id(bed.vip4(9))
     addrs = [b.addr4 for b in bed.backends]
-    with lb.vip(vid.address, {a: 1 for a in addrs}):
-        lb.call("SetHealthCheck", pb.SetHealthCheckRequest(id=vid, health=pb.HealthCheck(**CHECK)))
-        wait(lambda: set(states(lb, vid).values()) == {"up"}, 10, "every backend up")
+    with checked_vip(lb, vid, addrs):
         listeners[2].stop()
         try:
             wait(lambda: states(lb, vid)[addrs[2]] == "down", 10, "b3 down")
@@ -153,9 +156,7 @@ def test_the_tunnel_route_proves_the_vip_where_the_direct_route_cannot(bed, lb, 
     vid = vip_id(bed.vip4(10))
     b1 = bed.backends[0]
     addrs = [b.addr4 for b in bed.backends]
-    with lb.vip(vid.address, {a: 1 for a in addrs}):
-        lb.call("SetHealthCheck", pb.SetHealthCheckRequest(id=vid, health=pb.HealthCheck(**CHECK)))
-        wait(lambda: set(states(lb, vid).values()) == {"up"}, 10, "every backend up")
+    with checked_vip(lb, vid, addrs):
         lo = b1.index("lo")
         b1.ipr.addr("del", index=lo, address=vid.address, prefixlen=32)
         try:

@@ -227,17 +227,23 @@ class Controller:
                         log.error("after a commit: %s", e)
 
     def _run(self, batch: list[_Pending]) -> None:
-        work = self.model.clone()
-        ctx = {"runtime": self.runtime, "gateway_ip": self.gateway_ip}
-        ok = []
+        # One copy for the whole batch. A change that fails may have changed
+        # the copy half-way: the copy is then made again from the committed
+        # model with the changes that succeeded (failures are the rare case).
+        def fresh():
+            return self.model.clone(), {"runtime": self.runtime, "gateway_ip": self.gateway_ip}
+
+        work, ctx = fresh()
+        ok: list[_Pending] = []
         for p in batch:
-            trial, trial_ctx = work.clone(), dict(ctx)
             try:
-                p.result = p.change(trial, trial_ctx)
+                p.result = p.change(work, ctx)
             except L4lbError as e:
                 p.error = e
+                work, ctx = fresh()
+                for q in ok:
+                    q.result = q.change(work, ctx)
                 continue
-            work, ctx = trial, trial_ctx
             ok.append(p)
         try:
             if ok:

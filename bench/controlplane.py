@@ -35,6 +35,7 @@ from control.server import create_server
 from control.servicer import LoadBalancerServicer
 from l4lb import bpf, consts, flowhash, maglev, libbpf
 from l4lb.controller import Controller
+from l4lb.model import VipKey
 from l4lb.dataplane import Dataplane, RuntimeConfig
 
 from . import common, ctmap
@@ -161,6 +162,45 @@ def _writers(address: str, vip: str, kind: str, clients: int, requests: int, exi
     for t in ths:
         t.join()
     out.put((lat, time.perf_counter() - t0))
+
+
+COMMIT_VIP = "198.18.10.30"
+
+
+def commit_rate(ctrl, requests: int, clients: int) -> dict:
+    """Small updates per second through the Controller alone (no gRPC): each
+    of `clients` threads sets weights on a VIP of 100 backends; concurrent
+    requests are committed together (mean batch reported)."""
+    key = VipKey(COMMIT_VIP, 80, "tcp")  # beside the VIP that rpc_latency leaves
+    addrs = list(_backends(100))
+    ctrl.add_vip(key, [], [(a, 1) for a in addrs])
+    sizes: list[int] = []
+    run = ctrl._run  # noqa: SLF001 -- counted here only, the batches are the subject
+
+    def counted(batch):
+        sizes.append(len(batch))
+        run(batch)
+
+    ctrl._run = counted  # noqa: SLF001
+
+    def worker(k):
+        for i in range(requests // clients):
+            ctrl.set_weights(key, [(addrs[(k + i) % 100], 1 + i % 3)])
+
+    ths = [threading.Thread(target=worker, args=(k,)) for k in range(clients)]
+    t0 = time.perf_counter()
+    for t in ths:
+        t.start()
+    for t in ths:
+        t.join()
+    wall = time.perf_counter() - t0
+    ctrl._run = run  # noqa: SLF001
+    ctrl.delete_vip(key)
+    res = {"clients": clients, "per_second": (requests // clients) * clients / wall,
+           "mean_batch": sum(sizes) / max(len(sizes), 1)}
+    print(f"  commits without gRPC ({clients} writer(s)): {res['per_second']:.0f}/s, "
+          f"mean batch {res['mean_batch']:.1f}", flush=True)
+    return res
 
 
 def rpc_latency(ctrl, requests: int, clients: int):
@@ -350,6 +390,7 @@ def run(settings: dict | str = FULL, log=print, loaded: Loaded | None = None) ->
             state_file = Path(tempfile.mkdtemp(prefix="l4lb-bench-")) / "state.json"
             ctrl = Controller(_emptied(prog, cap), RuntimeConfig(), state_file=state_file)
             res["rpc"][str(clients)] = rpc_latency(ctrl, max(settings["requests"], 2 * clients), clients)
+            res.setdefault("commits", {})[str(clients)] = commit_rate(ctrl, max(settings["requests"], 2 * clients), clients)
         res["rpc_to_packet"] = rpc_to_packet(prog, cap, settings["changes"], log)
     finally:
         if own:

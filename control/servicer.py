@@ -85,14 +85,15 @@ def vip_msg(v, stats: dict | None = None, probes: dict | None = None) -> pb.Vip:
     weights, panic = v.effective()
     msg = pb.Vip(id=pb.VipId(address=v.key.address, port=v.key.port, protocol=v.key.protocol),
                  flags=sorted(v.flags), vip_id=v.vip_id, panic=panic)
-    for a, w in sorted(v.backends.items()):
-        b = pb.Backend(address=a, weight=w, effective_weight=weights[a])
-        if v.health:
-            b.health = "down" if a in v.down else "up"
-            last = (probes or {}).get(a)
-            if last:
-                b.last_result, b.latency_seconds, b.since = last
-        msg.backends.append(b)
+    add = msg.backends.add
+    if not v.health:
+        for a, w in sorted(v.backends.items()):
+            add(address=a, weight=w, effective_weight=weights[a])
+    for a, w in sorted(v.backends.items()) if v.health else ():
+        b = add(address=a, weight=w, effective_weight=weights[a], health="down" if a in v.down else "up")
+        last = (probes or {}).get(a)
+        if last:
+            b.last_result, b.latency_seconds, b.since = last
     if v.health:
         msg.health.CopyFrom(health_msg(v.health))
     if stats:

@@ -113,21 +113,24 @@ class Dataplane:
         except KeyError:
             pass
 
-    def put_vip_address(self, address: str, count: int) -> None:
+    def put_vip_addresses(self, counts: dict[str, int]) -> None:
+        """VIPs per address (0: the address carries none any more), then the
+        VIP filter, written once for all of them."""
         t = self.t[consts.MAP_VIP_ADDRS]
-        k = t.Key()
-        for i, w in enumerate(_words(address)):
-            k.addr[i] = w
-        k.family = family_of(ipaddress.ip_address(address))
-        if count:
-            self._update(t, k, t.Leaf(count))
-            self.vip_addresses[address] = count
-        else:
-            try:
-                del t[k]
-            except KeyError:
-                pass
-            self.vip_addresses.pop(address, None)
+        for address, count in counts.items():
+            k = t.Key()
+            for i, w in enumerate(_words(address)):
+                k.addr[i] = w
+            k.family = family_of(ipaddress.ip_address(address))
+            if count:
+                self._update(t, k, t.Leaf(count))
+                self.vip_addresses[address] = count
+            else:
+                try:
+                    del t[k]
+                except KeyError:
+                    pass
+                self.vip_addresses.pop(address, None)
         self.write_filter(self.vip_addresses)
 
     def write_filter(self, addresses) -> None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Protocol
 
@@ -40,7 +40,7 @@ class Sink(Protocol):
     def write_ring(self, vip_id: int, copy: int, slots: np.ndarray) -> None: ...
     def put_vip(self, key: VipKey, vip_id: int, flags: int, ring: int) -> None: ...
     def delete_vip(self, key: VipKey) -> None: ...
-    def put_vip_address(self, address: str, count: int) -> None: ...
+    def put_vip_addresses(self, counts: dict[str, int]) -> None: ...
     def put_vip_info(self, vip_id: int, generation: int, flags: int) -> None: ...
     def clear_vip_stats(self, vip_id: int) -> None: ...
     def set_portless(self, n: int) -> None: ...
@@ -55,9 +55,13 @@ class VipState:
     ring: int = 0  # active copy
     health: HealthCheck | None = None
     down: frozenset[str] = frozenset()  # backends a health check found down
+    # the ring's content, ((address, index, effective weight), ...), kept until the
+    # backends, their health or the check change (LbModel.ring_spec)
+    spec: tuple | None = None
 
     def clone(self) -> "VipState":
-        return VipState(self.key, self.vip_id, self.flags, dict(self.backends), self.ring, self.health, self.down)
+        return VipState(self.key, self.vip_id, self.flags, dict(self.backends), self.ring, self.health,
+                        self.down, self.spec)
 
     def effective(self) -> tuple[dict[str, int], bool]:
         """(the weights the ring is built from, whether health is ignored: panic)."""
@@ -170,9 +174,10 @@ def sync(have: MapImage, want: MapImage, sink: Sink, capacity: Capacity,
             step("sync.vip-written")
     step("sync.rings-flipped")
     # 5. addresses (the VIP filter) and the port-less count
-    for addr in sorted(set(have.addresses) | set(want.addresses)):
-        if have.addresses.get(addr, 0) != want.addresses.get(addr, 0):
-            sink.put_vip_address(addr, want.addresses.get(addr, 0))
+    changed = {a: want.addresses.get(a, 0) for a in sorted(set(have.addresses) | set(want.addresses))
+               if have.addresses.get(a, 0) != want.addresses.get(a, 0)}
+    if changed:
+        sink.put_vip_addresses(changed)
     if have.portless != want.portless:
         sink.set_portless(want.portless)
     step("sync.addresses")
@@ -286,6 +291,7 @@ class LbModel:
                 self.backends[a].refs += 1
         vip.backends = dict(backends)
         vip.down = frozenset(a for a in vip.down if a in backends)
+        vip.spec = None
         self._release(removed)
 
     def set_flags(self, key: VipKey, flags: frozenset[str]) -> None:
@@ -297,13 +303,14 @@ class LbModel:
         if check is not None and not check.port and not key.port:
             raise ValidationError(f"health.port: VIP {key} takes every port; give the port to probe")
         if vip.health != check:
-            vip.health, vip.down = check, frozenset()
+            vip.health, vip.down, vip.spec = check, frozenset(), None
 
     def set_backend_health(self, key: VipKey, address: str, up: bool) -> None:
         vip = self.get(key)
         if address not in vip.backends:
             raise NotFoundError(f"backend {address} is not on VIP {key}")
         vip.down = vip.down - {address} if up else vip.down | {address}
+        vip.spec = None
 
     def _check_ring_room(self, backends: dict[str, int]) -> None:
         live = sum(1 for w in backends.values() if w > 0)
@@ -342,8 +349,12 @@ class LbModel:
         return img
 
     def ring_spec(self, v: VipState) -> tuple:
-        weights, _ = v.effective()
-        return tuple(sorted((a, self.backends[a].index, w) for a, w in weights.items()))
+        """What v's ring is built from. Computed once per change of v: a listed
+        backend keeps its index, so nothing else can change it."""
+        if v.spec is None:
+            weights, _ = v.effective()
+            v.spec = tuple(sorted((a, self.backends[a].index, w) for a, w in weights.items()))
+        return v.spec
 
     def flip_changed(self, base: "LbModel") -> None:
         """Each VIP whose backends differ from `base`'s (the model the maps
@@ -478,11 +489,3 @@ class LbState:
 
     def set_flags(self, key: VipKey, flags: frozenset[str]) -> None:
         self._change(LbModel.set_flags, key, flags)
-
-
-def validate_specs(specs: list[VipSpec]) -> None:
-    seen = set()
-    for s in specs:
-        if s.key in seen:
-            raise ValidationError(f"VIP {s.key} is listed twice")
-        seen.add(s.key)

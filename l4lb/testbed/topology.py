@@ -201,6 +201,21 @@ class Testbed:
         self.build_seconds = time.monotonic() - t0
         self.say(f"testbed ready in {self.build_seconds:.1f} s")
 
+    # -- the backends' servers
+    def stop_server(self, b: Backend) -> None:
+        """Stops backend b's echo server (SIGTERM, by pid): its port refuses."""
+        if b.server:
+            stop_popen(b.server)
+            b.server = None
+
+    def start_server(self, b: Backend) -> None:
+        """Starts backend b's echo server again and waits until it listens."""
+        if b.server and b.server.poll() is None:
+            raise TestbedError(f"the server of {b.role} is running already")
+        log = self.workdir / f"{b.role}.log"
+        b.server = server.start(b, self.vips(), log)
+        server.wait_ready(b, log)
+
     def close(self) -> None:
         """Stops the servers and `l4lb run` by pid, deletes the namespaces (their
         veths, and so the XDP attachments, go with them), the pinned maps and

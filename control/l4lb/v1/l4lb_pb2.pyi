@@ -338,3 +338,31 @@ class FlushFlowsResponse(_message.Message):
     FLUSHED_FIELD_NUMBER: _ClassVar[int]
     flushed: int
     def __init__(self, flushed: _Optional[int] = ...) -> None: ...
+
+class WatchHealthRequest(_message.Message):
+    __slots__ = ("id", "snapshot")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    id: VipId
+    snapshot: bool
+    def __init__(self, id: _Optional[_Union[VipId, _Mapping]] = ..., snapshot: _Optional[bool] = ...) -> None: ...
+
+class HealthEvent(_message.Message):
+    __slots__ = ("id", "backend", "old_state", "new_state", "reason", "time", "panic", "snapshot")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    OLD_STATE_FIELD_NUMBER: _ClassVar[int]
+    NEW_STATE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    PANIC_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    id: VipId
+    backend: str
+    old_state: str
+    new_state: str
+    reason: str
+    time: float
+    panic: bool
+    snapshot: bool
+    def __init__(self, id: _Optional[_Union[VipId, _Mapping]] = ..., backend: _Optional[str] = ..., old_state: _Optional[str] = ..., new_state: _Optional[str] = ..., reason: _Optional[str] = ..., time: _Optional[float] = ..., panic: _Optional[bool] = ..., snapshot: _Optional[bool] = ...) -> None: ...

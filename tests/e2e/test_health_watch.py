@@ -60,7 +60,9 @@ def checked(lb, vid, addrs):
     with lb.vip(vid.address, {a: 1 for a in addrs}):
         lb.call("SetHealthCheck", pb.SetHealthCheckRequest(id=vid, health=CHECK))
         deadline = time.monotonic() + WAIT
-        while {b.health for b in lb.call("GetVip", pb.GetVipRequest(id=vid)).backends} != {"up"}:
+        # up, and probed (the first tunnel check loads the tc program first)
+        while {(b.health, b.last_result) for b in lb.call("GetVip", pb.GetVipRequest(id=vid)).backends} != \
+                {("up", "connected")}:
             assert time.monotonic() < deadline, "the backends did not come up"
             time.sleep(0.05)
         yield

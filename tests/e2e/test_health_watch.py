@@ -1,12 +1,15 @@
 """WatchHealth against `l4lb run` in the testbed, with the backends' real
 servers: stopping one's server streams up -> down with the probe's reason
-(by then the table is without it), starting it again streams down -> up; a
-snapshot opens the stream; `l4lb health --watch` as a subprocess prints the
-same, and follows the server across a restart of `l4lb run`."""
+(by then the table is without it and real connections avoid it), starting it
+again streams down -> up; a snapshot opens the stream; a watch hears its VIP
+only; `l4lb health --watch` as a subprocess prints the same and follows the
+server across a restart of `l4lb run`; a flapping server changes the table
+no more often than rise and fall allow."""
 from __future__ import annotations
 
 import contextlib
 import queue
+import random
 import signal
 import subprocess
 import sys
@@ -19,7 +22,7 @@ import pytest
 
 from control.client import Client
 from control.l4lb.v1 import l4lb_pb2 as pb
-from e2e_util import vip_id
+from e2e_util import close_all, open_many, vip_id
 
 L4LB = str(Path(sys.executable).with_name("l4lb"))
 CHECK = pb.HealthCheck(kind="tcp", interval=0.3, timeout=0.2, rise=2, fall=2)  # the VIP's port: the real server's
@@ -100,6 +103,11 @@ def test_a_stopped_server_streams_up_to_down_with_its_reason_and_back(bed, lb):
                 assert "refused" in e.reason.lower(), e.reason
                 assert t0 <= e.time <= time.time() and e.id == vid and not e.panic
                 assert picks(lb, bed, vid) == set(addrs[1:]), "the event came before the table changed"
+                conns = open_many(bed, vid.address, 24)  # real connections: none meets the stopped server
+                try:
+                    assert {c.backend for c in conns} == {b.role for b in bed.backends[1:]}
+                finally:
+                    close_all(conns)
                 t1 = time.time()
             e = w.next()
             assert (e.backend, e.old_state, e.new_state, e.reason) == (b1.addr4, "down", "up", "connected")
@@ -191,3 +199,61 @@ def test_the_watch_command_prints_transitions_and_follows_a_restart(bed, lb, tmp
                 bed.lb.start()
                 bed.lb.wait_healthy()
                 lb.reconnect()
+
+
+def test_a_flapping_server_changes_the_table_no_more_often_than_the_counts_allow(bed, lb):
+    """b1's server flaps faster than rise/fall (and now and then stays put long
+    enough to count): every transition comes after `fall` failures or `rise`
+    successes in a row, so two transitions are at least (count - 1) probe
+    intervals apart, and they alternate."""
+    from test_health import PORT, Listener  # noqa: PLC0415
+
+    check = pb.HealthCheck(kind="tcp", port=PORT, interval=0.3, timeout=0.2, rise=3, fall=3)
+    vid = vip_id(bed.vip4(5))
+    addrs = [b.addr4 for b in bed.backends]
+    listeners = [Listener(b) for b in bed.backends]
+    for ls in listeners:
+        ls.start()
+    flap = random.Random(11)
+    try:
+        with lb.vip(vid.address, {a: 1 for a in addrs}):
+            lb.call("SetHealthCheck", pb.SetHealthCheckRequest(id=vid, health=check))
+            deadline = time.monotonic() + WAIT
+            while {(b.health, b.last_result) for b in lb.call("GetVip", pb.GetVipRequest(id=vid)).backends} != \
+                    {("up", "connected")}:
+                assert time.monotonic() < deadline, "the backends did not come up"
+                time.sleep(0.05)
+            w = Watch(bed.lb.grpc_address, pb.WatchHealthRequest(id=vid))
+            try:
+                for phase in ("flap", "down", "flap", "up", "flap"):
+                    if phase == "flap":
+                        end = time.monotonic() + 2.5
+                        while time.monotonic() < end:
+                            (listeners[0].stop if listeners[0].sock else listeners[0].start)()
+                            time.sleep(flap.uniform(0.05, 0.4))
+                    elif phase == "down":
+                        if listeners[0].sock:
+                            listeners[0].stop()
+                        time.sleep(6 * check.interval)
+                    else:
+                        if not listeners[0].sock:
+                            listeners[0].start()
+                        time.sleep(6 * check.interval)
+                if not listeners[0].sock:
+                    listeners[0].start()
+                time.sleep(6 * check.interval)  # up for good: the last transition, if any, comes
+                events = []
+                while not w.events.empty():
+                    events.append(w.next())
+            finally:
+                w.close()
+            assert {e.backend for e in events} <= {addrs[0]} and len(events) >= 2, events
+            assert all(a.new_state == b.old_state and a.new_state != b.new_state for a, b in zip(events, events[1:]))
+            for a, b in zip(events, events[1:]):
+                count = check.rise if b.new_state == "up" else check.fall
+                assert b.time - a.time >= (count - 1) * check.interval - 0.15, (a, b)
+            assert events[-1].new_state == "up"
+            assert picks(lb, bed, vid) == set(addrs)
+    finally:
+        for ls in listeners:
+            ls.stop()

@@ -85,7 +85,10 @@ def checked_vip(lb, vid, addrs):
     """A VIP on addrs with the fast check, every backend up; deleted afterwards."""
     with lb.vip(vid.address, {a: 1 for a in addrs}):
         lb.call("SetHealthCheck", pb.SetHealthCheckRequest(id=vid, health=pb.HealthCheck(**CHECK)))
-        wait(lambda: set(states(lb, vid).values()) == {"up"}, 10, "every backend up")
+        # up, and probed: the first tunnel check loads the tc program first (seconds), and a
+        # timing measured before the probes run would count that load
+        wait(lambda: {(b.health, b.last_result) for b in lb.call("GetVip", pb.GetVipRequest(id=vid)).backends}
+             == {("up", "connected")}, 20, "every backend up and probed")
         yield
 
 

@@ -257,3 +257,38 @@ def test_a_flapping_server_changes_the_table_no_more_often_than_the_counts_allow
     finally:
         for ls in listeners:
             ls.stop()
+
+
+@contextlib.contextmanager
+def decap_removed(b):
+    """Backend b stops decapsulating (its server still runs, its VIPs stay on lo)."""
+    b.run(b.program.detach)
+    try:
+        yield
+    finally:
+        b.run(b.program.attach, "eth0", "native")
+
+
+def test_without_decapsulation_the_tunnel_route_says_down_and_the_direct_route_up(bed, lb):
+    b1 = bed.backends[0]
+    if b1.decap != "xdp":
+        pytest.skip("takes the XDP decapsulation program away; the ipip devices' case is the same")
+    vid = vip_id(bed.vip4(6))
+    addrs = [b.addr4 for b in bed.backends]
+    with checked(lb, vid, addrs):
+        w = Watch(bed.lb.grpc_address, pb.WatchHealthRequest(id=vid))
+        try:
+            with decap_removed(b1):
+                e = w.next()
+                assert (e.backend, e.new_state) == (b1.addr4, "down"), e
+                assert "no answer" in e.reason, e.reason
+                direct = pb.HealthCheck()
+                direct.CopyFrom(CHECK)
+                direct.via = "direct"
+                lb.call("SetHealthCheck", pb.SetHealthCheckRequest(id=vid, health=direct))
+                time.sleep(6 * CHECK.interval)
+                v = lb.call("GetVip", pb.GetVipRequest(id=vid))
+                b = next(b for b in v.backends if b.address == b1.addr4)
+                assert (b.health, b.last_result) == ("up", "connected"), "the direct route cannot see the tunnel"
+        finally:
+            w.close()

@@ -4,7 +4,8 @@ servers: stopping one's server streams up -> down with the probe's reason
 again streams down -> up; a snapshot opens the stream; a watch hears its VIP
 only; `l4lb health --watch` as a subprocess prints the same and follows the
 server across a restart of `l4lb run`; a flapping server changes the table
-no more often than rise and fall allow."""
+no more often than rise and fall allow; a backend that stops decapsulating is
+down through the tunnel and up through the direct route."""
 from __future__ import annotations
 
 import contextlib

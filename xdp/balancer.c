@@ -314,7 +314,7 @@ static __always_inline int balance(struct xdp_md *ctx, struct pkt *p, const stru
     }
     vip_id = vip->vip_id;
     count_vip(ctx, vip_id);
-    hash = flow_hash(&p->flow, (vip->flags & VIP_F_NO_SPORT) ? 0 : p->flow.sport);
+    hash = vip_flow_hash(&p->flow, vip->flags);
     if (pick_backend(p, vip, cfg, gs, hash, &b)) {
         gs->no_backend++;
         return XDP_DROP;

@@ -77,6 +77,7 @@ class Vip:
     no_sport: bool
     no_conntrack: bool
     table: tuple  # backend address (or None) per ring slot
+    affinity: bool = False  # client_affinity: the addresses alone pick the backend
 
 
 @dataclass
@@ -109,7 +110,8 @@ class LbModel:
             table = tuple(maglev.maglev_table(v.backends, ring_size)) if v.backends else (None,) * ring_size
             vips[(ip.version, ip.packed, key.port, key.proto_number)] = Vip(
                 key.address, key.port, key.proto_number, v.vip_id,
-                "no_source_port" in v.flags, "no_conntrack" in v.flags, table)
+                "no_source_port" in v.flags, "no_conntrack" in v.flags, table,
+                "client_affinity" in v.flags)
         backends = {b.index: (addr, b.generation) for addr, b in state.backends.items()}
         listed = {b.index: {v.vip_id for v in state.vips.values() if addr in v.backends}
                   for addr, b in state.backends.items()}
@@ -388,8 +390,10 @@ def _balance(frame: bytes, ip: _Ip, model: LbModel, vip: Vip, flow: Flow, tcp_fl
              icmp_error: bool, trace: list) -> Expected:
     e = Expected(DROP, trace=trace + [f"VIP {vip.address}:{vip.port}/{vip.proto} (id {vip.vip_id})"],
                  vip_id=vip.vip_id, vip_bytes=len(frame), flow=flow)
-    h = flowhash.flow_hash(str(ipaddress.ip_address(flow.src)), str(ipaddress.ip_address(flow.dst)),
-                           0 if vip.no_sport else flow.sport, flow.dport, flow.proto)
+    flags = {"no_source_port"} if vip.no_sport else set()
+    flags |= {"client_affinity"} if vip.affinity else set()
+    h = flowhash.vip_flow_hash(str(ipaddress.ip_address(flow.src)), str(ipaddress.ip_address(flow.dst)),
+                               flow.sport, flow.dport, flow.proto, flags)
     use_ct = not vip.no_conntrack
     syn = flow.proto == TCP and tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
     rst = flow.proto == TCP and bool(tcp_flags & TCP_RST)

@@ -4,6 +4,7 @@ connection table, the new-flow rate limit, and what is dropped or passed.
 Every test compares the whole change of the global counters."""
 import ipaddress
 import os
+import random
 import struct
 import time
 
@@ -337,6 +338,34 @@ def test_no_source_port_vip_sends_flows_differing_only_in_sport_to_one_backend(l
         spread.add(outer_dst(r.data))
     assert len(spread) == len(backends)
     assert lb.ct_count() == 80  # entries stay per 5-tuple
+
+
+def test_client_affinity_vips_send_every_flow_of_a_client_to_one_backend(lb):
+    """Port-less TCP and UDP VIPs of one address with the same backends and
+    client_affinity: whatever the ports and the protocol, a client's flows
+    reach one backend; other clients spread over all of them."""
+    backends = {A4: 1, B4: 1, C4: 1, A6: 1}
+    m = lb.capacity.ring_size
+    for proto in ("tcp", "udp"):
+        lb.add_vip(VIP4, 0, proto, backends, flags=["client_affinity"])
+    lb.add_vip("198.18.10.44", 0, "tcp", backends)  # the same without the flag: the control
+    rnd = random.Random(7)
+    chosen = set()
+    for client in range(1, 41):
+        base = Flow(src=f"198.18.0.{client}")
+        want = predict(backends, base, m, flags=["client_affinity"])
+        chosen.add(want)
+        spread = set()
+        for _ in range(6):
+            f = base.with_(sport=rnd.randrange(1024, 65536), dport=rnd.randrange(1, 65536),
+                           proto=rnd.choice(["tcp", "udp"]))
+            pkt = f.packet("S") if f.proto == "tcp" else f.packet()
+            r = lb.run(pkt)
+            lb.check_encap(r, pkt, want, f.hash(flags=["client_affinity"]))
+            c = f.with_(dst="198.18.10.44", proto="tcp")
+            spread.add(outer_dst(lb.run(c.packet("S")).data))
+        assert len(spread) > 1, client  # six ports of one client without the flag: several backends
+    assert chosen == set(backends)
 
 
 def test_hit_on_a_removed_backend_takes_a_fresh_pick(lb):

@@ -75,3 +75,19 @@ def test_iperf3_parallel_tcp_and_udp_work_through_a_client_affinity_group(bed, l
         assert len(set(flows.values())) == 1, flows
         chosen = set(flows.values()).pop()
         assert chosen == lb.lookup(client.addr4, vip, 40000, 9, "udp")  # any port: the same backend
+
+
+def test_a_tcp_burst_through_the_lb_loses_no_frame_on_the_lb_link(bed, lb, iperf_servers):
+    """Eight iperf3 streams at full speed: the router's end of the LB link
+    queues (pfifo) instead of dropping what the LB's ring cannot take at once
+    (without it: thousands of drops and retransmits per run)."""
+    vip = iperf_servers
+    backends = {b.addr4: 1 for b in bed.backends}
+    before = bed.router.run(bed.router.link_stats, "lb")
+    with lb.vip(vip, backends, port=0, protocol="tcp", flags=["client_affinity"]), \
+            lb.vip(vip, backends, port=0, protocol="udp", flags=["client_affinity"]):
+        doc = _iperf(bed.clients[0], vip, "-P", "8", "-t", "4")
+    after = bed.router.run(bed.router.link_stats, "lb")
+    assert doc["end"]["sum_received"]["bytes"] > 0
+    assert after["tx_packets"] - before["tx_packets"] > 10_000  # the burst went this way
+    assert after["tx_dropped"] - before["tx_dropped"] == 0

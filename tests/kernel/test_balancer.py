@@ -9,7 +9,7 @@ import struct
 import time
 
 import pytest
-from scapy.layers.inet import IP, TCP, UDP, IPOption_NOP
+from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption_NOP
 from scapy.layers.inet6 import (IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop,
                                 IPv6ExtHdrRouting)
 from scapy.layers.l2 import ARP, Dot1Q, Ether
@@ -188,8 +188,13 @@ def test_udp_vip_is_balanced_and_tcp_to_the_same_port_passes(lb):
     eth() / IPv6(src=CLIENT6, dst=VIP6, nh=89) / Raw(b"\0" * 8),  # OSPF
     eth() / ARP(psrc=CLIENT4, pdst=VIP4),
     Ether(src=CLIENT_MAC, dst=LB_MAC) / Dot1Q(vlan=5) / Dot1Q(vlan=6) / IP(src=CLIENT4, dst=VIP4) / TCP(dport=80),
+    # a VIP's flow, but sent to a group MAC: not the balancer's, never encapsulated
+    Ether(src=CLIENT_MAC, dst="ff:ff:ff:ff:ff:ff") / IP(src=CLIENT4, dst=VIP4) / TCP(sport=40000, dport=80, flags="S"),
+    Ether(src=CLIENT_MAC, dst="01:00:5e:00:00:01") / IP(src=CLIENT4, dst=VIP4) / TCP(sport=40000, dport=80, flags="A"),
+    Ether(src=CLIENT_MAC, dst="33:33:00:00:00:01") / IPv6(src=CLIENT6, dst=VIP6) / TCP(sport=40000, dport=80, flags="S"),
+    Ether(src=CLIENT_MAC, dst="ff:ff:ff:ff:ff:ff") / IP(src=CLIENT4, dst=VIP4) / ICMP(type=8),
 ], ids=["other-address", "other-port", "other-protocol", "v6-other-address", "gre", "ospf6", "arp",
-        "two-tags"])
+        "two-tags", "broadcast-mac", "multicast-mac-v4", "multicast-mac-v6", "echo-to-broadcast-mac"])
 def test_packet_for_no_vip_passes_untouched(lb, pkt):
     lb.add_vip(VIP4, 80, "tcp", {A4: 1})
     lb.add_vip(VIP6, 80, "tcp", {A6: 1})

@@ -309,7 +309,9 @@ class LoadBalancerServicer(pb_grpc.LoadBalancerServicer):
             raise ValidationError("flow lookup is not available on this server")
         verdict, backend, from_ct = self.lookup_flow(request.src, request.dst, request.sport,
                                                      request.dport, request.protocol)
-        return pb.LookupFlowResponse(verdict=verdict, backend=backend, from_conntrack=from_ct)
+        key, hashed_on = self.ctrl.vip_of_flow(request.dst, request.dport, request.protocol)
+        return pb.LookupFlowResponse(verdict=verdict, backend=backend, from_conntrack=from_ct,
+                                     vip=str(key) if key else "", hashed_on=hashed_on)
 
     @rpc
     def ListFlows(self, request, context):

@@ -332,6 +332,8 @@ def cmd_lookup(args) -> int:
     with client(args) as c:
         r = c.call("LookupFlow", pb.LookupFlowRequest(src=src, dst=dst, sport=sport, dport=dport, protocol=args.protocol))
     out.print(f"{r.verdict}" + (f" -> {r.backend}" if r.backend else ""))
+    if r.vip:
+        out.print(f"VIP {r.vip}, backend picked by {r.hashed_on}")
     return 0
 
 

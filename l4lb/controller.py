@@ -486,6 +486,25 @@ class Controller:
         with self.lock:
             return lookup_flow(self.dp.prog, src, dst, sport, dport, protocol)
 
+    def vip_of_flow(self, dst: str, dport: int, protocol: str):
+        """The VIP a flow to dst:dport/protocol belongs to (the exact port
+        first, then the address's port-less VIP), and what its backend is
+        picked by; (None, "") for no VIP."""
+        for port in (dport, 0):
+            try:
+                key = VipKey.parse(dst, port, protocol)
+            except L4lbError:
+                return None, ""
+            with self.lock:
+                vip = self.model.vips.get(key)
+            if vip is not None:
+                if "client_affinity" in vip.flags:
+                    return key, "client address (client_affinity)"
+                if "no_source_port" in vip.flags:
+                    return key, "addresses, destination port, protocol (no_source_port)"
+                return key, "addresses, ports, protocol"
+        return None, ""
+
     def stats(self, key: VipKey | None = None):
         with self.lock:
             vips = [self.model.get(key).clone()] if key else self.list_vips()

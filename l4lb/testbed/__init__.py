@@ -20,8 +20,8 @@ from .lbproc import Lb, LbLauncher
 from .namespaces import Node, sweep
 from .packets import inet_checksum, ip_source
 from .topology import Options, Testbed
-from .tunnels import DECAP_MODES, ipip_support
+from .tunnels import DECAP_MODES, backend_commands, ipip_support
 
-__all__ = ["DECAP_MODES", "MTU", "SERVICE_PORT", "Backend", "Client", "Conn", "Lb", "LbLauncher", "Node", "Options",
+__all__ = ["DECAP_MODES", "backend_commands", "MTU", "SERVICE_PORT", "Backend", "Client", "Conn", "Lb", "LbLauncher", "Node", "Options",
            "Testbed", "TestbedError", "UdpFlow", "inet_checksum", "ip_source", "ipip_support", "sweep",
            "wait_until"]

@@ -284,14 +284,18 @@ class LookupFlowRequest(_message.Message):
     def __init__(self, src: _Optional[str] = ..., dst: _Optional[str] = ..., sport: _Optional[int] = ..., dport: _Optional[int] = ..., protocol: _Optional[str] = ...) -> None: ...
 
 class LookupFlowResponse(_message.Message):
-    __slots__ = ("verdict", "backend", "from_conntrack")
+    __slots__ = ("verdict", "backend", "from_conntrack", "vip", "hashed_on")
     VERDICT_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     FROM_CONNTRACK_FIELD_NUMBER: _ClassVar[int]
+    VIP_FIELD_NUMBER: _ClassVar[int]
+    HASHED_ON_FIELD_NUMBER: _ClassVar[int]
     verdict: str
     backend: str
     from_conntrack: bool
-    def __init__(self, verdict: _Optional[str] = ..., backend: _Optional[str] = ..., from_conntrack: _Optional[bool] = ...) -> None: ...
+    vip: str
+    hashed_on: str
+    def __init__(self, verdict: _Optional[str] = ..., backend: _Optional[str] = ..., from_conntrack: _Optional[bool] = ..., vip: _Optional[str] = ..., hashed_on: _Optional[str] = ...) -> None: ...
 
 class Flow(_message.Message):
     __slots__ = ("src", "dst", "sport", "dport", "protocol", "backend", "stale")

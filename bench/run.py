@@ -230,7 +230,8 @@ def headlines(results: dict) -> list[dict]:
         if fo and fo.get("down_s"):
             c = fo["check"]
             add("prober", f"server stopped -> table without it, s (max / median; fall {c['fall']} x "
-                f"{c['interval']:g} s, timeout {c['timeout']:g} s)", f"{fo['down_max_s']:.2f} / {fo['down_median_s']:.2f}",
+                f"{c['interval']:g} s, timeout {c['timeout']:g} s)",
+                f"{fo['down_max_s']:.2f} / {fo['down_median_s']:.2f}",
                 f"<= {fo['down_target_s']:.2f} s", fo["down_max_s"] <= fo["down_target_s"])
             add("prober", f"server back -> table with it, s (max / median; rise {c['rise']} x {c['interval']:g} s)",
                 f"{fo['up_max_s']:.2f} / {fo['up_median_s']:.2f}", f"<= {fo['up_target_s']:.2f} s",

@@ -273,7 +273,8 @@ class LoadBalancerServicer(pb_grpc.LoadBalancerServicer):
             context.abort(grpc.StatusCode.UNAVAILABLE, "the server is stopping; reconnect when it is back")
         if feed.overflowed:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                          f"the client fell {MAX_QUEUED_EVENTS} transitions behind; reconnect (with snapshot) to resync")
+                          f"the client fell {MAX_QUEUED_EVENTS} transitions behind; "
+                          "reconnect (with snapshot) to resync")
 
     @rpc
     def SetGateway(self, request, context):

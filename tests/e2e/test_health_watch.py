@@ -176,7 +176,8 @@ def test_the_watch_command_prints_transitions_and_follows_a_restart(bed, lb, tmp
             _wait_for(lambda: out.read_text().count(" up (since ") == 3, f"no snapshot: {out.read_text()}")
             with server_stopped(bed, b3):
                 _wait_for(lambda: f"{b3.addr4}  up -> down (" in out.read_text(), f"no transition: {out.read_text()}")
-            _wait_for(lambda: f"{b3.addr4}  down -> up (connected)" in out.read_text(), f"no way back: {out.read_text()}")
+            _wait_for(lambda: f"{b3.addr4}  down -> up (connected)" in out.read_text(),
+                      f"no way back: {out.read_text()}")
             bed.lb.stop()
             _wait_for(lambda: "lost the server" in err.read_text(), f"no word of the lost server: {err.read_text()}")
             seen = out.read_text()

@@ -13,7 +13,9 @@ only. The parts, by job:
     server.py      the backends' echo server (`python -m l4lb.testbed serve`)
     packets.py     the RFC 1071 checksum, the source address of a frame
     topology.py    Testbed: links, bridges, routes and sysctls, built and torn down
+    fleet.py       Fleet: N LB nodes behind a BIRD router (BGP, BFD, ECMP)
 """
+from .fleet import Bird, Fleet
 from .common import MTU, SERVICE_PORT, TestbedError, wait_until
 from .hosts import Backend, Client, Conn, UdpFlow
 from .lbproc import Lb, LbLauncher
@@ -22,6 +24,6 @@ from .packets import inet_checksum, ip_source
 from .topology import Options, Testbed
 from .tunnels import DECAP_MODES, ipip_support
 
-__all__ = ["DECAP_MODES", "MTU", "SERVICE_PORT", "Backend", "Client", "Conn", "Lb", "LbLauncher", "Node", "Options",
+__all__ = ["Bird", "DECAP_MODES", "Fleet", "MTU", "SERVICE_PORT", "Backend", "Client", "Conn", "Lb", "LbLauncher", "Node", "Options",
            "Testbed", "TestbedError", "UdpFlow", "inet_checksum", "ip_source", "ipip_support", "sweep",
            "wait_until"]

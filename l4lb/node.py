@@ -143,7 +143,8 @@ class LbNode:
         node.checker = HealthChecker(ctrl, ensure_tunnel=node._ensure_probe_encap)
         ctrl.health_details = node.checker.details
         if opts.announce_table:
-            prog_id = int(prog.fdinfo().get("prog_id", 0))
+            # the program this run attached, or the one it kept running (adopted: not prog's own id)
+            prog_id = netlink.xdp_prog_id(ifname)
             node.announcer = Announcer(ctrl, opts.announce_table, opts.state_dir / ifname / "announce.json",
                                        attached=lambda: prog_id != 0 and netlink.xdp_prog_id(ifname) == prog_id)
             node.announcer.start()

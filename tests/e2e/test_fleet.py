@@ -1,0 +1,284 @@
+"""A fleet of three LB nodes behind a BIRD 2 router (l4lb.testbed.Fleet): each
+node's `l4lb run --announce` puts its live VIPs in a routing table, its own
+BIRD exports them over BGP (+ BFD), the router installs one multipath route
+per VIP and hashes flows over the nodes. Everything is real: the kernel's
+XDP, BIRD's sessions, the router's FIB, TCP and UDP between namespaces."""
+import ipaddress
+import random
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from control.launcher import launcher
+from control.l4lb.v1 import l4lb_pb2 as pb
+from fleet_util import PORT, Nodes, Traffic, config_yaml
+from l4lb.testbed import Fleet
+
+L4LB = str(Path(sys.executable).with_name("l4lb"))
+
+
+@pytest.fixture(scope="module")
+def fleet():
+    with Fleet(nodes=3, backends=4, vips=2, launcher=launcher()) as f:
+        yield f
+
+
+@pytest.fixture(scope="module")
+def nodes(fleet):
+    n = Nodes(fleet)
+    n.apply(config_yaml(fleet, backends=3))
+    for vip in (fleet.vip4(0), fleet.vip6(0)):
+        fleet.wait_nexthops(vip, fleet.lbs)
+    try:
+        yield n
+    finally:
+        n.close()
+
+
+def vid(address: str, protocol: str = "tcp") -> pb.VipId:
+    return pb.VipId(address=address, port=PORT, protocol=protocol)
+
+
+def canonical(a: str) -> str:
+    return str(ipaddress.ip_address(a))
+
+
+# ---- announcement --------------------------------------------------------------------------
+
+def test_router_learns_every_vip_from_every_node_as_one_multipath_route(fleet, nodes):
+    for vip in (fleet.vip4(0), fleet.vip6(0)):
+        hops = fleet.router_nexthops(vip)
+        assert hops == {canonical(lb.addr6 if ":" in vip else lb.addr4) for lb in fleet.lbs}, (vip, hops)
+    for k in range(1, 4):
+        st = nodes.call(k, "GetStatus", pb.GetStatusRequest())
+        assert st.announce_table == fleet.table and not st.drained
+        assert set(st.announced) == {fleet.vip4(0), fleet.vip6(0)}
+    # a VIP address nobody configured is not routed at all
+    assert fleet.router_nexthops(fleet.vip4(1)) == set()
+
+
+def test_vip_without_live_backend_is_withdrawn_on_that_node_only(fleet, nodes):
+    v4 = fleet.vip4(0)
+    tcp4, udp4 = vid(v4, "tcp"), vid(v4, "udp")
+    zero = [pb.Backend(address=b.addr4, weight=0) for b in fleet.backends[:3]]
+    one = [pb.Backend(address=b.addr4, weight=1) for b in fleet.backends[:3]]
+    nodes.call(2, "SetBackendWeights", pb.SetBackendWeightsRequest(id=tcp4, backends=zero))
+    # the UDP VIP on the same address still has live backends: still announced
+    time.sleep(0.5)
+    assert fleet.router_nexthops(v4) == {fleet.lbs[k].addr4 for k in range(3)}
+    nodes.call(2, "SetBackendWeights", pb.SetBackendWeightsRequest(id=udp4, backends=zero))
+    fleet.wait_nexthops(v4, [fleet.lbs[0], fleet.lbs[2]])
+    assert fleet.lbs[1].addr6 in {canonical(a) for a in fleet.router_nexthops(fleet.vip6(0))}
+    assert v4 not in nodes.call(2, "GetStatus", pb.GetStatusRequest()).announced
+    for req_id in (tcp4, udp4):
+        nodes.call(2, "SetBackendWeights", pb.SetBackendWeightsRequest(id=req_id, backends=one))
+    fleet.wait_nexthops(v4, fleet.lbs)
+
+
+def test_deleted_vip_is_withdrawn_and_an_added_one_announced(fleet, nodes):
+    v = fleet.vip4(1)
+    for k in (1, 2):
+        nodes.call(k, "AddVip", pb.AddVipRequest(id=vid(v), backends=[pb.Backend(address=fleet.backends[0].addr4,
+                                                                             weight=1)]))
+    fleet.wait_nexthops(v, fleet.lbs[:2])
+    for k in (1, 2):
+        nodes.call(k, "DeleteVip", pb.DeleteVipRequest(id=vid(v)))
+    fleet.wait_nexthops(v, [])
+
+
+def test_drain_state_survives_a_control_plane_restart_and_routes_stay_while_it_is_down(fleet, nodes):
+    lb = fleet.lbs[2]
+    nodes.call(3, "SetDrain", pb.SetDrainRequest(drained=True))
+    fleet.wait_nexthops(fleet.vip4(0), fleet.lbs[:2])
+    lb.restart()
+    nodes.clients[2].close()
+    from control.client import Client  # noqa: PLC0415
+
+    nodes.clients[2] = Client(lb.grpc_address)
+    st = nodes.call(3, "GetStatus", pb.GetStatusRequest())
+    assert st.drained and list(st.announced) == []
+    assert fleet.router_nexthops(fleet.vip4(0)) == {fleet.lbs[0].addr4, fleet.lbs[1].addr4}
+    nodes.call(3, "SetDrain", pb.SetDrainRequest(drained=False))
+    fleet.wait_nexthops(fleet.vip4(0), fleet.lbs)
+    # stopped (SIGTERM, as a crash would leave it): routes and program stay, nothing flaps
+    lb.stop()
+    time.sleep(1.0)
+    assert fleet.router_nexthops(fleet.vip4(0)) == {x.addr4 for x in fleet.lbs}
+    assert lb.program() is not None
+    lb.start()
+    lb.wait_healthy()
+    assert fleet.router_nexthops(fleet.vip4(0)) == {x.addr4 for x in fleet.lbs}
+    nodes.clients[2].close()
+    nodes.clients[2] = Client(lb.grpc_address)
+
+
+# ---- the same backend on every node ----------------------------------------------------------
+
+def test_lookup_flow_names_the_same_backend_on_every_node_for_10000_flows(fleet, nodes):
+    rng = random.Random(13)
+    picks = Counter()
+    for i in range(10000):
+        v6 = i % 2 == 1
+        src = f"198.18.0.{rng.randint(1, 250)}" if not v6 else f"fd00:198:18::{rng.randint(1, 0xffff):x}"
+        dst = fleet.vip6(0) if v6 else fleet.vip4(0)
+        req = pb.LookupFlowRequest(src=src, dst=dst, sport=rng.randint(1024, 65535), dport=PORT, protocol="tcp")
+        answers = {canonical(nodes.call(k, "LookupFlow", req).backend) for k in (1, 2, 3)}
+        assert len(answers) == 1, (src, req.sport, answers)
+        picks[answers.pop()] += 1
+    # all three backends of the VIPs take flows (the lookups are not all alike)
+    assert len(picks) == 6 and min(picks.values()) > 1000, picks
+
+
+def _fixed_port_conn(client, vip: str, sport: int):
+    """A TCP connection from a fixed source port, closed with a RST (no
+    TIME_WAIT: the same 5-tuple can connect again at once)."""
+    import socket  # noqa: PLC0415
+    import struct  # noqa: PLC0415
+
+    fam = socket.AF_INET6 if ":" in vip else socket.AF_INET
+    s = client.socket(fam, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    s.settimeout(5)
+    s.bind((client.addr6 if fam == socket.AF_INET6 else client.addr4, sport))
+    s.connect((vip, PORT))
+    s.sendall(b"who\n")
+    buf = b""
+    while not buf.endswith(b"\n"):
+        chunk = s.recv(4096)
+        assert chunk, "the server closed the connection"
+        buf += chunk
+    s.close()
+    return buf.decode().split(" ", 1)[0]
+
+
+def test_real_packets_of_one_flow_reach_the_same_backend_through_each_node(fleet, nodes):
+    """The router sends every flow to one node at a time (the others drained);
+    the same 5-tuples through each node end on the same backends."""
+    c = fleet.clients[0]
+    ports = list(range(42000, 42024))
+    seen = {}
+    try:
+        for k in (1, 2, 3):
+            for j in (1, 2, 3):
+                nodes.call(j, "SetDrain", pb.SetDrainRequest(drained=j != k))
+            for vip in (fleet.vip4(0), fleet.vip6(0)):
+                fleet.wait_nexthops(vip, [fleet.lbs[k - 1]])
+            seen[k] = [(vip, p, _fixed_port_conn(c, vip, p)) for vip in (fleet.vip4(0), fleet.vip6(0)) for p in ports]
+            ctr = nodes.call(k, "GetStats", pb.GetStatsRequest()).counters
+            assert ctr["tx"] > 0
+    finally:
+        for j in (1, 2, 3):
+            nodes.call(j, "SetDrain", pb.SetDrainRequest(drained=False))
+        fleet.wait_nexthops(fleet.vip4(0), fleet.lbs)
+    assert seen[1] == seen[2] == seen[3]
+    assert len({b for _, _, b in seen[1]}) == 3  # the flows are spread, not all on one backend
+
+
+# ---- traffic while nodes leave and come back ----------------------------------------------------
+
+def _event(fleet, traffic_windows, name, action, vip_nodes):
+    t0 = time.monotonic()
+    action()
+    took = max(fleet.wait_nexthops(v, vip_nodes, timeout=30) for v in (fleet.vip4(0), fleet.vip6(0)))
+    t1 = time.monotonic()
+    traffic_windows.append((name, t0, t1, took))
+    time.sleep(1.0)
+
+
+def _kill(lb):
+    """The node dies: its BIRD is killed (no BGP notification) and its data
+    plane stops (the program detached: packets reach a stack that does not
+    forward). The router notices through BFD."""
+    lb.bird.kill()
+    return lb.detach()
+
+
+def _revive(lb, prog_id):
+    lb.attach(prog_id)
+    lb.bird.start()
+
+
+def test_connections_survive_drain_kill_links_down_and_rejoin(fleet, nodes, fleet_report):
+    lbs = fleet.lbs
+    traffic = Traffic(fleet)
+    windows = []
+    traffic.start()
+    try:
+        time.sleep(1.0)
+        _event(fleet, windows, "drain lb2", lambda: nodes.call(2, "SetDrain", pb.SetDrainRequest(drained=True)),
+               [lbs[0], lbs[2]])
+        _event(fleet, windows, "undrain lb2", lambda: nodes.call(2, "SetDrain", pb.SetDrainRequest(drained=False)),
+               lbs)
+        prog = {}
+        _event(fleet, windows, "kill lb3 (BIRD killed, data plane gone)", lambda: prog.update(id=_kill(lbs[2])),
+               lbs[:2])
+        _event(fleet, windows, "lb3 rejoins", lambda: _revive(lbs[2], prog["id"]), lbs)
+        _event(fleet, windows, "lb1 links down", lambda: fleet.set_link(lbs[0], False), lbs[1:])
+        _event(fleet, windows, "lb1 links up", lambda: fleet.set_link(lbs[0], True), lbs)
+    finally:
+        traffic.stop()
+    broken = traffic.broken()
+    lost = traffic.lost()
+    sent = sum(len(u.sent) for u in traffic.udp)
+    for name, t0, t1, took in windows:
+        in_window = [t for t in lost if t0 - 0.05 <= t <= t1 + 0.25]
+        fleet_report(f"fleet: {name}: router converged in {took * 1000:.0f} ms; "
+                     f"{len(in_window)} UDP datagrams lost around it")
+    gaps = traffic.gaps()
+    fleet_report(f"fleet: failover window (longest run of lost UDP datagrams of one stream): "
+                 f"{max(gaps) * 1000:.0f} ms; lost {len(lost)} of {sent} datagrams; "
+                 f"{sum(t.exchanges for t in traffic.tcp)} TCP exchanges on {len(traffic.tcp)} connections, "
+                 f"{len(broken)} broken")
+    assert broken == [], broken
+    outside = [t for t in lost if not any(t0 - 0.05 <= t <= t1 + 0.25 for _, t0, t1, _ in windows)]
+    assert outside == [], f"{len(outside)} datagrams lost outside every failover window"
+    assert all(t.exchanges > 20 for t in traffic.tcp)
+    # every stream kept its backend, whichever node carried it
+    assert all(len(u.backends) == 1 for u in traffic.udp), [u.backends for u in traffic.udp]
+
+
+def test_backend_added_while_a_node_is_down_breaks_only_moved_connections(fleet, nodes, fleet_report):
+    """The known limit: a node's connection table is its own. Connections
+    that the router moves to a node that never saw them take a fresh Maglev
+    pick there; when the table changed meanwhile, some pick another backend."""
+    lbs = fleet.lbs
+    traffic = Traffic(fleet, tcp_per_client=24, udp_per_client=0)
+    traffic.start()
+    try:
+        time.sleep(1.0)
+        before = _flows(nodes, 3, fleet)
+        prog = _kill(lbs[2])
+        for v in (fleet.vip4(0), fleet.vip6(0)):
+            fleet.wait_nexthops(v, lbs[:2])
+        time.sleep(0.5)
+        nodes.apply(config_yaml(fleet))  # b4 joins every VIP, on every node (lb3's control plane is up)
+        time.sleep(0.5)
+        _revive(lbs[2], prog)
+        for v in (fleet.vip4(0), fleet.vip6(0)):
+            fleet.wait_nexthops(v, lbs, timeout=30)
+        time.sleep(2.0)
+        after = _flows(nodes, 3, fleet)
+    finally:
+        traffic.stop()
+        nodes.apply(config_yaml(fleet, backends=3))
+    ours = {(t.conn.src, t.conn.sport) for t in traffic.tcp}
+    moved = {f for f in after - before if f in ours}
+    broken = [t for t in traffic.tcp if t.error]
+    broken_keys = {(t.conn.src, t.conn.sport) for t in broken}
+    fleet_report(f"fleet: backend added while lb3 was down: {len(moved)} of {len(traffic.tcp)} connections moved to "
+                 f"lb3 when it rejoined, {len(broken)} of them broke (a fresh pick on the new table)")
+    assert broken_keys <= moved, "a connection that stayed on its node broke"
+    assert len(moved) > 0
+
+
+def _flows(nodes, k, fleet) -> set:
+    out = set()
+    for v in (fleet.vip4(0), fleet.vip6(0)):
+        for f in nodes.call(k, "ListFlows", pb.ListFlowsRequest(id=vid(v), limit=100000)).flows:
+            out.add((canonical(f.src), f.sport))
+    return out

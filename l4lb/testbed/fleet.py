@@ -160,7 +160,12 @@ class Fleet(Testbed):
             self.nodes.append(self._nodes.enter_context(node))
         self.lb = self.lbs[0]
         self._sysctls()
-        self.router.sysctl({"net.ipv4.fib_multipath_hash_policy": 1, "net.ipv6.fib_multipath_hash_policy": 1})
+        # keep_addr_on_down: a link taken down and up again (a node cut off, then back)
+        # keeps its IPv6 addresses, as IPv4 ones are kept, so its BGP session can return
+        self.router.sysctl({"net.ipv4.fib_multipath_hash_policy": 1, "net.ipv6.fib_multipath_hash_policy": 1,
+                            "net.ipv6.conf.all.keep_addr_on_down": 1})
+        for lb in self.lbs:
+            lb.sysctl({"net.ipv6.conf.all.keep_addr_on_down": 1})
 
         self.say(f"links to the {self.n} LB nodes and `l4lb run --announce {self.table}` on each")
         for lb in self.lbs:

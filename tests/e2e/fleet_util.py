@@ -41,6 +41,11 @@ class Nodes:
         """The call on LB node k (1-based)."""
         return self.clients[k - 1].call(rpc, req)
 
+    def reconnect(self, k: int) -> None:
+        """A new channel to node k (after its `l4lb run` restarted)."""
+        self.clients[k - 1].close()
+        self.clients[k - 1] = Client(self.fleet.lbs[k - 1].grpc_address)
+
     def each(self, rpc: str, req) -> list:
         return [c.call(rpc, req) for c in self.clients]
 

@@ -292,3 +292,50 @@ def _flows(nodes, k, fleet) -> set:
         for f in nodes.call(k, "ListFlows", pb.ListFlowsRequest(id=vid(v), limit=100000)).flows:
             out.add((canonical(f.src), f.sport))
     return out
+
+
+# ---- one configuration, many nodes --------------------------------------------------------------
+
+def _cli(*args):
+    return subprocess.run([L4LB, *args], capture_output=True, text=True)
+
+
+def test_apply_to_three_nodes_then_digests_agree_and_a_differing_node_is_named(fleet, nodes, tmp_path):
+    servers = [a for lb in fleet.lbs for a in ("--server", lb.grpc_address)]
+    cfg = tmp_path / "lb.yaml"
+    cfg.write_text(config_yaml(fleet, backends=2, vips=2))
+    try:
+        r = _cli("apply", "-f", str(cfg), *servers)
+        assert r.returncode == 0, r.stdout + r.stderr
+        for lb in fleet.lbs:
+            assert f"{lb.grpc_address}: " in r.stdout and "change(s) applied" in r.stdout
+        digests = [[(d.id.address, d.id.protocol, d.ring, d.backends) for d in st.digests]
+                   for st in nodes.each("GetStatus", pb.GetStatusRequest())]
+        assert len(digests[0]) == 8 and digests[0] == digests[1] == digests[2]
+        r = _cli("status", *servers)
+        assert r.returncode == 0 and "all 3 nodes that answered hold identical tables (8 VIPs)" in r.stdout, r.stdout
+
+        # lb2 alone gets another weight: the VIP and the node are named, no other VIP
+        nodes.call(2, "SetBackendWeights", pb.SetBackendWeightsRequest(
+            id=vid(fleet.vip4(1)), backends=[pb.Backend(address=fleet.backends[0].addr4, weight=3)]))
+        r = _cli("status", *servers)
+        out = " ".join(r.stdout.split())
+        assert r.returncode == 1 and "tables differ: 1 VIP(s)" in out, r.stdout
+        assert f"{fleet.vip4(1)}:80/tcp" in out and fleet.lbs[1].grpc_address in out
+        assert f"{fleet.vip4(0)}:80/tcp:" not in out
+
+        # a bad file is refused before any node is called: nothing changes
+        bad = tmp_path / "bad.yaml"
+        bad.write_text("vips:\n  - address: 198.18.10.10\n    port: 99999\n    protocol: tcp\n")
+        r = _cli("apply", "-f", str(bad), *servers)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and "99999" in r.stderr and r.stdout == ""
+        assert nodes.call(2, "GetVip", pb.GetVipRequest(id=vid(fleet.vip4(1)))).backends[0].weight == 3
+
+        # a node that does not answer is reported; the others are applied
+        r = _cli("apply", "-f", str(cfg), *servers, "--server", "unix:/nonexistent/l4lb.sock")
+        assert r.returncode == 1 and "unix:/nonexistent/l4lb.sock: UNAVAILABLE" in r.stdout
+        assert "1 of 4 nodes failed" in r.stdout
+        r = _cli("status", *servers)
+        assert r.returncode == 0, r.stdout
+    finally:
+        nodes.apply(config_yaml(fleet, backends=3))

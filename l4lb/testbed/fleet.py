@@ -27,6 +27,7 @@ router spreading flows over the nodes by ECMP with L4 hashing.
 from __future__ import annotations
 
 import ipaddress
+import signal
 import socket
 import subprocess
 import time
@@ -35,7 +36,7 @@ from typing import Callable
 
 from ..announce import DEFAULT_TABLE, bird_config
 from . import server
-from .common import MTU, NET4, NET6, PREFIX, TIMEOUT, TestbedError, wait_until
+from .common import MTU, NET4, NET6, PREFIX, SERVICE_PORT, TIMEOUT, TestbedError, wait_until
 from .hosts import Backend, Client
 from .lbproc import Lb, LbLauncher
 from .namespaces import Node, create_ns, remove_ns, stop_popen, sweep
@@ -308,7 +309,35 @@ class Fleet(Testbed):
                    f"(has {sorted(self.router_nexthops(vip))})", interval=0.01)
         return time.monotonic() - t0
 
+    def config_yaml(self, backends: int | None = None, vips: int = 1) -> str:
+        """One TCP and one UDP VIP per family and VIP number, on the first
+        `backends` backends (all by default), as `l4lb apply -f` reads it."""
+        bs = self.backends[:backends] if backends else self.backends
+        lines = ["vips:"]
+        for i in range(vips):
+            for addr, fam in ((self.vip4(i), "addr4"), (self.vip6(i), "addr6")):
+                for proto in ("tcp", "udp"):
+                    lines += [f'  - address: "{addr}"', f"    port: {SERVICE_PORT}", f"    protocol: {proto}",
+                              "    backends:"]
+                    lines += [f'      - address: "{getattr(b, fam)}"' for b in bs]
+        return "\n".join(lines) + "\n"
+
     # -- breaking and mending nodes
+    def kill_node(self, lb: Lb) -> None:
+        """The node dies without a word: its BIRD freezes (SIGSTOP: no BGP
+        notification, no TCP reset, no BFD packets any more) and its data
+        plane stops (the program detached: packets reach a stack that does
+        not forward). Only BFD tells the router."""
+        lb.bird.proc.send_signal(signal.SIGSTOP)
+        lb.detach()
+
+    def revive_node(self, lb: Lb) -> None:
+        """The node comes back: `l4lb run` restarted (it attaches the program
+        again on the pinned maps, connection table included), then its BIRD."""
+        lb.bird.kill()
+        lb.restart()
+        lb.bird.start()
+
     def set_link(self, lb: Lb, up: bool) -> None:
         """The router's end of the link to lb, up or down (a node cut off)."""
         r = self.router

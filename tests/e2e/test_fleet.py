@@ -5,7 +5,6 @@ per VIP and hashes flows over the nodes. Everything is real: the kernel's
 XDP, BIRD's sessions, the router's FIB, TCP and UDP between namespaces."""
 import ipaddress
 import random
-import signal
 import subprocess
 import sys
 import time
@@ -16,8 +15,9 @@ import pytest
 
 from control.launcher import launcher
 from control.l4lb.v1 import l4lb_pb2 as pb
-from fleet_util import PORT, Nodes, Traffic, config_yaml
-from l4lb.testbed import Fleet
+from fleet_util import Nodes
+from l4lb.testbed import SERVICE_PORT as PORT
+from l4lb.testbed import Fleet, Traffic
 
 L4LB = str(Path(sys.executable).with_name("l4lb"))
 
@@ -31,7 +31,7 @@ def fleet():
 @pytest.fixture(scope="module")
 def nodes(fleet):
     n = Nodes(fleet)
-    n.apply(config_yaml(fleet, backends=3))
+    n.apply(fleet.config_yaml(backends=3))
     for vip in (fleet.vip4(0), fleet.vip6(0)):
         fleet.wait_nexthops(vip, fleet.lbs)
     try:
@@ -187,23 +187,9 @@ def _event(fleet, traffic_windows, name, action, vip_nodes):
     time.sleep(1.0)
 
 
-def _kill(lb):
-    """The node dies without a word: its BIRD freezes (SIGSTOP: no BGP
-    notification, no TCP reset, no BFD packets any more) and its data plane
-    stops (the program detached: packets reach a stack that does not
-    forward). Only BFD tells the router."""
-    lb.bird.proc.send_signal(signal.SIGSTOP)
-    lb.detach()
-
-
-def _revive(lb, nodes=None):
-    """The node comes back: `l4lb run` restarted (it attaches the program
-    again on the pinned maps, connection table included), then its BIRD."""
-    lb.bird.kill()
-    lb.restart()
-    if nodes:
-        nodes.reconnect(lb.k)
-    lb.bird.start()
+def _revive(fleet, lb, nodes):
+    fleet.revive_node(lb)
+    nodes.reconnect(lb.k)
 
 
 def test_connections_survive_drain_kill_links_down_and_rejoin(fleet, nodes, fleet_report):
@@ -217,8 +203,8 @@ def test_connections_survive_drain_kill_links_down_and_rejoin(fleet, nodes, flee
                [lbs[0], lbs[2]])
         _event(fleet, windows, "undrain lb2", lambda: nodes.call(2, "SetDrain", pb.SetDrainRequest(drained=False)),
                lbs)
-        _event(fleet, windows, "kill lb3 (BIRD killed, data plane gone)", lambda: _kill(lbs[2]), lbs[:2])
-        _event(fleet, windows, "lb3 rejoins", lambda: _revive(lbs[2], nodes), lbs)
+        _event(fleet, windows, "kill lb3 (BIRD killed, data plane gone)", lambda: fleet.kill_node(lbs[2]), lbs[:2])
+        _event(fleet, windows, "lb3 rejoins", lambda: _revive(fleet, lbs[2], nodes), lbs)
         _event(fleet, windows, "lb1 links down", lambda: fleet.set_link(lbs[0], False), lbs[1:])
         _event(fleet, windows, "lb1 links up", lambda: fleet.set_link(lbs[0], True), lbs)
     finally:
@@ -256,16 +242,16 @@ def test_backend_added_while_a_node_is_down_breaks_only_moved_connections(fleet,
     traffic.start()
     try:
         time.sleep(1.0)
-        _kill(lbs[2])
+        fleet.kill_node(lbs[2])
         for v in (fleet.vip4(0), fleet.vip6(0)):
             fleet.wait_nexthops(v, lbs[:2])
         for v in (fleet.vip4(0), fleet.vip6(0)):  # the reboot: lb3's connection table is lost
             nodes.call(3, "FlushFlows", pb.FlushFlowsRequest(id=vid(v)))
         time.sleep(0.5)
-        nodes.apply(config_yaml(fleet))  # b4 joins every VIP, on every node
+        nodes.apply(fleet.config_yaml())  # b4 joins every VIP, on every node
         time.sleep(0.5)
         before = {k: _flows(nodes, k, fleet) for k in (1, 2, 3)}
-        _revive(lbs[2], nodes)
+        _revive(fleet, lbs[2], nodes)
         for v in (fleet.vip4(0), fleet.vip6(0)):
             fleet.wait_nexthops(v, lbs, timeout=60)
         time.sleep(2.0)
@@ -274,7 +260,7 @@ def test_backend_added_while_a_node_is_down_breaks_only_moved_connections(fleet,
         moved_flows = set().union(*(_flows(nodes, k, fleet) - before[k] for k in (1, 2, 3)))
     finally:
         traffic.stop()
-        nodes.apply(config_yaml(fleet, backends=3))
+        nodes.apply(fleet.config_yaml(backends=3))
     ours = {(canonical(t.conn.src), t.conn.sport) for t in traffic.tcp}
     moved = moved_flows & ours
     broken = {(canonical(t.conn.src), t.conn.sport) for t in traffic.tcp if t.error}
@@ -303,7 +289,7 @@ def _cli(*args):
 def test_apply_to_three_nodes_then_digests_agree_and_a_differing_node_is_named(fleet, nodes, tmp_path):
     servers = [a for lb in fleet.lbs for a in ("--server", lb.grpc_address)]
     cfg = tmp_path / "lb.yaml"
-    cfg.write_text(config_yaml(fleet, backends=2, vips=2))
+    cfg.write_text(fleet.config_yaml(backends=2, vips=2))
     try:
         r = _cli("apply", "-f", str(cfg), *servers)
         assert r.returncode == 0, r.stdout + r.stderr
@@ -338,4 +324,4 @@ def test_apply_to_three_nodes_then_digests_agree_and_a_differing_node_is_named(f
         r = _cli("status", *servers)
         assert r.returncode == 0, r.stdout
     finally:
-        nodes.apply(config_yaml(fleet, backends=3))
+        nodes.apply(fleet.config_yaml(backends=3))

@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 def verbs_table():
     """Every verb of the `l4lb` command, in the order `l4lb --help` lists them;
     each module adds its own arguments."""
-    from . import demo, fleet_cli, health_cli, verbs  # noqa: PLC0415
+    from . import demo, fleet_cli, health_cli, lab, verbs  # noqa: PLC0415
 
     return (
         ("run", verbs.add_run),
@@ -65,6 +65,7 @@ def verbs_table():
         ("bird-config", fleet_cli.add_bird_config),
         ("replay", add_replay),
         ("demo", demo.add_parser),
+        ("lab", lab.add_parser),
     )
 
 

@@ -174,6 +174,26 @@ class Announcer:
             self.state_path.unlink(missing_ok=True)
 
 
+def withdraw_saved(state_path: Path) -> int:
+    """A node started without --announce after a run with it: the routes that
+    run left would go on announcing it. Removes them (and the saved flag);
+    returns how many there were."""
+    try:
+        doc = json.loads(state_path.read_text())
+    except FileNotFoundError:
+        return 0
+    except (OSError, ValueError):
+        doc = {}
+    table = doc.get("table") if isinstance(doc, dict) else None
+    n = 0
+    if isinstance(table, int) and table not in RESERVED_TABLES:
+        stale = netlink.host_routes(table, ROUTE_PROTO)
+        netlink.set_host_routes(table, ROUTE_PROTO, [], sorted(stale))
+        n = len(stale)
+    state_path.unlink(missing_ok=True)
+    return n
+
+
 def _addr_order(a: str):
     ip = ipaddress.ip_address(a)
     return ip.version, ip
@@ -195,13 +215,14 @@ def vip_digests(ctrl) -> list[tuple[object, str, str]]:
         for key in sorted(model.vips, key=lambda k: (_addr_order(k.address), k.port, k.protocol)):
             v = model.vips[key]
             slots = dp.ring(v.vip_id, v.ring)
-            named = sorted({by_index.get(int(i), "?") for i in np.unique(slots) if i})
-            lut = np.full(lut_size, 0xFFFFFFFF, dtype=np.uint32)
+            used = [int(i) for i in np.unique(slots) if i]
+            named = sorted({by_index.get(i, "?") for i in used})
+            ordinal = {a: n for n, a in enumerate(named, 1)}
+            lut = np.full(lut_size, 0xFFFFFFFF, dtype=np.uint32)  # an index no backend holds
             lut[0] = 0
-            for n, a in enumerate(named, 1):
-                for i, addr in by_index.items():
-                    if addr == a:
-                        lut[i] = n
+            for i in used:
+                if i in by_index and i < lut_size:
+                    lut[i] = ordinal[by_index[i]]
             ring = hashlib.sha256()
             ring.update(f"{len(slots)}\n{','.join(named)}\n".encode())
             ring.update(lut[np.minimum(slots, lut_size - 1)].astype("<u4").tobytes())

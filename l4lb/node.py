@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from . import bpf, consts, netlink
-from .announce import Announcer
+from .announce import Announcer, withdraw_saved
 from .checker import HealthChecker
 from .config import LbConfig, check_capacity
 from .controller import Controller
@@ -150,6 +150,10 @@ class LbNode:
             node.announcer.start()
             log.info("announcing live VIPs in routing table %d%s", opts.announce_table,
                      " (drained: none now)" if node.announcer.drained else "")
+        else:
+            gone = withdraw_saved(opts.state_dir / ifname / "announce.json")
+            if gone:
+                log.warning("withdrew %d VIP routes a run with --announce left (this run announces nothing)", gone)
         return node
 
     def _ensure_probe_encap(self) -> None:

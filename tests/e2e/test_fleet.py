@@ -203,7 +203,7 @@ def test_connections_survive_drain_kill_links_down_and_rejoin(fleet, nodes, flee
                [lbs[0], lbs[2]])
         _event(fleet, windows, "undrain lb2", lambda: nodes.call(2, "SetDrain", pb.SetDrainRequest(drained=False)),
                lbs)
-        _event(fleet, windows, "kill lb3 (BIRD killed, data plane gone)", lambda: fleet.kill_node(lbs[2]), lbs[:2])
+        _event(fleet, windows, "lb3 dies silently (BIRD frozen, program detached)", lambda: fleet.kill_node(lbs[2]), lbs[:2])
         _event(fleet, windows, "lb3 rejoins", lambda: _revive(fleet, lbs[2], nodes), lbs)
         _event(fleet, windows, "lb1 links down", lambda: fleet.set_link(lbs[0], False), lbs[1:])
         _event(fleet, windows, "lb1 links up", lambda: fleet.set_link(lbs[0], True), lbs)

@@ -17,7 +17,7 @@ from control.launcher import launcher
 from control.l4lb.v1 import l4lb_pb2 as pb
 from fleet_util import Nodes
 from l4lb.testbed import SERVICE_PORT as PORT
-from l4lb.testbed import Fleet, Traffic
+from l4lb.testbed import Fleet, Traffic, wait_until
 
 L4LB = str(Path(sys.executable).with_name("l4lb"))
 
@@ -91,6 +91,49 @@ def test_deleted_vip_is_withdrawn_and_an_added_one_announced(fleet, nodes):
     fleet.wait_nexthops(v, [])
 
 
+def _sessions(fleet, role: str) -> list[str]:
+    """The router's BGP protocol lines for a node (name, state, since, info)."""
+    return sorted(line.split(None, 3)[0] + " " + line.split(None, 3)[3] for line in
+                  fleet.router_bird.cli("show", "protocols").splitlines() if line.startswith(role + "_"))
+
+
+def test_health_decides_through_the_effective_weights_fail_closed_or_panic(fleet, nodes):
+    """A check that finds every backend down withdraws the VIP on that node
+    with min_healthy 0; with a panic threshold every backend keeps serving,
+    so the node keeps announcing."""
+    v = fleet.vip4(1)
+    for k in (1, 2):
+        nodes.call(k, "AddVip", pb.AddVipRequest(id=vid(v), backends=[
+            pb.Backend(address=b.addr4, weight=1) for b in fleet.backends[:3]]))
+    try:
+        fleet.wait_nexthops(v, fleet.lbs[:2])
+        def with_check(min_healthy: int | None) -> str:  # min_healthy 0 is said in a file (0 in a request: default)
+            return fleet.config_yaml(backends=3) + "\n".join([
+                f'  - address: "{v}"', "    port: 80", "    protocol: tcp", "    backends:",
+                *[f'      - address: "{b.addr4}"' for b in fleet.backends[:3]],
+                "    health: {kind: tcp, port: 81, via: direct, interval: 0.2, timeout: 0.1, fall: 1, rise: 1, "
+                f"min_healthy: {min_healthy}}}" if min_healthy is not None else ""]) + "\n"  # port 81: nobody listens
+        nodes.call(2, "Apply", pb.ApplyRequest(config_yaml=with_check(0)))
+        fleet.wait_nexthops(v, fleet.lbs[:1])
+        got = nodes.call(2, "GetVip", pb.GetVipRequest(id=vid(v)))
+        assert {b.health for b in got.backends} == {"down"} and not got.panic
+        assert {b.effective_weight for b in got.backends} == {0}
+        nodes.call(2, "Apply", pb.ApplyRequest(config_yaml=with_check(None)))  # no check: every backend serves
+        fleet.wait_nexthops(v, fleet.lbs[:2])
+        nodes.call(2, "Apply", pb.ApplyRequest(config_yaml=with_check(50)))
+        def all_down_in_panic():
+            got = nodes.call(2, "GetVip", pb.GetVipRequest(id=vid(v)))
+            return got.panic and {b.health for b in got.backends} == {"down"}
+        wait_until(all_down_in_panic, 15, "every backend down and the VIP in panic on lb2")
+        fleet.wait_nexthops(v, fleet.lbs[:2])
+        got = nodes.call(2, "GetVip", pb.GetVipRequest(id=vid(v)))
+        assert got.panic and {b.health for b in got.backends} == {"down"}
+    finally:
+        for k in (1, 2):
+            nodes.call(k, "DeleteVip", pb.DeleteVipRequest(id=vid(v)))
+    fleet.wait_nexthops(v, [])
+
+
 def test_drain_state_survives_a_control_plane_restart_and_routes_stay_while_it_is_down(fleet, nodes):
     lb = fleet.lbs[2]
     nodes.call(3, "SetDrain", pb.SetDrainRequest(drained=True))
@@ -102,15 +145,20 @@ def test_drain_state_survives_a_control_plane_restart_and_routes_stay_while_it_i
     assert fleet.router_nexthops(fleet.vip4(0)) == {fleet.lbs[0].addr4, fleet.lbs[1].addr4}
     nodes.call(3, "SetDrain", pb.SetDrainRequest(drained=False))
     fleet.wait_nexthops(fleet.vip4(0), fleet.lbs)
-    # stopped (SIGTERM, as a crash would leave it): routes and program stay, nothing flaps
-    lb.stop()
+    # a crash (SIGKILL) of the control plane: routes and program stay, the router's
+    # sessions with lb3 never go down (the same "since" before and after)
+    sessions = _sessions(fleet, "lb3")
+    lb.proc.kill()
+    lb.proc.wait()
     time.sleep(1.0)
     assert fleet.router_nexthops(fleet.vip4(0)) == {x.addr4 for x in fleet.lbs}
     assert lb.program() is not None
     lb.start()
     lb.wait_healthy()
     nodes.reconnect(3)
+    time.sleep(1.0)
     assert fleet.router_nexthops(fleet.vip4(0)) == {x.addr4 for x in fleet.lbs}
+    assert _sessions(fleet, "lb3") == sessions
 
 
 # ---- the same backend on every node ----------------------------------------------------------

@@ -27,9 +27,11 @@ router spreading flows over the nodes by ECMP with L4 hashing.
 from __future__ import annotations
 
 import ipaddress
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -130,9 +132,10 @@ class Fleet(Testbed):
 
     def build(self) -> None:
         t0 = time.monotonic()
+        if not (shutil.which("bird") and shutil.which("birdc")):
+            raise TestbedError("bird and birdc (Debian's bird2) are not installed: run `make setup`")
         sweep(self.say)
         self.decap = resolve_decap(self.opts.decap)
-        import tempfile  # noqa: PLC0415
 
         self.workdir = Path(tempfile.mkdtemp(prefix=f"{PREFIX}-{self.tag}-"))
         self.say(f"namespaces {self.ns_name('*')}: a router, {self.n} LB nodes (decapsulation: {self.decap})")

@@ -14,6 +14,7 @@ EPILOG = """examples:
   l4lb vip add 198.18.10.10:80/tcp --backend 198.18.2.1 --backend 198.18.2.2=2
   l4lb backend drain 198.18.10.10:80/tcp 198.18.2.1
   l4lb stats --watch
+  l4lb health --watch 198.18.10.10:80/tcp
   l4lb apply -f lb.yaml
   l4lb lookup 198.18.0.5:40000 198.18.10.10:80 tcp
   l4lb run --interface eth0 --announce          # a fleet node: VIPs as routes for BIRD
@@ -96,7 +97,9 @@ def cmd_replay(args) -> int:
 
 
 def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+    from .health_cli import default_verb  # noqa: PLC0415
+
+    args = build_parser().parse_args(default_verb(argv))
     try:
         return args.func(args)
     except L4lbError as e:

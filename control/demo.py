@@ -19,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from l4lb.errors import L4lbError
-from l4lb.testbed import DECAP_MODES, SERVICE_PORT, Testbed
+from l4lb.testbed import DECAP_MODES, SERVICE_PORT, Testbed, backend_commands
 
 from .client import Client, vip_text
 from .launcher import launcher
@@ -100,6 +100,13 @@ class Demo:
                 self.out.print(f"  {len(bed.clients)} clients, a router, the LB, {len(bed.backends)} backends "
                                f"(namespaces {bed.ns_name('*')})")
                 self.out.print(f"  balancer: native XDP on {bed.lb.ifname}; decapsulation: {bed.decap}")
+                b = bed.backends[0]
+                vips = bed.vips()
+                cmds = backend_commands(b, bed.decap, [vips[0], vips[len(vips) // 2]])
+                self.out.print(f"  each backend prepared for DSR (docs/dsr-backend.md); on {b.role}, as commands "
+                               f"(the VIP lines repeat for all {len(vips)} VIP addresses):")
+                for cmd in cmds:
+                    self.out.print(f"    {escape(cmd)}")
             with Client(bed.lb.grpc_address) as api:
                 self.api = api
                 self.bed = bed

@@ -103,6 +103,49 @@ def vip_msg(v, stats: dict | None = None, probes: dict | None = None) -> pb.Vip:
 
 
 MAX_CONFIG_BYTES = 4 << 20
+MAX_QUEUED_EVENTS = 10000  # transitions a WatchHealth client may fall behind by before its stream ends
+
+
+def event_msg(e) -> pb.HealthEvent:
+    return pb.HealthEvent(id=pb.VipId(address=e.vip.address, port=e.vip.port, protocol=e.vip.protocol),
+                          backend=e.backend, old_state=e.old, new_state=e.new, reason=e.reason, time=e.time,
+                          panic=e.panic, snapshot=e.snapshot)
+
+
+class _Feed:
+    """One WatchHealth stream's queue: put() by the controller (never
+    blocks), take() by the stream's thread; set() ends the wait for good (the
+    call ended, or the server stops)."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.items: list = []
+        self.ended = False
+        self.overflowed = False
+        self.cv = threading.Condition()
+
+    def put(self, item) -> None:
+        with self.cv:
+            if len(self.items) >= self.limit:
+                self.overflowed = self.ended = True
+            else:
+                self.items.append(item)
+            self.cv.notify()
+
+    def set(self) -> None:
+        with self.cv:
+            self.ended = True
+            self.cv.notify()
+
+    def take(self) -> list | None:
+        """What came since the last take, waiting for something; None once ended."""
+        with self.cv:
+            while not (self.items or self.ended):
+                self.cv.wait()
+            if self.ended:
+                return None
+            items, self.items = self.items, []
+            return items
 
 
 class LoadBalancerServicer(pb_grpc.LoadBalancerServicer):
@@ -199,6 +242,42 @@ class LoadBalancerServicer(pb_grpc.LoadBalancerServicer):
         if self.stopping.is_set():
             context.abort(grpc.StatusCode.UNAVAILABLE, "the server is stopping; reconnect when it is back")
 
+    def WatchHealth(self, request, context):
+        """Health transitions as they are committed until the client goes or
+        the server stops; with snapshot, every checked backend's state first."""
+        feed = _Feed(MAX_QUEUED_EVENTS)
+        listen = feed.put  # one bound method: unwatch_health finds it by identity
+        context.add_callback(feed.set)  # the call ended: cancelled, deadline, client gone
+        with self._wakers_lock:
+            self._wakers.add(feed)
+        try:
+            if self.stopping.is_set():
+                feed.set()
+            else:
+                try:
+                    key = vip_key(request.id) if request.HasField("id") else None
+                    first = self.ctrl.watch_health(key, listen, request.snapshot)
+                except L4lbError as e:
+                    context.abort(_status(e), details(e))
+                try:
+                    context.send_initial_metadata(())  # the client can tell that the stream is open
+                    for event in first:
+                        yield event_msg(event)
+                    while (events := feed.take()) is not None:
+                        for event in events:
+                            yield event_msg(event)
+                finally:
+                    self.ctrl.unwatch_health(listen)
+        finally:
+            with self._wakers_lock:
+                self._wakers.discard(feed)
+        if self.stopping.is_set():
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the server is stopping; reconnect when it is back")
+        if feed.overflowed:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"the client fell {MAX_QUEUED_EVENTS} transitions behind; "
+                          "reconnect (with snapshot) to resync")
+
     @rpc
     def SetGateway(self, request, context):
         which = request.WhichOneof("target")
@@ -237,7 +316,9 @@ class LoadBalancerServicer(pb_grpc.LoadBalancerServicer):
             raise ValidationError("flow lookup is not available on this server")
         verdict, backend, from_ct = self.lookup_flow(request.src, request.dst, request.sport,
                                                      request.dport, request.protocol)
-        return pb.LookupFlowResponse(verdict=verdict, backend=backend, from_conntrack=from_ct)
+        key, hashed_on = self.ctrl.vip_of_flow(request.dst, request.dport, request.protocol)
+        return pb.LookupFlowResponse(verdict=verdict, backend=backend, from_conntrack=from_ct,
+                                     vip=str(key) if key else "", hashed_on=hashed_on)
 
     @rpc
     def ListFlows(self, request, context):

@@ -288,19 +288,32 @@ _GONE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode
 
 
 def _watch_stats(args, req) -> int:
-    """Streams until Ctrl-C. When the server goes (a restart), says so once on
-    stderr and reconnects, waiting longer between attempts up to RECONNECT_MAX."""
+    def show(s: pb.Stats) -> None:
+        out.clear()
+        out.print(time.strftime("%H:%M:%S"))
+        _print_stats(s)
+    return follow(args, lambda c: c.stub.WatchStats(req), show)
+
+
+def follow(args, open_call, on_message) -> int:
+    """Follows a server stream (open_call(client) starts it) until Ctrl-C,
+    on_message(message) for each message. When the server goes (a restart),
+    says so once on stderr and reconnects, waiting longer between attempts up
+    to RECONNECT_MAX; errors other than the server's absence end it."""
     wait, waiting = RECONNECT_FIRST, False
     while True:
         try:
             with client(args) as c:
-                for s in c.stub.WatchStats(req):
+                call = open_call(c)
+                call.initial_metadata()  # the server took the call (or it failed: the loop below raises)
+                if waiting and not call.done():
+                    print("l4lb: reconnected", file=sys.stderr, flush=True)
+                    wait, waiting = RECONNECT_FIRST, False
+                for message in call:
                     if waiting:
                         print("l4lb: reconnected", file=sys.stderr, flush=True)
-                    wait, waiting = RECONNECT_FIRST, False
-                    out.clear()
-                    out.print(time.strftime("%H:%M:%S"))
-                    _print_stats(s)
+                        wait, waiting = RECONNECT_FIRST, False
+                    on_message(message)
             reason = "the server ended the stream"
         except grpc.RpcError as e:
             if e.code() not in _GONE:
@@ -350,6 +363,8 @@ def cmd_lookup(args) -> int:
     with client(args) as c:
         r = c.call("LookupFlow", pb.LookupFlowRequest(src=src, dst=dst, sport=sport, dport=dport, protocol=args.protocol))
     out.print(f"{r.verdict}" + (f" -> {r.backend}" if r.backend else ""))
+    if r.vip:
+        out.print(f"VIP {r.vip}, backend picked by {r.hashed_on}")
     return 0
 
 

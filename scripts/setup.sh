@@ -9,7 +9,7 @@ need_root() { [ "$(id -u)" = 0 ] || { echo "make setup must run as root (apt-get
 need_root
 
 APT_PACKAGES=(python3-bpfcc bpfcc-tools libbpf1 bpftool python3-venv python3-dev gcc make
-              iproute2 ethtool tcpdump kmod openssl linux-headers-amd64)
+              iproute2 ethtool tcpdump kmod openssl linux-headers-amd64 iperf3)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")

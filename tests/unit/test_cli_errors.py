@@ -40,6 +40,12 @@ BAD_ARGS = [
     ["lookup", "198.18.0.1:1", "198.18.10.10:80", "x" * 100_000],
     ["status", "--server", "198.18.1.1:50051", "--tls-ca", "/nonexistent/ca.pem"],
     ["gateway", "--server", "198.18.1.1:50051", "--tls-ca", "/etc/hostname", "--tls-key-client", "/nonexistent/k"],
+    ["health", "198.18.10.10:80/sctp"],
+    ["health", "--watch", "198.18.10.10:80"],
+    ["health", "--watch", "198.18.10.10:80/tcp", "198.18.10.11:80/tcp"],
+    ["health", "show", "[fd00:198:18:10::1]:٤٤٣/tcp", "--watch"],
+    ["health", "set", "198.18.10.10:80/tcp", "--kind", "udp"],
+    ["health", "set", "198.18.10.10:80/tcp", "--rise", "two"],
 ]
 
 

@@ -302,14 +302,18 @@ class LookupFlowRequest(_message.Message):
     def __init__(self, src: _Optional[str] = ..., dst: _Optional[str] = ..., sport: _Optional[int] = ..., dport: _Optional[int] = ..., protocol: _Optional[str] = ...) -> None: ...
 
 class LookupFlowResponse(_message.Message):
-    __slots__ = ("verdict", "backend", "from_conntrack")
+    __slots__ = ("verdict", "backend", "from_conntrack", "vip", "hashed_on")
     VERDICT_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     FROM_CONNTRACK_FIELD_NUMBER: _ClassVar[int]
+    VIP_FIELD_NUMBER: _ClassVar[int]
+    HASHED_ON_FIELD_NUMBER: _ClassVar[int]
     verdict: str
     backend: str
     from_conntrack: bool
-    def __init__(self, verdict: _Optional[str] = ..., backend: _Optional[str] = ..., from_conntrack: _Optional[bool] = ...) -> None: ...
+    vip: str
+    hashed_on: str
+    def __init__(self, verdict: _Optional[str] = ..., backend: _Optional[str] = ..., from_conntrack: _Optional[bool] = ..., vip: _Optional[str] = ..., hashed_on: _Optional[str] = ...) -> None: ...
 
 class Flow(_message.Message):
     __slots__ = ("src", "dst", "sport", "dport", "protocol", "backend", "stale")
@@ -356,6 +360,34 @@ class FlushFlowsResponse(_message.Message):
     FLUSHED_FIELD_NUMBER: _ClassVar[int]
     flushed: int
     def __init__(self, flushed: _Optional[int] = ...) -> None: ...
+
+class WatchHealthRequest(_message.Message):
+    __slots__ = ("id", "snapshot")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    id: VipId
+    snapshot: bool
+    def __init__(self, id: _Optional[_Union[VipId, _Mapping]] = ..., snapshot: _Optional[bool] = ...) -> None: ...
+
+class HealthEvent(_message.Message):
+    __slots__ = ("id", "backend", "old_state", "new_state", "reason", "time", "panic", "snapshot")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    OLD_STATE_FIELD_NUMBER: _ClassVar[int]
+    NEW_STATE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    PANIC_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    id: VipId
+    backend: str
+    old_state: str
+    new_state: str
+    reason: str
+    time: float
+    panic: bool
+    snapshot: bool
+    def __init__(self, id: _Optional[_Union[VipId, _Mapping]] = ..., backend: _Optional[str] = ..., old_state: _Optional[str] = ..., new_state: _Optional[str] = ..., reason: _Optional[str] = ..., time: _Optional[float] = ..., panic: _Optional[bool] = ..., snapshot: _Optional[bool] = ...) -> None: ...
 
 class SetDrainRequest(_message.Message):
     __slots__ = ("drained",)

@@ -17,6 +17,8 @@ EPILOG = """examples:
   l4lb health --watch 198.18.10.10:80/tcp
   l4lb apply -f lb.yaml
   l4lb lookup 198.18.0.5:40000 198.18.10.10:80 tcp
+  l4lb run --interface eth0 --announce          # a fleet node: VIPs as routes for BIRD
+  l4lb apply -f lb.yaml --server A --server B   # one configuration, many nodes
   l4lb replay --config lb.yaml --in in.pcap --out out.pcap
 """
 
@@ -47,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
 def verbs_table():
     """Every verb of the `l4lb` command, in the order `l4lb --help` lists them;
     each module adds its own arguments."""
-    from . import demo, health_cli, verbs  # noqa: PLC0415
+    from . import demo, fleet_cli, health_cli, lab, verbs  # noqa: PLC0415
 
     return (
         ("run", verbs.add_run),
@@ -60,8 +62,11 @@ def verbs_table():
         ("flows", verbs.add_flows),
         ("health", lambda sub: health_cli.add_parser(sub, verbs.add_connection, verbs.client)),
         ("gateway", verbs.add_gateway),
+        ("node", lambda sub: fleet_cli.add_node(sub, verbs.add_connection, verbs.client)),
+        ("bird-config", fleet_cli.add_bird_config),
         ("replay", add_replay),
         ("demo", demo.add_parser),
+        ("lab", lab.add_parser),
     )
 
 

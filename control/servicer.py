@@ -8,6 +8,7 @@ import time
 
 import grpc
 
+from l4lb.announce import vip_digests
 from l4lb.config import check_capacity, parse_config_text
 from l4lb.controller import Controller, describe_step
 from l4lb.health import parse_health
@@ -148,8 +149,9 @@ class _Feed:
 
 
 class LoadBalancerServicer(pb_grpc.LoadBalancerServicer):
-    def __init__(self, ctrl: Controller, resolve_neighbour=None, lookup_flow=None):
+    def __init__(self, ctrl: Controller, resolve_neighbour=None, lookup_flow=None, announcer=None):
         self.ctrl = ctrl
+        self.announcer = announcer  # l4lb.announce.Announcer with `l4lb run --announce`
         self.resolve_neighbour = resolve_neighbour
         self.lookup_flow = lookup_flow
         self.stopping = threading.Event()
@@ -297,7 +299,11 @@ class LoadBalancerServicer(pb_grpc.LoadBalancerServicer):
     def GetStatus(self, request, context):
         s = self.ctrl.status()
         cap = self.ctrl.capacity
-        return pb.Status(interface=s["interface"], attach_mode=s["attach_mode"],
+        ann = self.announcer
+        digests = [pb.VipDigest(id=pb.VipId(address=k.address, port=k.port, protocol=k.protocol), ring=r, backends=b)
+                   for k, r, b in vip_digests(self.ctrl)]
+        return pb.Status(announce_table=ann.table if ann else 0, drained=bool(ann and ann.drained),
+                         announced=ann.announced() if ann else [], digests=digests,interface=s["interface"], attach_mode=s["attach_mode"],
                          program_id=s["program_id"], vips=s["vips"], backends=s["backends"],
                          uptime_seconds=s["uptime"], conntrack_used=s["conntrack_used"],
                          capacity=pb.Capacity(max_vips=cap.max_vips, max_backends=cap.max_backends,
@@ -341,3 +347,11 @@ class LoadBalancerServicer(pb_grpc.LoadBalancerServicer):
     def FlushFlows(self, request, context):
         key = vip_key(request.id if request.HasField("id") else None)
         return pb.FlushFlowsResponse(flushed=self.ctrl.flush_flows(key))
+
+    @rpc
+    def SetDrain(self, request, context):
+        if self.announcer is None:
+            raise StateError("this node announces no VIPs (start `l4lb run` with --announce); "
+                             "there is nothing to drain")
+        announced = self.announcer.set_drained(request.drained)
+        return pb.NodeState(announce_table=self.announcer.table, drained=self.announcer.drained, announced=announced)

@@ -250,7 +250,7 @@ class GetStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Status(_message.Message):
-    __slots__ = ("interface", "attach_mode", "program_id", "vips", "backends", "uptime_seconds", "capacity", "conntrack_used")
+    __slots__ = ("interface", "attach_mode", "program_id", "vips", "backends", "uptime_seconds", "capacity", "conntrack_used", "announce_table", "drained", "announced", "digests")
     INTERFACE_FIELD_NUMBER: _ClassVar[int]
     ATTACH_MODE_FIELD_NUMBER: _ClassVar[int]
     PROGRAM_ID_FIELD_NUMBER: _ClassVar[int]
@@ -259,6 +259,10 @@ class Status(_message.Message):
     UPTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
     CONNTRACK_USED_FIELD_NUMBER: _ClassVar[int]
+    ANNOUNCE_TABLE_FIELD_NUMBER: _ClassVar[int]
+    DRAINED_FIELD_NUMBER: _ClassVar[int]
+    ANNOUNCED_FIELD_NUMBER: _ClassVar[int]
+    DIGESTS_FIELD_NUMBER: _ClassVar[int]
     interface: str
     attach_mode: str
     program_id: int
@@ -267,7 +271,21 @@ class Status(_message.Message):
     uptime_seconds: float
     capacity: Capacity
     conntrack_used: int
-    def __init__(self, interface: _Optional[str] = ..., attach_mode: _Optional[str] = ..., program_id: _Optional[int] = ..., vips: _Optional[int] = ..., backends: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., capacity: _Optional[_Union[Capacity, _Mapping]] = ..., conntrack_used: _Optional[int] = ...) -> None: ...
+    announce_table: int
+    drained: bool
+    announced: _containers.RepeatedScalarFieldContainer[str]
+    digests: _containers.RepeatedCompositeFieldContainer[VipDigest]
+    def __init__(self, interface: _Optional[str] = ..., attach_mode: _Optional[str] = ..., program_id: _Optional[int] = ..., vips: _Optional[int] = ..., backends: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., capacity: _Optional[_Union[Capacity, _Mapping]] = ..., conntrack_used: _Optional[int] = ..., announce_table: _Optional[int] = ..., drained: _Optional[bool] = ..., announced: _Optional[_Iterable[str]] = ..., digests: _Optional[_Iterable[_Union[VipDigest, _Mapping]]] = ...) -> None: ...
+
+class VipDigest(_message.Message):
+    __slots__ = ("id", "ring", "backends")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    RING_FIELD_NUMBER: _ClassVar[int]
+    BACKENDS_FIELD_NUMBER: _ClassVar[int]
+    id: VipId
+    ring: str
+    backends: str
+    def __init__(self, id: _Optional[_Union[VipId, _Mapping]] = ..., ring: _Optional[str] = ..., backends: _Optional[str] = ...) -> None: ...
 
 class LookupFlowRequest(_message.Message):
     __slots__ = ("src", "dst", "sport", "dport", "protocol")
@@ -370,3 +388,19 @@ class HealthEvent(_message.Message):
     panic: bool
     snapshot: bool
     def __init__(self, id: _Optional[_Union[VipId, _Mapping]] = ..., backend: _Optional[str] = ..., old_state: _Optional[str] = ..., new_state: _Optional[str] = ..., reason: _Optional[str] = ..., time: _Optional[float] = ..., panic: _Optional[bool] = ..., snapshot: _Optional[bool] = ...) -> None: ...
+
+class SetDrainRequest(_message.Message):
+    __slots__ = ("drained",)
+    DRAINED_FIELD_NUMBER: _ClassVar[int]
+    drained: bool
+    def __init__(self, drained: _Optional[bool] = ...) -> None: ...
+
+class NodeState(_message.Message):
+    __slots__ = ("announce_table", "drained", "announced")
+    ANNOUNCE_TABLE_FIELD_NUMBER: _ClassVar[int]
+    DRAINED_FIELD_NUMBER: _ClassVar[int]
+    ANNOUNCED_FIELD_NUMBER: _ClassVar[int]
+    announce_table: int
+    drained: bool
+    announced: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, announce_table: _Optional[int] = ..., drained: _Optional[bool] = ..., announced: _Optional[_Iterable[str]] = ...) -> None: ...

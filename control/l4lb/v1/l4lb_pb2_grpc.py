@@ -129,6 +129,11 @@ class LoadBalancerStub:
                 request_serializer=control_dot_l4lb_dot_v1_dot_l4lb__pb2.WatchHealthRequest.SerializeToString,
                 response_deserializer=control_dot_l4lb_dot_v1_dot_l4lb__pb2.HealthEvent.FromString,
                 _registered_method=True)
+        self.SetDrain = channel.unary_unary(
+                '/l4lb.v1.LoadBalancer/SetDrain',
+                request_serializer=control_dot_l4lb_dot_v1_dot_l4lb__pb2.SetDrainRequest.SerializeToString,
+                response_deserializer=control_dot_l4lb_dot_v1_dot_l4lb__pb2.NodeState.FromString,
+                _registered_method=True)
 
 
 class LoadBalancerServicer:
@@ -248,6 +253,12 @@ class LoadBalancerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetDrain(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LoadBalancerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -345,6 +356,11 @@ def add_LoadBalancerServicer_to_server(servicer, server):
                     servicer.WatchHealth,
                     request_deserializer=control_dot_l4lb_dot_v1_dot_l4lb__pb2.WatchHealthRequest.FromString,
                     response_serializer=control_dot_l4lb_dot_v1_dot_l4lb__pb2.HealthEvent.SerializeToString,
+            ),
+            'SetDrain': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetDrain,
+                    request_deserializer=control_dot_l4lb_dot_v1_dot_l4lb__pb2.SetDrainRequest.FromString,
+                    response_serializer=control_dot_l4lb_dot_v1_dot_l4lb__pb2.NodeState.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -860,6 +876,33 @@ class LoadBalancer:
             '/l4lb.v1.LoadBalancer/WatchHealth',
             control_dot_l4lb_dot_v1_dot_l4lb__pb2.WatchHealthRequest.SerializeToString,
             control_dot_l4lb_dot_v1_dot_l4lb__pb2.HealthEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetDrain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/l4lb.v1.LoadBalancer/SetDrain',
+            control_dot_l4lb_dot_v1_dot_l4lb__pb2.SetDrainRequest.SerializeToString,
+            control_dot_l4lb_dot_v1_dot_l4lb__pb2.NodeState.FromString,
             options,
             channel_credentials,
             insecure,

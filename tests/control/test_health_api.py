@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 
 import grpc
 import pytest
@@ -111,3 +112,27 @@ def test_a_bad_check_in_a_file_is_refused_whole(server, checked, tmp_path, healt
         checked.call("Apply", pb.ApplyRequest(config_yaml=text))
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and words in e.value.details()
     assert _config(checked) == before, "nothing of the file was applied"
+
+
+def test_changing_a_check_keeps_what_the_probes_found(server):  # noqa: F811
+    """A check replaced by another (here: its interval) keeps each backend's
+    state: the prober carries its findings over, and so must the table."""
+    vid = pb.VipId(address="198.18.10.71", port=80, protocol="tcp")
+    check = pb.HealthCheck(kind="tcp", port=8081, interval=0.2, timeout=0.1, rise=1, fall=1, via="direct")
+    with server.client() as c:
+        c.call("AddVip", pb.AddVipRequest(id=vid, backends=[pb.Backend(address=a, weight=1)
+                                                            for a in ("198.18.2.1", "198.18.2.2")]))
+        try:
+            c.call("SetHealthCheck", pb.SetHealthCheckRequest(id=vid, health=check))
+            deadline = time.monotonic() + 10
+            while {b.health for b in c.call("GetVip", pb.GetVipRequest(id=vid)).backends} != {"down"}:
+                assert time.monotonic() < deadline, "nothing answers on port 8081: both should go down"
+                time.sleep(0.1)
+            check.interval = 0.3
+            c.call("SetHealthCheck", pb.SetHealthCheckRequest(id=vid, health=check))
+            for _ in range(10):  # the prober reports no transition: the table must not invent one
+                v = c.call("GetVip", pb.GetVipRequest(id=vid))
+                assert {b.health for b in v.backends} == {"down"} and v.health.interval == 0.3
+                time.sleep(0.1)
+        finally:
+            c.call("DeleteVip", pb.DeleteVipRequest(id=vid))

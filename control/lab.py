@@ -124,6 +124,11 @@ def _print(lab: dict) -> None:
     enter = lambda role: f"nsenter --net=/run/netns/{ns[role]}"  # noqa: E731
     print(f"lab up (pid {lab['pid']}): {lab['what']}; namespaces {lab['namespaces']}")
     print(f"  VIPs (TCP and UDP port 80; each backend answers a line with its name): {', '.join(lab['vips'])}")
+    print("  the backends' own answering server holds TCP and UDP port 80 on every address: to try your own\n"
+          "  server (nginx, iperf3 -s -B VIP: UDP servers must answer from the VIP, docs/dsr-backend.md),\n"
+          "  give it another port and add a VIP for that port, e.g.\n"
+          f"    {lab['l4lb']} vip add {lab['vips'][0]}:8080/tcp --backend BACKEND "
+          f"--server {next(iter(lab['servers'].values()))}")
     print("  ask a VIP from a client:")
     for vip in lab["vips"]:
         print(f"    {enter('c1')} {py} -m l4lb.testbed ask {vip}")

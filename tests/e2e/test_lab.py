@@ -23,6 +23,7 @@ def test_lab_up_prints_working_commands_and_lab_down_removes_everything():
     try:
         assert up.returncode == 0, up.stdout + up.stderr
         ns = re.search(r"namespaces (l4lbtb-[0-9a-f]+)-\*", up.stdout)[1]
+        assert "answering server holds TCP and UDP port 80" in up.stdout  # and how to try a server of one's own
         asks = [line.strip() for line in up.stdout.splitlines() if " -m l4lb.testbed ask " in line]
         assert len(asks) == 2
         for cmd in asks:  # the printed command, run as printed

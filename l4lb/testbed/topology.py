@@ -30,10 +30,15 @@ Choices the veth links force, and why:
   XDP does not, and after XDP_TX the frame has lost the skb that said so, so
   the backend would drop it as corrupt. Checksum offload is therefore off
   (ethtool -K eth0 tx off) on the clients' veths, where such packets start.
-* The router's end of the LB link has a pfifo qdisc: the LB's end, with XDP
-  attached, takes frames through a 256-entry ring, and without a qdisc the
-  router drops what overflows it (counted as tx_dropped), where a NIC would
-  queue; with one, veth holds the queue while the ring is full.
+* The router's ends of the LB link and of the backends' links have a pfifo
+  qdisc: the other end, with XDP attached, takes frames through a 256-entry
+  ring, and without a qdisc the router drops what overflows it (counted as
+  tx_dropped), where a NIC would queue; with one, veth holds the queue while
+  the ring is full.
+* The LB's veth has threaded NAPI: its XDP program runs in a kernel thread of
+  its own, as a real LB's runs on its own cores, instead of inline on the
+  CPU that sent the frame (there, every packet through the LB would cost
+  the sender's CPU the LB's work too: iperf3 0.7x direct instead of >= 0.9x).
 * rp_filter is 0 on the backends (an inner packet that came out of a tunnel
   device arrives on a device that is not the route back to the client) and on
   the router (replies from a VIP address come from the backends' side, while
@@ -197,6 +202,7 @@ class Testbed:
         self._wait_routes()
         self.say("waiting for `l4lb run` to serve gRPC")
         self.lb.wait_healthy()
+        self._napi_threaded(self.lb, self.lb.ifname)  # its XDP program is attached: its NAPI exists
         prog = self.lb.program()
         if not prog or prog[1] != consts.PROG_BALANCER:
             raise TestbedError(f"the LB's interface runs {prog}, not the balancer")
@@ -299,14 +305,7 @@ class Testbed:
     def _lb_link(self) -> None:
         r, lb = self.router, self.lb
         self._veth(r, "lb", lb, lb.ifname)
-        # A NIC queues in front of its TX ring; a veth has no queue (noqueue) and
-        # drops what the LB's 256-frame ring cannot take at once, a TCP burst
-        # (thousands of retransmits per iperf3 run). With a qdisc, veth stops the
-        # queue while the peer's ring is full (kernel 6.17+): backpressure, as a NIC.
-        q = subprocess.run(r.nsenter() + ["tc", "qdisc", "replace", "dev", "lb", "root", "pfifo", "limit", "1000"],
-                           capture_output=True, text=True)
-        if q.returncode:
-            raise TestbedError(f"tc qdisc replace dev lb root pfifo in {r.ns}: {q.stderr.strip()}")
+        self._queue(r, "lb")
         self._addrs(r, "lb", [(f"{NET4['lb']}.1", 24), (f"{NET6['lb']}::1", 64)])
         self._addrs(lb, lb.ifname, [(lb.addr4, 24), (lb.addr6, 64)])
         self._addrs(lb, "lo", [])
@@ -346,8 +345,33 @@ class Testbed:
     def vips(self) -> list[str]:
         return [self.vip4(i) for i in range(self.opts.vips)] + [self.vip6(i) for i in range(self.opts.vips)]
 
+    @staticmethod
+    def _queue(node: Node, ifname: str) -> None:
+        """A pfifo qdisc on node's end of a link whose other end runs XDP. A NIC
+        queues in front of its TX ring; a veth has no queue (noqueue) and drops
+        what the XDP side's 256-frame ring cannot take at once: a TCP burst,
+        thousands of retransmits per iperf3 run. With a qdisc, veth stops the
+        queue while the peer's ring is full (kernel 6.17+): backpressure, as a NIC."""
+        q = subprocess.run(node.nsenter() + ["tc", "qdisc", "replace", "dev", ifname, "root", "pfifo", "limit", "1000"],
+                           capture_output=True, text=True)
+        if q.returncode:
+            raise TestbedError(f"tc qdisc replace dev {ifname} root pfifo in {node.ns}: {q.stderr.strip()}")
+
+    @staticmethod
+    def _napi_threaded(node: Node, ifname: str) -> None:
+        """The interface's NAPI in a kernel thread of its own instead of the
+        sending CPU's softirq: on veth, the receiver's work otherwise runs on
+        the sender's CPU, inline; a real LB's NIC is served by the LB's own
+        cores. (sysfs shows a namespace's devices only once mounted inside it.)"""
+        q = subprocess.run(node.nsenter() + ["unshare", "-m", "sh", "-c",
+                                             f"mount -t sysfs sysfs /sys && echo 1 > /sys/class/net/{ifname}/threaded"],
+                           capture_output=True, text=True)
+        if q.returncode:
+            raise TestbedError(f"threaded NAPI on {ifname} in {node.ns}: {q.stderr.strip()}")
+
     def _backend(self, b: Backend) -> None:
         self._veth(self.router, b.role, b, "eth0")
+        self._queue(self.router, b.role)
         self._attach_port(b.role, "brb")
         self._addrs(b, "eth0", [(b.addr4, 24), (b.addr6, 64)])
         self._addrs(b, "lo", [(a, 32 if "." in a else 128) for a in self.vips()])

@@ -87,6 +87,8 @@ MAP_CONNTRACK = "conntrack"  # IPv4 flows
 MAP_CONNTRACK6 = "conntrack6"  # IPv6 flows
 MAP_CONFIG = "config"
 MAP_VIP_STATS = "vip_stats"
+MAP_VIP_FLOWS = "vip_flows"
+MAP_BACKEND_STATS = "backend_stats"
 MAP_GLOBAL_STATS = "global_stats"
 MAP_CPU_STATE = "cpu_state"
 MAP_DECAP_ADDRS = "decap_addrs"
@@ -149,6 +151,8 @@ MAPS: tuple[MapSpec, ...] = (
             BPF_F_NO_COMMON_LRU),
     MapSpec(MAP_CONFIG, "array", "__u32", "struct lb_config", lambda c: 1, users=(PROG_PROBE,)),
     MapSpec(MAP_VIP_STATS, "percpu_array", "__u32", "struct vip_stats", lambda c: c.max_vips),
+    MapSpec(MAP_VIP_FLOWS, "percpu_array", "__u32", "struct vip_flows", lambda c: c.max_vips),
+    MapSpec(MAP_BACKEND_STATS, "percpu_array", "__u32", "struct backend_stats", lambda c: c.max_backends + 1),
     MapSpec(MAP_GLOBAL_STATS, "percpu_array", "__u32", "struct global_stats", lambda c: 1),
     MapSpec(MAP_CPU_STATE, "percpu_array", "__u32", "struct cpu_state", lambda c: 1),
     MapSpec(MAP_DECAP_ADDRS, "hash", "struct addr_key", "__u32", lambda c: DECAP_MAX_ADDRS,

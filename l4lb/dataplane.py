@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import consts
-from .bpf import Program, percpu_sum
+from .bpf import Program, percpu_sum, percpu_totals
 from .errors import BpfError, CapacityError, StateError
 from .model import VipKey, family_of, mac_bytes
 
@@ -162,7 +162,8 @@ class Dataplane:
             info[info.Key(i)] = info.Leaf()
         self.vip_addresses.clear()
         self.write_filter([])
-        for name in (consts.MAP_VIP_STATS, consts.MAP_GLOBAL_STATS):
+        for name in (consts.MAP_VIP_STATS, consts.MAP_VIP_FLOWS, consts.MAP_BACKEND_STATS,
+                     consts.MAP_GLOBAL_STATS):
             t = self.t[name]
             for i in range(t.max_entries):
                 self._zero_percpu(t, i)
@@ -170,6 +171,12 @@ class Dataplane:
 
     def clear_vip_stats(self, vip_id: int) -> None:
         self._zero_percpu(self.t[consts.MAP_VIP_STATS], vip_id)
+        self._zero_percpu(self.t[consts.MAP_VIP_FLOWS], vip_id)
+
+    def clear_backend_stats(self, index: int) -> None:
+        """Before the index is given to another backend (no ring or valid
+        connection-table entry names it then, so no packet counts meanwhile)."""
+        self._zero_percpu(self.t[consts.MAP_BACKEND_STATS], index)
 
     def _zero_percpu(self, t, index: int) -> None:
         values = t[t.Key(index)]
@@ -230,6 +237,19 @@ class Dataplane:
 
     def vip_stats(self, vip_id: int) -> dict[str, int]:
         return percpu_sum(self.t[consts.MAP_VIP_STATS], vip_id)
+
+    def vip_new_flows(self, vip_id: int) -> int:
+        return percpu_sum(self.t[consts.MAP_VIP_FLOWS], vip_id)["new_flows"]
+
+    def backend_stats(self, index: int) -> dict[str, int]:
+        """packets, bytes, new_flows of a backend index, summed over CPUs."""
+        return percpu_sum(self.t[consts.MAP_BACKEND_STATS], index)
+
+    def counter_tables(self) -> dict[str, tuple]:
+        """Every per-VIP and per-backend counter at once, summed over CPUs:
+        {map name: (entries x fields array, field names)}, a few syscalls each."""
+        return {name: percpu_totals(self.t[name])
+                for name in (consts.MAP_VIP_STATS, consts.MAP_VIP_FLOWS, consts.MAP_BACKEND_STATS)}
 
     def ring(self, vip_id: int, copy: int) -> np.ndarray:
         t = self.t[consts.MAP_RINGS]

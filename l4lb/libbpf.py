@@ -275,3 +275,34 @@ def map_delete_batch(map_fd: int, keys: bytes, key_size: int, name: str = "") ->
     if rc and err != _errno.ENOENT:
         raise BpfError(f"deleting {n} keys from map {name!r} failed: {os.strerror(err)}")
     return done.value
+
+
+def array_read(map_fd: int, entries: int, value_size: int, name: str = "") -> bytes:
+    """Every value of an array map (per-CPU values included: value_size is
+    then the bytes of all CPUs' copies of one entry), in index order, with
+    batch lookups: a few syscalls however many entries."""
+    lib = _lib()
+    chunk = min(entries, _BATCH_CHUNK)
+    keys = ctypes.create_string_buffer(4 * chunk)
+    values = ctypes.create_string_buffer(value_size * chunk)
+    token_in = ctypes.create_string_buffer(4)
+    token_out = ctypes.create_string_buffer(4)
+    out = bytearray()
+    first = True
+    while True:
+        count = ctypes.c_uint32(chunk)
+        rc = lib.bpf_map_lookup_batch(map_fd, None if first else token_in, token_out, keys, values,
+                                      ctypes.byref(count), None)
+        err = ctypes.get_errno()
+        out += values.raw[:count.value * value_size]
+        if rc:
+            if err == _errno.ENOENT:
+                break
+            raise BpfError(f"batch read of map {name!r} failed: {os.strerror(err)}")
+        if len(out) >= entries * value_size:
+            break
+        ctypes.memmove(token_in, token_out, 4)
+        first = False
+    if len(out) != entries * value_size:
+        raise BpfError(f"batch read of map {name!r}: {len(out) // value_size} of {entries} entries")
+    return bytes(out)

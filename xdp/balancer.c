@@ -140,10 +140,11 @@ static __always_inline void flow4_of(const struct pkt *p, struct flow4_key *k)
 /* An established flow: its connection-table entry says where it goes, as
  * long as the VIP is still the one that made the entry (same generation),
  * the backend is still the one it named and the VIP still lists it, and a
- * UDP entry has not expired. Returns 0 with the backend, VIP and hash. */
+ * UDP entry has not expired. Returns 0 with the backend (and its index), VIP
+ * and hash. */
 static __always_inline int ct_lookup(struct pkt *p, const struct lb_config *cfg,
                                      struct global_stats *gs, struct backend **out,
-                                     __u32 *vip_id, __u32 *hash)
+                                     __u32 *bidx, __u32 *vip_id, __u32 *hash)
 {
     struct ct_entry *e;
     struct vip_info *vi;
@@ -179,6 +180,7 @@ static __always_inline int ct_lookup(struct pkt *p, const struct lb_config *cfg,
     }
     gs->ct_hit++;
     *out = b;
+    *bidx = idx;
     *vip_id = vid;
     *hash = e->hash;
     return 0;
@@ -187,11 +189,25 @@ stale:
     return -1;
 }
 
+/* A new flow to a backend: its VIP's and its backend's new-flow counters.
+ * Only on the new-flow path: established packets never come here. */
+static __always_inline void count_new_flow(__u32 vip_id, __u32 idx)
+{
+    struct vip_flows *vf = vip_flows.lookup(&vip_id);
+    struct backend_stats *bs = backend_stats.lookup(&idx);
+
+    if (vf)
+        vf->new_flows++;
+    if (bs)
+        bs->new_flows++;
+}
+
 /* A fresh Maglev pick, remembered unless the flow or the rate limit says
- * otherwise. */
+ * otherwise. A flow that gets an entry, or would but for the rate limit,
+ * counts as a new flow of its VIP and backend. */
 static __always_inline int pick_backend(struct pkt *p, const struct vip_meta *vip,
                                         const struct lb_config *cfg, struct global_stats *gs,
-                                        __u32 hash, struct backend **out)
+                                        __u32 hash, struct backend **out, __u32 *bidx)
 {
     struct backend *b;
     __u32 idx, vid = vip->vip_id;
@@ -203,6 +219,7 @@ static __always_inline int pick_backend(struct pkt *p, const struct vip_meta *vi
     if (maglev_pick(vip, hash, &idx, &b))
         return -1;
     *out = b;
+    *bidx = idx;
     /* an ICMP error or a RST never creates an entry; neither do no-conntrack VIPs */
     if ((vip->flags & VIP_F_NO_CONNTRACK) || p->icmp_error ||
         (p->flow.proto == PROTO_TCP && (p->tcp_flags & TCP_FLAG_RST)))
@@ -223,6 +240,7 @@ static __always_inline int pick_backend(struct pkt *p, const struct vip_meta *vi
     }
     if (limited) {
         gs->ct_limited++;
+        count_new_flow(vid, idx);
     } else {
         struct ct_entry fresh = {.backend = idx, .generation = b->generation, .vip_id = vid,
                                  .vip_gen = vi->generation, .hash = hash, .last_seen = now};
@@ -236,18 +254,23 @@ static __always_inline int pick_backend(struct pkt *p, const struct vip_meta *vi
         } else {
             err = conntrack6.update(&p->flow, &fresh);
         }
-        if (!err)
+        if (!err) {
             gs->ct_insert++;
+            count_new_flow(vid, idx);
+        }
     }
     return 0;
 }
 
-/* Sends a VIP packet to backend b: counters, the too-big check, encapsulation. */
-static __always_inline int forward(struct xdp_md *ctx, struct pkt *p, __u32 vip_id,
+/* Sends a VIP packet to backend b (index idx): the too-big check,
+ * encapsulation, counters. */
+static __always_inline int forward(struct xdp_md *ctx, struct pkt *p, __u32 idx,
                                    const struct backend *b, const struct lb_config *cfg,
                                    struct global_stats *gs, __u32 hash)
 {
     __u32 overhead = b->family == FAMILY_V4 ? sizeof(struct iphdr) : sizeof(struct ipv6hdr);
+    __u64 len = ctx->data_end - ctx->data; /* as received: the bytes vip_stats counts */
+    struct backend_stats *bs;
     int action;
 
     if (p->ip_len + overhead > cfg->mtu && p->df && !p->icmp_error) {
@@ -278,6 +301,11 @@ static __always_inline int forward(struct xdp_md *ctx, struct pkt *p, __u32 vip_
     if (p->icmp_error)
         gs->icmp_fwd++;
     gs->tx++;
+    bs = backend_stats.lookup(&idx);
+    if (bs) {
+        bs->packets++;
+        bs->bytes += len;
+    }
     return action;
 }
 
@@ -300,12 +328,12 @@ static __always_inline int balance(struct xdp_md *ctx, struct pkt *p, const stru
               (p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
     struct vip_meta *vip;
     struct backend *b;
-    __u32 vip_id, hash;
+    __u32 vip_id, hash, idx;
 
     /* a SYN always takes a fresh pick: a reused 5-tuple is a new connection */
-    if (!syn && !ct_lookup(p, cfg, gs, &b, &vip_id, &hash)) {
+    if (!syn && !ct_lookup(p, cfg, gs, &b, &idx, &vip_id, &hash)) {
         count_vip(ctx, vip_id);
-        return forward(ctx, p, vip_id, b, cfg, gs, hash);
+        return forward(ctx, p, idx, b, cfg, gs, hash);
     }
     vip = find_vip(p, cfg);
     if (!vip) {
@@ -315,11 +343,11 @@ static __always_inline int balance(struct xdp_md *ctx, struct pkt *p, const stru
     vip_id = vip->vip_id;
     count_vip(ctx, vip_id);
     hash = flow_hash(&p->flow, (vip->flags & VIP_F_NO_SPORT) ? 0 : p->flow.sport);
-    if (pick_backend(p, vip, cfg, gs, hash, &b)) {
+    if (pick_backend(p, vip, cfg, gs, hash, &b, &idx)) {
         gs->no_backend++;
         return XDP_DROP;
     }
-    return forward(ctx, p, vip_id, b, cfg, gs, hash);
+    return forward(ctx, p, idx, b, cfg, gs, hash);
 }
 
 /* ICMP to a VIP address: echo requests are answered here; errors about a

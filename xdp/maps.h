@@ -37,6 +37,10 @@ L4LB_MAP("lru_hash", struct flow_key, struct ct_entry, conntrack6, MAP_CONNTRACK
 L4LB_MAP("array", __u32, struct lb_config, config, MAP_CONFIG_ENTRIES, MAP_CONFIG_FLAGS);
 /* vip_id -> packets and bytes, per CPU */
 L4LB_MAP("percpu_array", __u32, struct vip_stats, vip_stats, MAP_VIP_STATS_ENTRIES, MAP_VIP_STATS_FLAGS);
+/* vip_id -> new flows, per CPU */
+L4LB_MAP("percpu_array", __u32, struct vip_flows, vip_flows, MAP_VIP_FLOWS_ENTRIES, MAP_VIP_FLOWS_FLAGS);
+/* backend index -> packets, bytes, new flows, per CPU */
+L4LB_MAP("percpu_array", __u32, struct backend_stats, backend_stats, MAP_BACKEND_STATS_ENTRIES, MAP_BACKEND_STATS_FLAGS);
 /* index 0 -> global counters, per CPU */
 L4LB_MAP("percpu_array", __u32, struct global_stats, global_stats, MAP_GLOBAL_STATS_ENTRIES, MAP_GLOBAL_STATS_FLAGS);
 /* index 0 -> rate-limit windows, per CPU */

@@ -115,6 +115,23 @@ struct vip_stats {
     __u64 bytes;
 };
 
+/* New flows per VIP (per CPU): connection-table entries written, and flows
+ * served by Maglev alone under the new-flow rate limit. Apart from vip_stats,
+ * which every packet touches: this one only moves on a new flow. */
+struct vip_flows {
+    __u64 new_flows;
+};
+
+/* Per-backend counters (per CPU), by backend index: packets sent to the
+ * backend and their bytes as received (before encapsulation), and new flows
+ * as in vip_flows. User space zeroes an index before giving it to another
+ * backend, so a backend never inherits its predecessor's counts. */
+struct backend_stats {
+    __u64 packets;
+    __u64 bytes;
+    __u64 new_flows;
+};
+
 /* Global counters (per CPU); docs/dataplane.md documents each one. */
 struct global_stats {
     __u64 pass;            /* not for a VIP: XDP_PASS */

@@ -86,18 +86,20 @@ def vip_msg(v, stats: dict | None = None, probes: dict | None = None) -> pb.Vip:
     msg = pb.Vip(id=pb.VipId(address=v.key.address, port=v.key.port, protocol=v.key.protocol),
                  flags=sorted(v.flags), vip_id=v.vip_id, panic=panic)
     add = msg.backends.add
+    counts = (stats or {}).get("backends", {})
     if not v.health:
         for a, w in sorted(v.backends.items()):
-            add(address=a, weight=w, effective_weight=weights[a])
+            add(address=a, weight=w, effective_weight=weights[a], **counts.get(a, {}))
     for a, w in sorted(v.backends.items()) if v.health else ():
-        b = add(address=a, weight=w, effective_weight=weights[a], health="down" if a in v.down else "up")
+        b = add(address=a, weight=w, effective_weight=weights[a], health="down" if a in v.down else "up",
+                **counts.get(a, {}))
         last = (probes or {}).get(a)
         if last:
             b.last_result, b.latency_seconds, b.since = last
     if v.health:
         msg.health.CopyFrom(health_msg(v.health))
     if stats:
-        msg.packets, msg.bytes = stats["packets"], stats["bytes"]
+        msg.packets, msg.bytes, msg.new_flows = stats["packets"], stats["bytes"], stats["new_flows"]
     return msg
 
 
@@ -168,7 +170,10 @@ class LoadBalancerServicer(pb_grpc.LoadBalancerServicer):
         glob, per_vip = self.ctrl.stats(key)
         return pb.Stats(counters=glob, timestamp=time.time(), vips=[
             pb.VipStats(id=pb.VipId(address=v.key.address, port=v.key.port, protocol=v.key.protocol),
-                        packets=s["packets"], bytes=s["bytes"]) for v, s in per_vip])
+                        packets=s["packets"], bytes=s["bytes"], new_flows=s["new_flows"],
+                        backends=[pb.Backend(address=a, weight=v.backends[a], **c)
+                                  for a, c in s["backends"].items()])
+            for v, s in per_vip])
 
     @rpc
     def GetStats(self, request, context):

@@ -67,6 +67,13 @@ def add_run(sub) -> None:
     r.add_argument(INSECURE_FLAG, action="store_true",
                    help="serve TCP without client authentication: on loopback without TLS, or TLS without "
                         "--tls-client-ca (a warning is logged; any local user or any client can change the LB)")
+    r.add_argument("--metrics-listen", metavar="ADDRESS:PORT",
+                   help="serve Prometheus metrics at http://ADDRESS:PORT/metrics (off by default; "
+                        "loopback only unless --metrics-allow-remote), e.g. 127.0.0.1:9750")
+    r.add_argument("--metrics-allow-remote", action="store_true",
+                   help="let --metrics-listen take a non-loopback address (the metrics name every VIP and backend)")
+    r.add_argument("--metrics-max-pairs", type=whole_number,
+                   help="(VIP, backend) listings exported with their own weight and health gauges (default 20000)")
     r.add_argument("--attach-mode", default="auto", choices=["auto", "native", "generic"])
     r.add_argument("--detach", action="store_true", help="detach and remove pinned maps on exit")
     r.add_argument("--force", action="store_true", help="replace an XDP program that is not l4lb's")

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import consts
+from . import consts, timings
 from .bpf import Program, percpu_sum, percpu_totals
 from .errors import BpfError, CapacityError, StateError
 from .model import VipKey, family_of, mac_bytes
@@ -98,8 +98,9 @@ class Dataplane:
         arr = np.ascontiguousarray(slots, dtype=np.uint32)
         if arr.shape != (self.capacity.ring_size,):
             raise BpfError(f"ring of {arr.shape} entries, program has {self.capacity.ring_size}")
-        leaf = t.Leaf.from_buffer_copy(arr)  # the whole ring: one copy, one syscall
-        self._update(t, t.Key(2 * vip_id + copy), leaf)
+        with timings.timed(timings.RING_PUSH):
+            leaf = t.Leaf.from_buffer_copy(arr)  # the whole ring: one copy, one syscall
+            self._update(t, t.Key(2 * vip_id + copy), leaf)
 
     def put_vip(self, key: VipKey, vip_id: int, flags: int, ring: int) -> None:
         t = self.t[consts.MAP_VIPS]
@@ -284,7 +285,19 @@ class Dataplane:
         return n
 
     def conntrack_size(self) -> int:
-        return sum(1 for name in (consts.MAP_CONNTRACK, consts.MAP_CONNTRACK6) for _ in self.t[name].keys())
+        return sum(self.conntrack_entries().values())
+
+    def conntrack_entries(self) -> dict[int, int]:
+        """{family: entries in its connection table}, counted with batch
+        lookups (a few syscalls for the whole table)."""
+        from . import libbpf  # noqa: PLC0415
+
+        out = {}
+        for family in (consts.FAMILY_V4, consts.FAMILY_V6):
+            t = self.conntrack_table(family)
+            out[family] = libbpf.map_walk(t.map_fd, ctypes.sizeof(t.Key), ctypes.sizeof(t.Leaf),
+                                          name=self.names[id(t)])
+        return out
 
     def _update(self, t, k, v) -> None:
         try:

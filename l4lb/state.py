@@ -27,7 +27,7 @@ from typing import Protocol
 
 import numpy as np
 
-from . import maglev
+from . import maglev, timings
 from .consts import Capacity
 from .errors import AlreadyExistsError, CapacityError, NotFoundError, StateError, ValidationError
 from .health import HealthCheck, effective_weights, parse_health
@@ -122,10 +122,11 @@ def ring_slots(capacity: Capacity, spec: tuple) -> np.ndarray:
     """Backend index per ring slot (0 = none) for ((address, index, weight), ...)."""
     if not spec:
         return np.zeros(capacity.ring_size, dtype=np.uint32)
-    keys = [_packed(a) for a, _, _ in spec]
-    pos = maglev.maglev_indices(keys, [w for _, _, w in spec], capacity.ring_size)
-    lut = np.array([i for _, i, _ in spec] + [0], dtype=np.uint32)
-    return lut[pos]  # position -1 picks the trailing 0
+    with timings.timed(timings.RING_BUILD):
+        keys = [_packed(a) for a, _, _ in spec]
+        pos = maglev.maglev_indices(keys, [w for _, _, w in spec], capacity.ring_size)
+        lut = np.array([i for _, i, _ in spec] + [0], dtype=np.uint32)
+        return lut[pos]  # position -1 picks the trailing 0
 
 
 def _no_step(_name: str) -> None:

@@ -17,7 +17,7 @@ class VipId(_message.Message):
     def __init__(self, address: _Optional[str] = ..., port: _Optional[int] = ..., protocol: _Optional[str] = ...) -> None: ...
 
 class Backend(_message.Message):
-    __slots__ = ("address", "weight", "effective_weight", "health", "last_result", "latency_seconds", "since")
+    __slots__ = ("address", "weight", "effective_weight", "health", "last_result", "latency_seconds", "since", "packets", "bytes", "new_flows")
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
     EFFECTIVE_WEIGHT_FIELD_NUMBER: _ClassVar[int]
@@ -25,6 +25,9 @@ class Backend(_message.Message):
     LAST_RESULT_FIELD_NUMBER: _ClassVar[int]
     LATENCY_SECONDS_FIELD_NUMBER: _ClassVar[int]
     SINCE_FIELD_NUMBER: _ClassVar[int]
+    PACKETS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    NEW_FLOWS_FIELD_NUMBER: _ClassVar[int]
     address: str
     weight: int
     effective_weight: int
@@ -32,7 +35,10 @@ class Backend(_message.Message):
     last_result: str
     latency_seconds: float
     since: float
-    def __init__(self, address: _Optional[str] = ..., weight: _Optional[int] = ..., effective_weight: _Optional[int] = ..., health: _Optional[str] = ..., last_result: _Optional[str] = ..., latency_seconds: _Optional[float] = ..., since: _Optional[float] = ...) -> None: ...
+    packets: int
+    bytes: int
+    new_flows: int
+    def __init__(self, address: _Optional[str] = ..., weight: _Optional[int] = ..., effective_weight: _Optional[int] = ..., health: _Optional[str] = ..., last_result: _Optional[str] = ..., latency_seconds: _Optional[float] = ..., since: _Optional[float] = ..., packets: _Optional[int] = ..., bytes: _Optional[int] = ..., new_flows: _Optional[int] = ...) -> None: ...
 
 class HealthCheck(_message.Message):
     __slots__ = ("kind", "port", "interval", "timeout", "rise", "fall", "path", "host", "expect", "via", "min_healthy")
@@ -61,7 +67,7 @@ class HealthCheck(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., port: _Optional[int] = ..., interval: _Optional[float] = ..., timeout: _Optional[float] = ..., rise: _Optional[int] = ..., fall: _Optional[int] = ..., path: _Optional[str] = ..., host: _Optional[str] = ..., expect: _Optional[_Iterable[int]] = ..., via: _Optional[str] = ..., min_healthy: _Optional[int] = ...) -> None: ...
 
 class Vip(_message.Message):
-    __slots__ = ("id", "flags", "backends", "vip_id", "packets", "bytes", "health", "panic")
+    __slots__ = ("id", "flags", "backends", "vip_id", "packets", "bytes", "health", "panic", "new_flows")
     ID_FIELD_NUMBER: _ClassVar[int]
     FLAGS_FIELD_NUMBER: _ClassVar[int]
     BACKENDS_FIELD_NUMBER: _ClassVar[int]
@@ -70,6 +76,7 @@ class Vip(_message.Message):
     BYTES_FIELD_NUMBER: _ClassVar[int]
     HEALTH_FIELD_NUMBER: _ClassVar[int]
     PANIC_FIELD_NUMBER: _ClassVar[int]
+    NEW_FLOWS_FIELD_NUMBER: _ClassVar[int]
     id: VipId
     flags: _containers.RepeatedScalarFieldContainer[str]
     backends: _containers.RepeatedCompositeFieldContainer[Backend]
@@ -78,7 +85,8 @@ class Vip(_message.Message):
     bytes: int
     health: HealthCheck
     panic: bool
-    def __init__(self, id: _Optional[_Union[VipId, _Mapping]] = ..., flags: _Optional[_Iterable[str]] = ..., backends: _Optional[_Iterable[_Union[Backend, _Mapping]]] = ..., vip_id: _Optional[int] = ..., packets: _Optional[int] = ..., bytes: _Optional[int] = ..., health: _Optional[_Union[HealthCheck, _Mapping]] = ..., panic: _Optional[bool] = ...) -> None: ...
+    new_flows: int
+    def __init__(self, id: _Optional[_Union[VipId, _Mapping]] = ..., flags: _Optional[_Iterable[str]] = ..., backends: _Optional[_Iterable[_Union[Backend, _Mapping]]] = ..., vip_id: _Optional[int] = ..., packets: _Optional[int] = ..., bytes: _Optional[int] = ..., health: _Optional[_Union[HealthCheck, _Mapping]] = ..., panic: _Optional[bool] = ..., new_flows: _Optional[int] = ...) -> None: ...
 
 class SetHealthCheckRequest(_message.Message):
     __slots__ = ("id", "health")
@@ -171,14 +179,18 @@ class SetBackendWeightsRequest(_message.Message):
     def __init__(self, id: _Optional[_Union[VipId, _Mapping]] = ..., backends: _Optional[_Iterable[_Union[Backend, _Mapping]]] = ...) -> None: ...
 
 class VipStats(_message.Message):
-    __slots__ = ("id", "packets", "bytes")
+    __slots__ = ("id", "packets", "bytes", "new_flows", "backends")
     ID_FIELD_NUMBER: _ClassVar[int]
     PACKETS_FIELD_NUMBER: _ClassVar[int]
     BYTES_FIELD_NUMBER: _ClassVar[int]
+    NEW_FLOWS_FIELD_NUMBER: _ClassVar[int]
+    BACKENDS_FIELD_NUMBER: _ClassVar[int]
     id: VipId
     packets: int
     bytes: int
-    def __init__(self, id: _Optional[_Union[VipId, _Mapping]] = ..., packets: _Optional[int] = ..., bytes: _Optional[int] = ...) -> None: ...
+    new_flows: int
+    backends: _containers.RepeatedCompositeFieldContainer[Backend]
+    def __init__(self, id: _Optional[_Union[VipId, _Mapping]] = ..., packets: _Optional[int] = ..., bytes: _Optional[int] = ..., new_flows: _Optional[int] = ..., backends: _Optional[_Iterable[_Union[Backend, _Mapping]]] = ...) -> None: ...
 
 class GetStatsRequest(_message.Message):
     __slots__ = ("id",)

@@ -117,7 +117,8 @@ def add_backend(sub) -> None:
 def add_stats(sub) -> None:
     st = sub.add_parser("stats", help="counters")
     st.add_argument("vip", nargs="?")
-    st.add_argument("--watch", action="store_true")
+    st.add_argument("--watch", action="store_true",
+                    help="a live view of rates (packets/s, bytes/s, new flows/s) per VIP and per backend")
     st.add_argument("--interval", type=seconds, default=1.0, help="seconds between updates (0.1-3600)")
     st.set_defaults(func=cmd_stats)
     add_connection(st)
@@ -175,11 +176,16 @@ def cmd_run(args) -> int:
 def _print_vip(v: pb.Vip, counters: bool = False) -> None:
     t = Table(title=f"{vip_text(v.id)}  flags: {', '.join(v.flags) or '-'}")
     t.add_column("backend"), t.add_column("weight", justify="right")
+    if counters:
+        for col in ("packets", "bytes", "new flows"):
+            t.add_column(col, justify="right")
     for b in v.backends:
-        t.add_row(b.address, str(b.weight) + ("  (draining)" if b.weight == 0 else ""))
+        row = [b.address, str(b.weight) + ("  (draining)" if b.weight == 0 else "")]
+        t.add_row(*row, *((str(b.packets), str(b.bytes), str(b.new_flows)) if counters else ()))
     out.print(t)
     if counters:
-        out.print(f"packets {v.packets}  bytes {v.bytes}")
+        out.print(f"packets {v.packets}  bytes {v.bytes}  new flows {v.new_flows}")
+        out.print("backend counters are the backend's own: a backend on several VIPs counts them all")
 
 
 def cmd_vip_add(args) -> int:
@@ -251,11 +257,64 @@ def _print_stats(s: pb.Stats) -> None:
         t.add_row(k, str(v))
     out.print(t)
     if s.vips:
-        vt = Table(title="VIPs")
-        vt.add_column("vip"), vt.add_column("packets", justify="right"), vt.add_column("bytes", justify="right")
+        vt = Table(title="VIPs and their backends")
+        for col in ("vip", "backend", "packets", "bytes", "new flows"):
+            vt.add_column(col, justify="left" if col in ("vip", "backend") else "right")
         for v in s.vips:
-            vt.add_row(vip_text(v.id), str(v.packets), str(v.bytes))
+            vt.add_row(vip_text(v.id), "", str(v.packets), str(v.bytes), str(v.new_flows))
+            for b in v.backends:
+                vt.add_row("", b.address, str(b.packets), str(b.bytes), str(b.new_flows))
         out.print(vt)
+
+
+def _si(value: float, unit: str) -> str:
+    """1234567 -> '1.23 M' + unit (rates in a live view)."""
+    for factor, prefix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= factor:
+            return f"{value / factor:.2f} {prefix}{unit}"
+    return f"{value:.1f} {unit}"
+
+
+def _rates_view(prev: pb.Stats | None, s: pb.Stats, interval: float):
+    """The live view of `stats --watch`: per VIP and per backend, packets/s,
+    bytes/s and new flows/s between the last two messages; totals in the
+    first one (no rate yet)."""
+    from rich.console import Group  # noqa: PLC0415
+
+    dt = s.timestamp - prev.timestamp if prev is not None else 0.0
+    before: dict[tuple, tuple[int, int, int]] = {}
+    if prev is not None:
+        for v in prev.vips:
+            before[(vip_text(v.id), "")] = (v.packets, v.bytes, v.new_flows)
+            for b in v.backends:
+                before[(vip_text(v.id), b.address)] = (b.packets, b.bytes, b.new_flows)
+
+    def rate(key, now: tuple[int, int, int]) -> list[str]:
+        was = before.get(key)
+        if dt <= 0 or was is None or any(n < w for n, w in zip(now, was)):
+            return ["-", "-", "-"]  # first sample, new row, or a VIP/backend that started over
+        return [_si((n - w) / dt, u) for n, w, u in zip(now, was, ("pkt/s", "B/s", "flows/s"))]
+
+    t = Table(title=f"{time.strftime('%H:%M:%S')}  rates over {dt:.1f} s" if dt > 0 else
+              f"{time.strftime('%H:%M:%S')}  first sample: rates from the next one (every {interval:g} s)")
+    for col in ("vip", "backend", "packets/s", "bytes/s", "new flows/s", "packets", "bytes"):
+        t.add_column(col, justify="left" if col in ("vip", "backend") else "right")
+    for v in s.vips:
+        name = vip_text(v.id)
+        now = (v.packets, v.bytes, v.new_flows)
+        t.add_row(name, "", *rate((name, ""), now), str(v.packets), str(v.bytes), style="bold")
+        for b in v.backends:
+            now = (b.packets, b.bytes, b.new_flows)
+            t.add_row("", b.address, *rate((name, b.address), now), str(b.packets), str(b.bytes))
+    g = Table(title="data plane, per second")
+    names = ("tx", "pass", "ct_insert", "no_backend", "malformed", "error")
+    for n in names:
+        g.add_column(n, justify="right")
+    if prev is not None and dt > 0:
+        g.add_row(*(_si(max(0, s.counters.get(n, 0) - prev.counters.get(n, 0)) / dt, "") for n in names))
+    else:
+        g.add_row(*("-" for _ in names))
+    return Group(t, g)
 
 
 def cmd_stats(args) -> int:
@@ -274,28 +333,41 @@ _GONE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode
 def _watch_stats(args, req) -> int:
     """Streams until Ctrl-C. When the server goes (a restart), says so once on
     stderr and reconnects, waiting longer between attempts up to RECONNECT_MAX."""
+    from rich.live import Live  # noqa: PLC0415
+
     wait, waiting = RECONNECT_FIRST, False
-    while True:
-        try:
-            with client(args) as c:
-                for s in c.stub.WatchStats(req):
-                    if waiting:
-                        print("l4lb: reconnected", file=sys.stderr, flush=True)
-                    wait, waiting = RECONNECT_FIRST, False
-                    out.clear()
-                    out.print(time.strftime("%H:%M:%S"))
-                    _print_stats(s)
-            reason = "the server ended the stream"
-        except grpc.RpcError as e:
-            if e.code() not in _GONE:
-                raise
-            reason = f"{e.code().name}: {e.details()}"
-        if not waiting:
-            print(f"l4lb: lost the server ({reason}); reconnecting to {args.server} until Ctrl-C",
-                  file=sys.stderr, flush=True)
-            waiting = True
-        time.sleep(wait)
-        wait = min(wait * 2, RECONNECT_MAX)
+    prev = None
+    live = Live(console=out, auto_refresh=False, transient=False) if out.is_terminal else None
+    try:
+        while True:
+            try:
+                with client(args) as c:
+                    for s in c.stub.WatchStats(req):
+                        if waiting:
+                            print("l4lb: reconnected", file=sys.stderr, flush=True)
+                        wait, waiting = RECONNECT_FIRST, False
+                        view = _rates_view(prev, s, req.interval_seconds)
+                        prev = s
+                        if live is not None:
+                            if not live.is_started:
+                                live.start()
+                            live.update(view, refresh=True)
+                        else:  # not a terminal: one view after another
+                            out.print(view)
+                reason = "the server ended the stream"
+            except grpc.RpcError as e:
+                if e.code() not in _GONE:
+                    raise
+                reason = f"{e.code().name}: {e.details()}"
+            if not waiting:
+                print(f"l4lb: lost the server ({reason}); reconnecting to {args.server} until Ctrl-C",
+                      file=sys.stderr, flush=True)
+                waiting = True
+            time.sleep(wait)
+            wait = min(wait * 2, RECONNECT_MAX)
+    finally:
+        if live is not None and live.is_started:
+            live.stop()
 
 
 def cmd_status(args) -> int:

@@ -244,3 +244,66 @@ def test_a_metrics_port_in_use_is_refused_before_loading(other):
     lines = out.strip().splitlines()
     assert len(lines) == 1 and "cannot listen there" in lines[0] and str(port) in lines[0], out
     assert other.xdp_id() == ""
+
+
+def _rows(frame: str) -> list[list[str]]:
+    return [[c.strip() for c in line.strip().strip("│").split("│")] for line in frame.splitlines()
+            if line.count("│") >= 7]
+
+
+def _num(cell: str) -> float:
+    value, _, unit = cell.partition(" ")
+    return float(value) * {"k": 1e3, "M": 1e6, "G": 1e9}.get(unit[:1], 1)
+
+
+def test_stats_watch_shows_rates_per_vip_and_backend(msrv, tmp_path):
+    import os  # noqa: PLC0415
+    import signal  # noqa: PLC0415
+    import threading  # noqa: PLC0415
+    import time  # noqa: PLC0415
+
+    out = tmp_path / "watch.out"
+    with msrv.client() as c:
+        c.call("AddVip", pb.AddVipRequest(id=VIP, backends=[pb.Backend(address=a, weight=w) for a, w in BACKENDS.items()]))
+    stop = threading.Event()
+
+    def load():
+        with msrv.client() as c:
+            sport = 50000
+            while not stop.is_set():
+                udp_lookups(c, 5, base=sport)
+                sport = 50000 + (sport + 5 - 50000) % 10000
+                time.sleep(0.01)
+
+    loader = threading.Thread(target=load)
+    watch = subprocess.Popen([L4LB, "stats", "--watch", "--interval", "0.5", "--server", f"unix:{msrv.sock}"],
+                             stdout=open(out, "w"), stderr=subprocess.STDOUT, env={**os.environ, "COLUMNS": "200"})
+    try:
+        loader.start()
+        deadline = time.monotonic() + 30
+        while out.read_text().count("rates over") < 4 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        watch.send_signal(signal.SIGINT)
+        assert watch.wait(timeout=10) == 130
+    finally:
+        stop.set()
+        loader.join()
+        if watch.poll() is None:
+            watch.kill()
+        with msrv.client() as c:
+            c.call("DeleteVip", pb.DeleteVipRequest(id=VIP))
+    text = out.read_text()
+    assert "Traceback" not in text and "first sample" in text
+    frames = text.split("rates over")[2:-1]  # whole frames, after the first rate
+    assert frames, text[-3000:]
+    for frame in frames:
+        rows = _rows(frame)
+        vip_rows = [r for r in rows if r[0] == "198.18.10.10:53/udp"]
+        backend_rows = [r for r in rows if r[0] == "" and r[1] in BACKENDS]
+        assert len(vip_rows) == 1 and len(backend_rows) == 3, frame
+        vip_pps = _num(vip_rows[0][2])
+        assert vip_pps > 0, frame
+        # the backends' rates add up to the VIP's (one VIP lists them all)
+        total = sum(_num(r[2]) for r in backend_rows)
+        assert abs(total - vip_pps) <= 0.02 * vip_pps + 0.3, frame
+        assert vip_rows[0][3].endswith("B/s") and _num(vip_rows[0][3]) > 0

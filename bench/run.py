@@ -12,6 +12,8 @@ Parts, in this order (each also runs alone as python -m bench.<part>):
   quality       Maglev balance and disruption, beside the Maglev paper
   traffic       veth forwarding rate, LB against an XDP_TX reflector (bench/traffic.py,
                 when it is there; a part that is missing is recorded as skipped)
+  prober        CPU of the health prober, 1 to 4096 targets
+  metrics       one Prometheus scrape at 512 VIPs x 4096 backends (bench/metrics.py)
 
 Results go to bench/results/results.json (--out-dir to change) and the plots
 beside it. Timing parts run one after another, never side by side. Compiling
@@ -37,7 +39,7 @@ from . import common, plots
 from .balancer import Loaded
 from .common import RESULTS_DIR
 
-PARTS = ("pktcost", "scaling", "controlplane", "quality", "traffic", "prober")
+PARTS = ("pktcost", "scaling", "controlplane", "quality", "traffic", "prober", "metrics")
 
 MODES = {
     "full": {
@@ -47,6 +49,7 @@ MODES = {
         "quality": {"quick": False},
         "traffic": {"quick": False},
         "prober": {"targets": (1, 100, 1000, 4096), "seconds": 10.0},
+        "metrics": {"vips": 512, "per_vip": 8, "rounds": 5},
     },
     "quick": {
         # no second balancer for pktcost's SYN into a full table: scaling measures that case
@@ -56,6 +59,7 @@ MODES = {
         "quality": {"quick": True},
         "traffic": {"quick": True},
         "prober": {"targets": (1, 1000, 4096), "seconds": 3.0},
+        "metrics": {"vips": 512, "per_vip": 8, "rounds": 3},
     },
     "smoke": {
         "pktcost": {"repeat": 2_000, "rounds": 1, "full_table": False},
@@ -64,6 +68,7 @@ MODES = {
         "quality": {"ns": (10, 100), "ks": (1, 10), "trials": 1},
         "traffic": None,  # a namespace testbed takes ~15 s: tests/bench/test_traffic.py covers it
         "prober": {"targets": (1, 100), "seconds": 0.5},
+        "metrics": {"vips": 8, "per_vip": 2, "rounds": 1},
     },
 }
 
@@ -128,6 +133,12 @@ def part_prober(ctx: Context) -> dict:
     return prober.run(log=ctx.log, **ctx.cfg["prober"])
 
 
+def part_metrics(ctx: Context) -> dict:
+    from . import metrics  # noqa: PLC0415
+
+    return metrics.run(log=ctx.log, **ctx.cfg["metrics"])
+
+
 def part_traffic(ctx: Context) -> dict:
     """The hook for bench/traffic.py: run(quick=..., count=..., say=...) -> dict."""
     if importlib.util.find_spec("bench.traffic") is None:
@@ -140,7 +151,8 @@ def part_traffic(ctx: Context) -> dict:
 
 
 RUNNERS = {"pktcost": part_pktcost, "scaling": part_scaling, "controlplane": part_controlplane,
-           "quality": part_quality, "traffic": part_traffic, "prober": part_prober}
+           "quality": part_quality, "traffic": part_traffic, "prober": part_prober,
+           "metrics": part_metrics}
 
 
 # ---- the summary -----------------------------------------------------------------------------
@@ -222,6 +234,11 @@ def headlines(results: dict) -> list[dict]:
             add("prober", f"health probes, {r['targets']} backends every {r['interval_s']:g} s: CPU of one core",
                 f"{100 * r['cpu_share_of_one_core']:.1f}%", "<= 25% at 4096" if r["targets"] == 4096 else "",
                 r["cpu_share_of_one_core"] <= 0.25 if r["targets"] == 4096 else None)
+    me = results.get("metrics")
+    if isinstance(me, dict) and "rows" in me:
+        for r in me["rows"]:
+            add("metrics", f"one Prometheus scrape, {r['vips']} VIPs x {r['backends']} backends "
+                f"({r['series']} series), min / median", f"{r['scrape_ms_min']:.0f} / {r['scrape_ms_median']:.0f} ms")
     for part in PARTS:
         err = results.get(part, {}).get("error") if isinstance(results.get(part), dict) else None
         if err:

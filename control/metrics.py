@@ -139,6 +139,8 @@ class LbCollector(Collector):
                                      "(serving: effective weight > 0)", labels=["vip", "state"])
         panic = GaugeMetricFamily("l4lb_vip_panic", "1 while too few backends are up and health is "
                                   "ignored", labels=["vip"])
+        checked = GaugeMetricFamily("l4lb_vip_health_checked", "1 when the VIP has a health check",
+                                    labels=["vip"])
         vips = GaugeMetricFamily("l4lb_vips", "VIPs configured")
         vips.add_metric([], len(snap.vips))
         cap = GaugeMetricFamily("l4lb_vips_capacity", "VIPs the program was built for")
@@ -156,7 +158,8 @@ class LbCollector(Collector):
             backends.add_metric([label, "down"], down)
             backends.add_metric([label, "listed"], len(v.backends))
             panic.add_metric([label], 1 if is_panic else 0)
-        yield from (vips, cap, packets, nbytes, flows, backends, panic)
+            checked.add_metric([label], 1 if v.health else 0)
+        yield from (vips, cap, packets, nbytes, flows, backends, panic, checked)
 
     def _backends(self, snap):
         packets = CounterMetricFamily("l4lb_backend_packets", "Packets sent to a backend (every VIP)",
@@ -180,10 +183,8 @@ class LbCollector(Collector):
                                    labels=["vip", "backend"])
         eff = GaugeMetricFamily("l4lb_backend_effective_weight", "The weight the VIP's ring is built from "
                                 "(0 while down, unless the VIP is in panic)", labels=["vip", "backend"])
-        up = GaugeMetricFamily("l4lb_backend_up", "Health: 1 up, 0 down; VIPs without a check "
-                               "report 1", labels=["vip", "backend"])
-        checked = GaugeMetricFamily("l4lb_backend_health_checked", "1 when the VIP has a health check",
-                                    labels=["vip", "backend"])
+        up = GaugeMetricFamily("l4lb_backend_up", "Health: 1 up, 0 down; on a VIP without a check "
+                               "every backend reports 1", labels=["vip", "backend"])
         pairs = sum(len(v.backends) for v in snap.vips)
         omitted = GaugeMetricFamily("l4lb_metrics_pairs_omitted", "(VIP, backend) listings left out of "
                                     "the per-listing gauges (above --metrics-max-pairs)")
@@ -196,8 +197,7 @@ class LbCollector(Collector):
                     weight.add_metric([label, address], w)
                     eff.add_metric([label, address], weights[address])
                     up.add_metric([label, address], 0 if address in v.down else 1)
-                    checked.add_metric([label, address], 1 if v.health else 0)
-        yield from (weight, eff, up, checked, omitted)
+        yield from (weight, eff, up, omitted)
 
     def _conntrack(self):
         entries = GaugeMetricFamily("l4lb_conntrack_entries", "Connection-table entries", labels=["family"])
@@ -251,11 +251,16 @@ class Exporter:
         self.grpc_requests.labels(service, name, code).inc()
         self.grpc_latency.labels(service, name).observe(seconds)
 
-    def start(self, ctrl, prog=None) -> None:
+    def start_collecting(self, ctrl, prog=None) -> None:
+        """The data plane's figures join the registry; ring timings are heard."""
         self._collector = LbCollector(ctrl, prog, self.max_pairs)
         self.registry.register(self._collector)
         timings.listen(timings.RING_BUILD, self.ring_build.observe)
         timings.listen(timings.RING_PUSH, self.ring_push.observe)
+
+    def start(self, ctrl, prog=None) -> None:
+        """Collects, and serves on the bound socket."""
+        self.start_collecting(ctrl, prog)
         self.thread = threading.Thread(target=self.server.serve_forever, name="metrics", daemon=True)
         self.thread.start()
 

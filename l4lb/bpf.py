@@ -309,6 +309,9 @@ def layout_of(prog: Program) -> dict[str, MapLayout]:
     declared with (the registry's), the sizes bcc derived from xdp/structs.h."""
     out = {}
     for m in consts.maps_of(prog.name):
+        if m.kind == "ringbuf":  # no keys or values: a size in bytes
+            out[m.name] = MapLayout(m.kind, 0, 0, m.entries(Capacity()), m.flags)
+            continue
         t = prog.table(m.name)
         leaf = getattr(t, "sLeaf", t.Leaf)
         out[m.name] = MapLayout(m.kind, ctypes.sizeof(t.Key), ctypes.sizeof(leaf), t.max_entries, m.flags)
@@ -363,5 +366,5 @@ def maps_size(prog: Program) -> int:
     total = 0
     for lay in layout_of(prog).values():
         per = ncpu if lay.kind.startswith("percpu") else 1
-        total += lay.entries * (lay.key_size + per * lay.value_size)
+        total += lay.entries if lay.kind == "ringbuf" else lay.entries * (lay.key_size + per * lay.value_size)
     return total

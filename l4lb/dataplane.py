@@ -47,6 +47,7 @@ class Dataplane:
         self.t = {m.name: program.table(m.name) for m in consts.maps_of(consts.PROG_BALANCER)}
         self.names = {id(t): name for name, t in self.t.items()}
         self.portless = 0
+        self.capture = 0  # lb_config.capture: 1 while a capture runs
         self.vip_addresses: dict[str, int] = {}  # address -> VIPs on it
 
     # ---- configuration ---------------------------------------------------------------
@@ -66,6 +67,7 @@ class Dataplane:
         v.new_flow_rate = cfg.new_flow_rate
         v.icmp_rate = cfg.icmp_rate
         v.portless_vips = self.portless
+        v.capture = self.capture
         v.udp_timeout_ns = int(cfg.udp_timeout_s * 1e9)
         self._update(t, t.Key(0), v)
 
@@ -75,6 +77,41 @@ class Dataplane:
         v.portless_vips = n
         self.portless = n
         self._update(t, t.Key(0), v)
+
+    # ---- live capture ---------------------------------------------------------------
+    def capture_start(self, vip: int, backend: int, verdicts: int, snaplen: int) -> None:
+        """Copies of the packets selected (vip: vip_id + 1 or 0 for any;
+        backend: index or 0; verdicts: a bit per XDP_* verdict) go to the
+        capture ring until capture_stop()."""
+        t = self.t[consts.MAP_CAPTURE_CFG]
+        self._update(t, t.Key(0), t.Leaf(vip=vip, backend=backend, verdicts=verdicts, snaplen=snaplen))
+        self._set_capture(1)
+
+    def capture_stop(self) -> None:
+        self._set_capture(0)
+
+    def _set_capture(self, on: int) -> None:
+        t = self.t[consts.MAP_CONFIG]
+        v = t[t.Key(0)]
+        v.capture = on
+        self.capture = on
+        self._update(t, t.Key(0), v)
+
+    def capture_counts(self) -> dict[str, int]:
+        """copied, lost: summed over CPUs since the maps were made."""
+        return percpu_sum(self.t[consts.MAP_CAPTURE_STATS])
+
+    def capture_reader(self, on_record):
+        """A reader of the capture ring: on_record(capture_rec) per copy."""
+        from .libbpf import RingReader  # noqa: PLC0415
+
+        leaf = self.t[consts.MAP_CAPTURE_RING].Leaf
+        size = ctypes.sizeof(leaf)
+
+        def parse(raw: bytes) -> None:
+            if len(raw) >= size:
+                on_record(leaf.from_buffer_copy(raw[:size]))
+        return RingReader(self.t[consts.MAP_CAPTURE_RING].map_fd, parse)
 
     # ---- Sink (see state.py) -----------------------------------------------------------
     def put_backend(self, index: int, address: str, generation: int, valid: bool,
@@ -163,12 +200,15 @@ class Dataplane:
             info[info.Key(i)] = info.Leaf()
         self.vip_addresses.clear()
         self.write_filter([])
+        if self.capture:
+            self.capture_stop()
         for name in (consts.MAP_VIP_STATS, consts.MAP_VIP_FLOWS, consts.MAP_BACKEND_STATS,
                      consts.MAP_GLOBAL_STATS):
             t = self.t[name]
             for i in range(t.max_entries):
                 self._zero_percpu(t, i)
         self._zero_percpu(self.t[consts.MAP_CPU_STATE], 0)
+        self._zero_percpu(self.t[consts.MAP_CAPTURE_STATS], 0)
 
     def clear_vip_stats(self, vip_id: int) -> None:
         self._zero_percpu(self.t[consts.MAP_VIP_STATS], vip_id)

@@ -306,3 +306,49 @@ def array_read(map_fd: int, entries: int, value_size: int, name: str = "") -> by
     if len(out) != entries * value_size:
         raise BpfError(f"batch read of map {name!r}: {len(out) // value_size} of {entries} entries")
     return bytes(out)
+
+
+# ---- BPF ring buffers ---------------------------------------------------------------------
+_SAMPLE_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
+
+
+class RingReader:
+    """Reads a BPF_MAP_TYPE_RINGBUF map (libbpf's ring_buffer): poll() hands
+    each record's bytes to on_record, in the order the program submitted them."""
+
+    def __init__(self, map_fd: int, on_record):
+        lib = _lib()
+        lib.ring_buffer__new.argtypes = [ctypes.c_int, _SAMPLE_FN, ctypes.c_void_p, ctypes.c_void_p]
+        lib.ring_buffer__new.restype = ctypes.c_void_p
+        lib.ring_buffer__poll.argtypes = [ctypes.c_void_p, ctypes.c_int]
+        lib.ring_buffer__poll.restype = ctypes.c_int
+        lib.ring_buffer__consume.argtypes = [ctypes.c_void_p]
+        lib.ring_buffer__consume.restype = ctypes.c_int
+        lib.ring_buffer__free.argtypes = [ctypes.c_void_p]
+        lib.ring_buffer__free.restype = None
+        self._lib = lib
+        self._on_record = on_record
+
+        def sample(_ctx, data, size):
+            on_record(ctypes.string_at(data, size))
+            return 0
+        self._cb = _SAMPLE_FN(sample)  # kept: libbpf calls it for as long as the reader lives
+        self._rb = lib.ring_buffer__new(map_fd, self._cb, None, None)
+        if not self._rb:
+            raise _fail("cannot open the ring buffer", -1)
+
+    def poll(self, timeout_ms: int) -> int:
+        """Waits up to timeout_ms for records; returns how many were read."""
+        n = self._lib.ring_buffer__poll(self._rb, timeout_ms)
+        if n < 0 and -n != _errno.EINTR:
+            raise BpfError(f"reading the ring buffer failed: {os.strerror(-n)}")
+        return max(n, 0)
+
+    def consume(self) -> int:
+        """Reads what is there now, without waiting."""
+        return max(self._lib.ring_buffer__consume(self._rb), 0)
+
+    def close(self) -> None:
+        if self._rb:
+            self._lib.ring_buffer__free(self._rb)
+            self._rb = None

@@ -50,6 +50,48 @@ static __always_inline int icmp_allowed(const struct lb_config *cfg)
                              lb_now());
 }
 
+/* A copy of the frame for `l4lb capture`, if capture_cfg selects it (only
+ * called while lb_config.capture is set). A full ring drops the copy and
+ * counts it; forwarding never waits for the reader. */
+static __always_inline void capture(struct xdp_md *ctx, const struct pkt *p, __u32 verdict, __u8 sent)
+{
+    __u32 zero = 0, len = ctx->data_end - ctx->data;
+    __u64 n; /* 64 bits: the verifier follows the bounds checked below into the helper call */
+    struct capture_cfg *cc = capture_cfg.lookup(&zero);
+    struct capture_stats *cs = capture_stats.lookup(&zero);
+    struct capture_rec *rec;
+
+    if (!cc || !cs)
+        return;
+    if ((cc->vip && cc->vip != p->vip) || (cc->backend && cc->backend != p->backend) ||
+        !((cc->verdicts >> verdict) & 1))
+        return;
+    rec = capture_ring.ringbuf_reserve(sizeof(*rec));
+    if (!rec) {
+        cs->lost++;
+        return;
+    }
+    n = len < cc->snaplen ? len : cc->snaplen;
+    if (n > CAPTURE_SNAP_MAX)
+        n = CAPTURE_SNAP_MAX;
+    if (n < 1 || bpf_xdp_load_bytes(ctx, 0, rec->data, n)) {
+        capture_ring.ringbuf_discard(rec, 0);
+        cs->lost++;
+        return;
+    }
+    rec->ts = bpf_ktime_get_ns();
+    rec->len = len;
+    rec->cap_len = n;
+    rec->vip = p->vip;
+    rec->backend = p->backend;
+    rec->seq = cs->copied;
+    rec->cpu = bpf_get_smp_processor_id();
+    rec->verdict = verdict;
+    rec->sent = sent;
+    capture_ring.ringbuf_submit(rec, 0);
+    cs->copied++;
+}
+
 /* Could a VIP live on the destination address? A clear filter bit says no. */
 static __always_inline int maybe_vip(const struct pkt *p)
 {
@@ -293,6 +335,8 @@ static __always_inline int forward(struct xdp_md *ctx, struct pkt *p, __u32 idx,
         gs->too_big++;
         return action;
     }
+    if (cfg->capture)
+        capture(ctx, p, XDP_TX, 0); /* as received: encapsulation rewrites it in place */
     action = encap(ctx, p, b, cfg, hash);
     if (action < 0) {
         gs->error++;
@@ -332,6 +376,8 @@ static __always_inline int balance(struct xdp_md *ctx, struct pkt *p, const stru
 
     /* a SYN always takes a fresh pick: a reused 5-tuple is a new connection */
     if (!syn && !ct_lookup(p, cfg, gs, &b, &idx, &vip_id, &hash)) {
+        p->vip = vip_id + 1;
+        p->backend = idx;
         count_vip(ctx, vip_id);
         return forward(ctx, p, idx, b, cfg, gs, hash);
     }
@@ -341,12 +387,14 @@ static __always_inline int balance(struct xdp_md *ctx, struct pkt *p, const stru
         return XDP_PASS;
     }
     vip_id = vip->vip_id;
+    p->vip = vip_id + 1;
     count_vip(ctx, vip_id);
     hash = flow_hash(&p->flow, (vip->flags & VIP_F_NO_SPORT) ? 0 : p->flow.sport);
     if (pick_backend(p, vip, cfg, gs, hash, &b, &idx)) {
         gs->no_backend++;
         return XDP_DROP;
     }
+    p->backend = idx;
     return forward(ctx, p, idx, b, cfg, gs, hash);
 }
 
@@ -409,38 +457,33 @@ pass:
     return XDP_PASS;
 }
 
-int balancer(struct xdp_md *ctx)
+/* Every packet's verdict; balancer() below adds the capture. */
+static __always_inline int decide(struct xdp_md *ctx, struct pkt *p, const struct lb_config *cfg,
+                                  struct global_stats *gs)
 {
     void *data = (void *)(long)ctx->data;
     void *data_end = (void *)(long)ctx->data_end;
-    __u32 zero = 0;
-    struct global_stats *gs = global_stats.lookup(&zero);
-    struct lb_config *cfg = config.lookup(&zero);
-    struct pkt p = {};
     void *l4 = NULL;
     __be16 proto;
     int res;
 
-    if (!gs || !cfg || !cfg->configured)
-        return XDP_PASS;
-
-    res = parse_eth(data, data_end, &p, &proto);
+    res = parse_eth(data, data_end, p, &proto);
     if (res == PARSE_OK)
-        res = parse_ip(data, data_end, &p, proto, &l4);
+        res = parse_ip(data, data_end, p, proto, &l4);
     switch (res) {
     case PARSE_OK:
         break;
     case PARSE_ICMP:
-        return handle_icmp(ctx, &p, l4, cfg, gs);
+        return handle_icmp(ctx, p, l4, cfg, gs);
     case PARSE_NOT_IP:
         goto pass;
     case PARSE_FRAGMENT:
-        if (!is_vip_address(&p))
+        if (!is_vip_address(p))
             goto pass;
         gs->fragment++;
         return XDP_DROP;
     case PARSE_EXT_HEADER:
-        if (!is_vip_address(&p))
+        if (!is_vip_address(p))
             goto pass;
         gs->ext_header++;
         return XDP_DROP;
@@ -450,18 +493,34 @@ int balancer(struct xdp_md *ctx)
     }
 
     /* traffic for the LB itself leaves here, after one array read */
-    if (!maybe_vip(&p))
+    if (!maybe_vip(p))
         goto pass;
-    res = parse_l4(l4, data_end, &p, p.ip_len - (__u32)(l4 - data - p.l3off));
+    res = parse_l4(l4, data_end, p, p->ip_len - (__u32)(l4 - data - p->l3off));
     if (res != PARSE_OK) {
-        if (!is_vip_address(&p))
+        if (!is_vip_address(p))
             goto pass;
         gs->malformed++;
         return XDP_DROP;
     }
-    return balance(ctx, &p, cfg, gs);
+    return balance(ctx, p, cfg, gs);
 
 pass:
     gs->pass++;
     return XDP_PASS;
+}
+
+int balancer(struct xdp_md *ctx)
+{
+    __u32 zero = 0;
+    struct global_stats *gs = global_stats.lookup(&zero);
+    struct lb_config *cfg = config.lookup(&zero);
+    struct pkt p = {};
+    int action;
+
+    if (!gs || !cfg || !cfg->configured)
+        return XDP_PASS;
+    action = decide(ctx, &p, cfg, gs);
+    if (cfg->capture) /* off: one test of a word the packet's path has read already */
+        capture(ctx, &p, action, action == XDP_TX);
+    return action;
 }

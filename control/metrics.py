@@ -105,6 +105,7 @@ class LbCollector(Collector):
         yield from self._vips(snap)
         yield from self._backends(snap)
         yield from self._conntrack()
+        yield from self._capture()
 
     def _build_info(self):
         g = GaugeMetricFamily("l4lb_build_info", "Build of the running l4lb: always 1",
@@ -198,6 +199,17 @@ class LbCollector(Collector):
                     eff.add_metric([label, address], weights[address])
                     up.add_metric([label, address], 0 if address in v.down else 1)
         yield from (weight, eff, up, omitted)
+
+    def _capture(self):
+        dp = self.ctrl.dp
+        copies = CounterMetricFamily("l4lb_capture_copies", "Copies `l4lb capture` asked for: put in the "
+                                     "ring, or lost because the ring was full", labels=["outcome"])
+        for outcome, n in dp.capture_counts().items():
+            copies.add_metric([outcome], n)
+        active = GaugeMetricFamily("l4lb_capture_active", "1 while a capture runs")
+        active.add_metric([], dp.capture)
+        yield copies
+        yield active
 
     def _conntrack(self):
         entries = GaugeMetricFamily("l4lb_conntrack_entries", "Connection-table entries", labels=["family"])

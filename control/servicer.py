@@ -261,6 +261,27 @@ class LoadBalancerServicer(pb_grpc.LoadBalancerServicer):
         steps = self.ctrl.apply(cfg, runtime=True, dry_run=request.dry_run)
         return pb.ApplyResponse(changes=[describe_step(kind, obj) for kind, obj in steps])
 
+    def Capture(self, request, context):
+        """Copies of the selected packets until the count, the duration, the
+        client or the server's stop; the last message (end) holds the counts."""
+        from l4lb.capture import CaptureRun, Selection  # noqa: PLC0415
+
+        try:
+            key = vip_key(request.vip, "vip") if request.HasField("vip") else None
+            run = CaptureRun(self.ctrl, Selection(key, request.backend, tuple(request.verdicts), request.count,
+                                                  request.duration_seconds, request.snaplen),
+                             active=lambda: context.is_active() and not self.stopping.is_set())
+            for c in run:
+                msg = pb.CapturedPacket(timestamp_ns=c.timestamp_ns, sent=c.sent, verdict=c.verdict,
+                                        backend=c.backend, length=c.length, data=c.data, cpu=c.cpu, seq=c.seq,
+                                        lost=run.lost, packets=run.packets)
+                if c.vip is not None:
+                    msg.vip.CopyFrom(pb.VipId(address=c.vip.address, port=c.vip.port, protocol=c.vip.protocol))
+                yield msg
+            yield pb.CapturedPacket(end=True, lost=run.lost, packets=run.packets)
+        except L4lbError as e:
+            context.abort(_status(e), details(e))
+
     @rpc
     def FlushFlows(self, request, context):
         key = vip_key(request.id if request.HasField("id") else None)

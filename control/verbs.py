@@ -124,6 +124,60 @@ def add_stats(sub) -> None:
     add_connection(st)
 
 
+def add_capture(sub) -> None:
+    c = sub.add_parser("capture", help="copy packets at the XDP hook into a pcapng file",
+                       epilog="examples:\n  l4lb capture --vip 198.18.10.10:80/tcp --count 100 -w out.pcapng\n"
+                              "  l4lb capture --verdict drop --duration 10 -w drops.pcapng\n"
+                              "  l4lb capture --backend 198.18.2.1 --snaplen 128 -w b1.pcapng\n"
+                              "a forwarded packet is written twice, as received and as sent; each packet's "
+                              "comment says which, the verdict, the VIP and the backend",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    c.add_argument("--vip", help="only this VIP's packets (ADDRESS[:PORT]/PROTOCOL)")
+    c.add_argument("--backend", help="only packets to this backend")
+    c.add_argument("--verdict", action="append", choices=["tx", "pass", "drop"],
+                   help="only packets with this verdict (repeatable; default: all)")
+    c.add_argument("--count", type=whole_number, default=0, help="stop after N packets (0: no limit)")
+    c.add_argument("--duration", type=seconds, help="stop after S seconds (0.1-3600)")
+    c.add_argument("--snaplen", type=whole_number, default=0,
+                   help=f"bytes of each frame (1-{consts.CAPTURE_SNAP_MAX}; default: all of it up to that)")
+    c.add_argument("-w", dest="write", required=True, type=Path, help="the pcapng file to write")
+    c.set_defaults(func=cmd_capture)
+    add_connection(c)
+
+
+def cmd_capture(args) -> int:
+    from .pcapng import PcapngWriter, comment  # noqa: PLC0415
+
+    if args.snaplen > consts.CAPTURE_SNAP_MAX:
+        raise ValidationError(f"--snaplen {args.snaplen}: at most {consts.CAPTURE_SNAP_MAX}")
+    req = pb.CaptureRequest(backend=args.backend or "", verdicts=args.verdict or [], count=args.count,
+                            duration_seconds=args.duration or 0, snaplen=args.snaplen)
+    if args.vip:
+        req.vip.CopyFrom(parse_vip(args.vip))
+    copies, last = 0, pb.CapturedPacket()
+    try:
+        f = open(args.write, "wb")
+    except OSError as e:
+        raise ValidationError(f"-w {shown(str(args.write))}: {e.strerror}") from None
+    with f, client(args) as c:
+        w = PcapngWriter(f, args.snaplen or consts.CAPTURE_SNAP_MAX)
+        stream = c.stub.Capture(req)
+        try:
+            for m in stream:
+                last = m
+                if m.end:
+                    break
+                vip = vip_text(m.vip) if m.HasField("vip") else ""
+                w.write(m.timestamp_ns, m.data, m.length, comment(m.sent, m.verdict, vip, m.backend, m.cpu, m.seq))
+                copies += 1
+        except KeyboardInterrupt:
+            stream.cancel()
+    print(f"l4lb: {last.packets} packets ({copies} copies) written to {args.write}; {last.lost} copies lost "
+          "(the ring was full)" if last.lost else
+          f"l4lb: {last.packets} packets ({copies} copies) written to {args.write}", file=sys.stderr)
+    return 0
+
+
 def add_status(sub) -> None:
     ss = sub.add_parser("status", help="interface, program, capacity")
     ss.set_defaults(func=cmd_status)

@@ -350,3 +350,47 @@ class FlushFlowsResponse(_message.Message):
     FLUSHED_FIELD_NUMBER: _ClassVar[int]
     flushed: int
     def __init__(self, flushed: _Optional[int] = ...) -> None: ...
+
+class CaptureRequest(_message.Message):
+    __slots__ = ("vip", "backend", "verdicts", "count", "duration_seconds", "snaplen")
+    VIP_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    VERDICTS_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    DURATION_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SNAPLEN_FIELD_NUMBER: _ClassVar[int]
+    vip: VipId
+    backend: str
+    verdicts: _containers.RepeatedScalarFieldContainer[str]
+    count: int
+    duration_seconds: float
+    snaplen: int
+    def __init__(self, vip: _Optional[_Union[VipId, _Mapping]] = ..., backend: _Optional[str] = ..., verdicts: _Optional[_Iterable[str]] = ..., count: _Optional[int] = ..., duration_seconds: _Optional[float] = ..., snaplen: _Optional[int] = ...) -> None: ...
+
+class CapturedPacket(_message.Message):
+    __slots__ = ("timestamp_ns", "sent", "verdict", "vip", "backend", "length", "data", "cpu", "seq", "lost", "end", "packets")
+    TIMESTAMP_NS_FIELD_NUMBER: _ClassVar[int]
+    SENT_FIELD_NUMBER: _ClassVar[int]
+    VERDICT_FIELD_NUMBER: _ClassVar[int]
+    VIP_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    CPU_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    LOST_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    PACKETS_FIELD_NUMBER: _ClassVar[int]
+    timestamp_ns: int
+    sent: bool
+    verdict: str
+    vip: VipId
+    backend: str
+    length: int
+    data: bytes
+    cpu: int
+    seq: int
+    lost: int
+    end: bool
+    packets: int
+    def __init__(self, timestamp_ns: _Optional[int] = ..., sent: _Optional[bool] = ..., verdict: _Optional[str] = ..., vip: _Optional[_Union[VipId, _Mapping]] = ..., backend: _Optional[str] = ..., length: _Optional[int] = ..., data: _Optional[bytes] = ..., cpu: _Optional[int] = ..., seq: _Optional[int] = ..., lost: _Optional[int] = ..., end: _Optional[bool] = ..., packets: _Optional[int] = ...) -> None: ...

@@ -101,6 +101,7 @@ def packets(path: Path) -> list[tuple[dict, bytes]]:
         assert words[0] == "l4lb" and words[1] in ("received", "sent"), note
         meta = dict(w.split("=", 1) for w in words[2:])
         meta["sent"] = words[1] == "sent"
+        meta["time"] = float(p.time)
         out.append((meta, bytes(p)))
     return out
 
@@ -121,9 +122,11 @@ def label(vid) -> str:
 def test_a_vip_capture_holds_each_packet_as_received_and_as_sent(cbed, vips, tmp_path):
     a, other, _ = vips
     path = tmp_path / "a.pcapng"
+    t0 = time.time()
     cap = Capture(cbed, path, "--vip", label(a), "--count", "40")
     conns = connections(cbed, a.address, 10) + connections(cbed, other.address, 5)
     summary = cap.wait()
+    t1 = time.time()
     assert "40 packets (80 copies)" in summary, summary
     listed = subprocess.run(["tcpdump", "-nn", "-r", str(path)], capture_output=True, text=True)
     assert listed.returncode == 0, listed.stderr
@@ -145,8 +148,11 @@ def test_a_vip_capture_holds_each_packet_as_received_and_as_sent(cbed, vips, tmp
         assert inner.dst == a.address and inner[TCP].dport == 80
         # the backend the copy names is the one that answered this connection
         assert by_port[inner[TCP].sport] == sm["backend"]
-    stamps = [m for m, _ in got]
-    assert len(stamps) == 80
+    # timestamps: wall-clock time of this capture, in order on each CPU
+    for cpu in {m["cpu"] for m, _ in got}:
+        stamps = [m["time"] for m, _ in got if m["cpu"] == cpu]
+        assert stamps == sorted(stamps)
+        assert t0 - 1 <= stamps[0] and stamps[-1] <= t1 + 1
 
 
 def test_backend_and_verdict_filters_select_exactly(cbed, vips, tmp_path):

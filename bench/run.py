@@ -12,7 +12,9 @@ Parts, in this order (each also runs alone as python -m bench.<part>):
   quality       Maglev balance and disruption, beside the Maglev paper
   traffic       veth forwarding rate, LB against an XDP_TX reflector (bench/traffic.py,
                 when it is there; a part that is missing is recorded as skipped)
-  prober        CPU of the health prober, 1 to 4096 targets
+  prober        the health prober's CPU for 1 to 4096 targets, and in the namespace testbed
+                the time from a backend's server stopping (starting) to the table without
+                (with) it (bench/prober.py)
   metrics       one Prometheus scrape at 512 VIPs x 4096 backends (bench/metrics.py)
 
 Results go to bench/results/results.json (--out-dir to change) and the plots
@@ -48,7 +50,7 @@ MODES = {
         "controlplane": "FULL",
         "quality": {"quick": False},
         "traffic": {"quick": False},
-        "prober": {"targets": (1, 100, 1000, 4096), "seconds": 10.0},
+        "prober": {"targets": (1, 100, 1000, 4096), "seconds": 10.0, "rounds": 4},
         "metrics": {"vips": 512, "per_vip": 8, "rounds": 5},
     },
     "quick": {
@@ -58,7 +60,7 @@ MODES = {
         "controlplane": "QUICK",
         "quality": {"quick": True},
         "traffic": {"quick": True},
-        "prober": {"targets": (1, 1000, 4096), "seconds": 3.0},
+        "prober": {"targets": (1, 1000, 4096), "seconds": 3.0, "rounds": 2},
         "metrics": {"vips": 512, "per_vip": 8, "rounds": 3},
     },
     "smoke": {
@@ -67,7 +69,8 @@ MODES = {
         "controlplane": "SMOKE",
         "quality": {"ns": (10, 100), "ks": (1, 10), "trials": 1},
         "traffic": None,  # a namespace testbed takes ~15 s: tests/bench/test_traffic.py covers it
-        "prober": {"targets": (1, 100), "seconds": 0.5},
+        # no failover rounds: a namespace testbed takes ~15 s (tests/e2e/test_health_watch.py covers the path)
+        "prober": {"targets": (1, 100), "seconds": 0.5, "rounds": 0},
         "metrics": {"vips": 8, "per_vip": 2, "rounds": 1},
     },
 }
@@ -234,6 +237,16 @@ def headlines(results: dict) -> list[dict]:
             add("prober", f"health probes, {r['targets']} backends every {r['interval_s']:g} s: CPU of one core",
                 f"{100 * r['cpu_share_of_one_core']:.1f}%", "<= 25% at 4096" if r["targets"] == 4096 else "",
                 r["cpu_share_of_one_core"] <= 0.25 if r["targets"] == 4096 else None)
+        fo = pr.get("failover")
+        if fo and fo.get("down_s"):
+            c = fo["check"]
+            add("prober", f"server stopped -> table without it, s (max / median; fall {c['fall']} x "
+                f"{c['interval']:g} s, timeout {c['timeout']:g} s)",
+                f"{fo['down_max_s']:.2f} / {fo['down_median_s']:.2f}",
+                f"<= {fo['down_target_s']:.2f} s", fo["down_max_s"] <= fo["down_target_s"])
+            add("prober", f"server back -> table with it, s (max / median; rise {c['rise']} x {c['interval']:g} s)",
+                f"{fo['up_max_s']:.2f} / {fo['up_median_s']:.2f}", f"<= {fo['up_target_s']:.2f} s",
+                fo["up_max_s"] <= fo["up_target_s"])
     me = results.get("metrics")
     if isinstance(me, dict) and "rows" in me:
         for r in me["rows"]:

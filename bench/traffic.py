@@ -22,6 +22,9 @@ generator needs no module.
 from __future__ import annotations
 
 import argparse
+import json
+import statistics
+import subprocess
 import time
 
 from scapy.layers.inet import IP, TCP
@@ -33,6 +36,7 @@ from control.l4lb.v1 import l4lb_pb2 as pb
 from l4lb import netlink, libbpf
 from l4lb.bpf import percpu_sum
 from l4lb.testbed import Testbed
+from l4lb.testbed.namespaces import stop_popen
 
 from .common import RESULTS_DIR, write_json
 from .harness import load_program
@@ -77,6 +81,63 @@ def _measure(tb, gen, frame: bytes, count: int, sink=None) -> dict:
             "generated_pps": count / gen_s}
 
 
+IPERF_PORT = 5201
+
+
+def _iperf(client, dst: str, seconds: int, streams: int) -> dict:
+    for _ in range(10):
+        r = subprocess.run(client.nsenter() + ["iperf3", "-c", dst, "-p", str(IPERF_PORT), "-t", str(seconds),
+                                               "-P", str(streams), "--json", "--connect-timeout", "3000"],
+                           capture_output=True, text=True, timeout=seconds + 60)
+        doc = json.loads(r.stdout) if r.stdout.strip().startswith("{") else {"error": r.stderr.strip()[-200:]}
+        if "busy" not in doc.get("error", ""):
+            break
+        time.sleep(1)  # the server has not yet closed the previous test
+    if "error" in doc:
+        raise RuntimeError(f"iperf3 -c {dst} -P {streams}: {doc['error']}")
+    end = doc["end"]
+    return {"gbps": end["sum_received"]["bits_per_second"] / 1e9,
+            "retransmits": end["sum_sent"].get("retransmits", 0)}
+
+
+def iperf_ratio(tb, seconds: int = 5, rounds: int = 3, say=print) -> dict:
+    """iperf3 (Debian's) TCP from a client to one backend through a one-backend
+    VIP and straight to the backend's own address, one stream and four,
+    interleaved round by round; per case the median ratio LB/direct and the
+    retransmits of each path."""
+    b, client = tb.backends[0], tb.clients[0]
+    vip = tb.vip4(0)
+    with Client(tb.lb.grpc_address) as c:
+        c.call("AddVip", pb.AddVipRequest(id=pb.VipId(address=vip, port=IPERF_PORT, protocol="tcp"),
+                                          backends=[pb.Backend(address=b.addr4, weight=1)]))
+    server = subprocess.Popen(b.nsenter() + ["iperf3", "-s", "-p", str(IPERF_PORT)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    out = {"seconds": seconds, "rounds": rounds}
+    try:
+        time.sleep(0.5)
+        drop0 = tb.router.run(tb.router.link_stats, "lb")["tx_dropped"]
+        for streams in (1, 4):
+            runs = {"direct": [], "lb": []}
+            for _ in range(rounds):
+                for path, dst in (("direct", b.addr4), ("lb", vip)):
+                    runs[path].append(_iperf(client, dst, seconds, streams))
+            ratios = [lb["gbps"] / d["gbps"] for lb, d in zip(runs["lb"], runs["direct"])]
+            case = {"ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
+                    "direct_gbps": statistics.median(r["gbps"] for r in runs["direct"]),
+                    "lb_gbps": statistics.median(r["gbps"] for r in runs["lb"]),
+                    "direct_retransmits": [r["retransmits"] for r in runs["direct"]],
+                    "lb_retransmits": [r["retransmits"] for r in runs["lb"]]}
+            out[f"P{streams}"] = case
+            say(f"  iperf3 TCP -P {streams}: through the LB {case['lb_gbps']:.2f} Gb/s, direct "
+                f"{case['direct_gbps']:.2f} Gb/s, ratio {case['ratio_median']:.2f} "
+                f"({case['ratio_min']:.2f}-{case['ratio_max']:.2f}); retransmits LB {case['lb_retransmits']}, "
+                f"direct {case['direct_retransmits']}")
+        out["router_to_lb_tx_dropped"] = tb.router.run(tb.router.link_stats, "lb")["tx_dropped"] - drop0
+    finally:
+        stop_popen(server)
+    return out
+
+
 def run(quick: bool = False, count: int | None = None, say=print) -> dict:
     count = count or (200_000 if quick else 2_000_000)
     out = {"count": count, "flows": FLOWS, "frame_bytes": FRAME_LEN}
@@ -118,6 +179,8 @@ def run(quick: bool = False, count: int | None = None, say=print) -> dict:
         finally:
             for p in (gen, refl, sink):
                 p.close()
+        say("  traffic: iperf3 through the LB and straight to a backend ...")
+        out["iperf3"] = iperf_ratio(tb, 2 if quick else 5, 2 if quick else 3, say)
     out["ratio"] = out["balancer"]["returned_pps"] / out["reflector"]["returned_pps"]
     say(f"  traffic: balancer {out['balancer']['returned_pps'] / 1e6:.2f} Mpps, reflector "
         f"{out['reflector']['returned_pps'] / 1e6:.2f} Mpps, ratio {out['ratio']:.2f} "

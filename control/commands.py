@@ -14,8 +14,11 @@ EPILOG = """examples:
   l4lb vip add 198.18.10.10:80/tcp --backend 198.18.2.1 --backend 198.18.2.2=2
   l4lb backend drain 198.18.10.10:80/tcp 198.18.2.1
   l4lb stats --watch
+  l4lb health --watch 198.18.10.10:80/tcp
   l4lb apply -f lb.yaml
   l4lb lookup 198.18.0.5:40000 198.18.10.10:80 tcp
+  l4lb run --interface eth0 --announce          # a fleet node: VIPs as routes for BIRD
+  l4lb apply -f lb.yaml --server A --server B   # one configuration, many nodes
   l4lb capture --vip 198.18.10.10:80/tcp --count 100 -w out.pcapng
   l4lb replay --config lb.yaml --in in.pcap --out out.pcap
 """
@@ -47,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
 def verbs_table():
     """Every verb of the `l4lb` command, in the order `l4lb --help` lists them;
     each module adds its own arguments."""
-    from . import demo, health_cli, verbs  # noqa: PLC0415
+    from . import demo, fleet_cli, health_cli, lab, verbs  # noqa: PLC0415
 
     return (
         ("run", verbs.add_run),
@@ -61,8 +64,11 @@ def verbs_table():
         ("capture", verbs.add_capture),
         ("health", lambda sub: health_cli.add_parser(sub, verbs.add_connection, verbs.client)),
         ("gateway", verbs.add_gateway),
+        ("node", lambda sub: fleet_cli.add_node(sub, verbs.add_connection, verbs.client)),
+        ("bird-config", fleet_cli.add_bird_config),
         ("replay", add_replay),
         ("demo", demo.add_parser),
+        ("lab", lab.add_parser),
     )
 
 
@@ -93,7 +99,9 @@ def cmd_replay(args) -> int:
 
 
 def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+    from .health_cli import default_verb  # noqa: PLC0415
+
+    args = build_parser().parse_args(default_verb(argv))
     try:
         return args.func(args)
     except L4lbError as e:

@@ -19,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from l4lb.errors import L4lbError
-from l4lb.testbed import DECAP_MODES, SERVICE_PORT, Testbed
+from l4lb.testbed import DECAP_MODES, SERVICE_PORT, Testbed, backend_commands
 
 from .client import Client, vip_text
 from .launcher import launcher
@@ -28,6 +28,7 @@ from .l4lb.v1 import l4lb_pb2 as pb
 EPILOG = """examples:
   l4lb demo                      # decapsulation: ipip devices if the kernel has them, else XDP
   l4lb demo --decap xdp --connections 100
+  l4lb demo --fleet              # 3 LB nodes behind a BIRD router (BGP, BFD, ECMP)
   make demo
 """
 
@@ -42,12 +43,23 @@ def add_parser(sub) -> None:
     p.add_argument("--decap", choices=DECAP_MODES, default="auto",
                    help="how backends decapsulate: ipip/ip6tnl devices, the XDP decap program, or auto")
     p.add_argument("--connections", type=int, default=200, help="connections per VIP (default 200)")
+    p.add_argument("--fleet", type=int, nargs="?", const=3, metavar="N",
+                   help="N LB nodes (default 3) behind a BIRD router: BGP, ECMP, a node drained and killed "
+                        "under traffic (README.md, \"Deployment: a fleet of LB nodes\")")
     p.set_defaults(func=cmd_demo)
 
 
 def cmd_demo(args) -> int:
     if not 1 <= args.connections <= 5000:
         raise L4lbError(f"--connections {args.connections}: use 1-5000")
+    if args.fleet is not None:
+        from l4lb.testbed.fleet import MAX_NODES  # noqa: PLC0415
+
+        from .fleet_demo import FleetDemo  # noqa: PLC0415
+
+        if not 2 <= args.fleet <= MAX_NODES:
+            raise L4lbError(f"--fleet {args.fleet}: use 2-{MAX_NODES} LB nodes")
+        return FleetDemo(args.decap, args.connections, args.fleet).run()
     return Demo(args.decap, args.connections).run()
 
 
@@ -88,6 +100,13 @@ class Demo:
                 self.out.print(f"  {len(bed.clients)} clients, a router, the LB, {len(bed.backends)} backends "
                                f"(namespaces {bed.ns_name('*')})")
                 self.out.print(f"  balancer: native XDP on {bed.lb.ifname}; decapsulation: {bed.decap}")
+                b = bed.backends[0]
+                vips = bed.vips()
+                cmds = backend_commands(b, bed.decap, [vips[0], vips[len(vips) // 2]])
+                self.out.print(f"  each backend prepared for DSR (docs/dsr-backend.md); on {b.role}, as commands "
+                               f"(the VIP lines repeat for all {len(vips)} VIP addresses):")
+                for cmd in cmds:
+                    self.out.print(f"    {escape(cmd)}")
             with Client(bed.lb.grpc_address) as api:
                 self.api = api
                 self.bed = bed

@@ -1,7 +1,10 @@
-"""`l4lb health`: each backend's health as the checks see it (`show`, with
-`--watch`), and a VIP's check set or removed (`set`, `clear`)."""
+"""`l4lb health`: each backend's health as the checks see it (`l4lb health
+[VIP]`, the same as `show`), its transitions live (`--watch`, through the
+WatchHealth stream, reconnecting when the server restarts), and a VIP's
+check set or removed (`set`, `clear`)."""
 from __future__ import annotations
 
+import sys
 import time
 
 from rich.console import Console
@@ -13,16 +16,26 @@ from .client import Client, parse_vip, vip_text
 from .l4lb.v1 import l4lb_pb2 as pb
 
 out = Console(markup=False, highlight=False)
+VERBS = ("show", "set", "clear")
+
+
+def default_verb(argv: list[str]) -> list[str]:
+    """`l4lb health [VIP] [--watch]` means `l4lb health show [VIP] [--watch]`."""
+    if argv[:1] == ["health"] and not (len(argv) > 1 and argv[1] in (*VERBS, "-h", "--help")):
+        return ["health", "show", *argv[1:]]
+    return argv
 
 
 def add_parser(sub, conn, client) -> None:
     """conn(parser) adds the connection options; client(args) makes a Client."""
-    h = sub.add_parser("health", help="backend health: show, set or clear a VIP's check").add_subparsers(
+    h = sub.add_parser("health", help="backend health: show (the default), watch, set or clear a VIP's check",
+                       description="l4lb health [VIP] [--watch] is short for l4lb health show [VIP] [--watch]"
+                       ).add_subparsers(
         dest="verb", required=True)
-    s = h.add_parser("show", help="each backend's state, effective weight and last probe")
+    s = h.add_parser("show", help="each backend's state, effective weight and last probe (also: l4lb health [VIP])")
     s.add_argument("vip", nargs="?", help="ADDRESS[:PORT]/PROTOCOL (default: every VIP with a check)")
-    s.add_argument("--watch", action="store_true", help="redraw every --interval seconds")
-    s.add_argument("--interval", type=float, default=1.0)
+    s.add_argument("--watch", action="store_true",
+                   help="the current states, then each transition as it happens, until Ctrl-C")
     s.set_defaults(func=lambda a: cmd_show(a, client))
     st = h.add_parser("set", help="give a VIP a health check (README.md, Health checks)")
     st.add_argument("vip")
@@ -68,16 +81,47 @@ def _vips(c: Client, args):
 
 
 def cmd_show(args, client) -> int:
+    if args.watch:
+        return watch(args, client)
     with client(args) as c:
-        if not args.watch:
-            out.print(_table(_vips(c, args)))
-            return 0
-        from rich.live import Live  # noqa: PLC0415
+        vips = _vips(c, args)
+    if not any(v.HasField("health") for v in vips):
+        out.print(f"{args.vip}: no health check" if args.vip else "no VIP has a health check")
+        return 0
+    out.print(_table(vips))
+    return 0
 
-        with Live(_table(_vips(c, args)), console=out, refresh_per_second=4) as live:
-            while True:
-                time.sleep(max(0.1, args.interval))
-                live.update(_table(_vips(c, args)))
+
+def _clock(t: float) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(t)) if t else "--:--:--"
+
+
+def watch(args, client) -> int:
+    """One line per backend as it stands, then one per transition. After a
+    reconnect the new snapshot is compared with what was known: a backend that
+    changed meanwhile gets its transition line, marked as such."""
+    from .verbs import follow  # noqa: PLC0415
+
+    req = pb.WatchHealthRequest(id=parse_vip(args.vip) if args.vip else None, snapshot=True)
+    known: dict[tuple[str, str], str] = {}
+
+    def line(e: pb.HealthEvent) -> None:
+        vip = vip_text(e.id)
+        before = known.get((vip, e.backend))
+        known[(vip, e.backend)] = e.new_state
+        panic = "  PANIC: every backend serves" if e.panic else ""
+        reason = e.reason or "-"
+        if not e.snapshot:
+            text = f"{e.old_state} -> {e.new_state} ({reason})"
+        elif before is None:
+            text = f"{e.new_state} (since {_clock(e.time)}; last probe: {reason})"
+        elif before != e.new_state:
+            text = f"{before} -> {e.new_state} ({reason}; while the stream was down)"
+        else:
+            return
+        print(f"{_clock(e.time)}  {vip}  {e.backend}  {text}{panic}", flush=True)
+
+    return follow(args, lambda c: c.stub.WatchHealth(req), line)
 
 
 def cmd_set(args, client) -> int:

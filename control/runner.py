@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 
 from l4lb import consts
+from l4lb.announce import parse_table
 from l4lb.config import load_config
 from l4lb.errors import ValidationError
 from l4lb.node import LbNode, NodeOptions
@@ -31,6 +32,7 @@ def run(args) -> int:
     # the listener is checked before the program is loaded: a refusal leaves the interface as it was
     tls = tls_options(args)
     check_listen(args.listen, tls, args.insecure_allow_unauthenticated)
+    table = parse_table(args.announce) if args.announce is not None else None
     exporter = None
     if (args.metrics_allow_remote or args.metrics_max_pairs is not None) and not args.metrics_listen:
         raise ValidationError("--metrics-allow-remote and --metrics-max-pairs go with --metrics-listen ADDRESS:PORT")
@@ -41,22 +43,22 @@ def run(args) -> int:
         exporter = Exporter(host, port, max_pairs=args.metrics_max_pairs or DEFAULT_MAX_PAIRS)
         exporter.bind()
     try:
-        return _run(args, tls, exporter)
+        return _run(args, tls, exporter, table)
     finally:
         if exporter:
             exporter.close()
 
 
-def _run(args, tls, exporter) -> int:
+def _run(args, tls, exporter, table) -> int:
     opts = NodeOptions(
         interface=args.interface,
         capacity=consts.Capacity(max_vips=args.max_vips, max_backends=args.max_backends,
                                  ct_size=args.ct_size, ring_size=args.ring_size),
         state_dir=Path(args.state_dir), attach_mode=args.attach_mode, force=args.force,
-        config=load_config(args.config) if args.config else None)
+        config=load_config(args.config) if args.config else None, announce_table=table)
     node = LbNode.open(opts)
     servicer = LoadBalancerServicer(node.ctrl, resolve_neighbour=node.resolve_neighbour,
-                                    lookup_flow=node.ctrl.lookup_flow)
+                                    lookup_flow=node.ctrl.lookup_flow, announcer=node.announcer)
     server, port = create_server(servicer, args.listen, tls=tls, group=args.group,
                                  allow_unauthenticated=args.insecure_allow_unauthenticated,
                                  observe=exporter.observe_request if exporter else None)

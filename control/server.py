@@ -37,7 +37,7 @@ class Tls:
     client_ca: Path | None = None  # require client certificates signed by this CA
 
 
-UNARY_WORKERS = 16  # threads kept for unary calls: concurrent writers are committed together
+UNARY_WORKERS = 64  # threads kept for unary calls: as many concurrent writers are committed together
 MAX_STREAMS = 8  # streaming calls open at once; beyond it RESOURCE_EXHAUSTED
 STOP_GRACE = 2.0  # seconds calls in flight get on SIGTERM
 INSECURE_FLAG = "--insecure-allow-unauthenticated"

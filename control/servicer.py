@@ -8,6 +8,7 @@ import time
 
 import grpc
 
+from l4lb.announce import vip_digests
 from l4lb.config import check_capacity, parse_config_text
 from l4lb.controller import Controller, describe_step
 from l4lb.health import parse_health
@@ -104,11 +105,55 @@ def vip_msg(v, stats: dict | None = None, probes: dict | None = None) -> pb.Vip:
 
 
 MAX_CONFIG_BYTES = 4 << 20
+MAX_QUEUED_EVENTS = 10000  # transitions a WatchHealth client may fall behind by before its stream ends
+
+
+def event_msg(e) -> pb.HealthEvent:
+    return pb.HealthEvent(id=pb.VipId(address=e.vip.address, port=e.vip.port, protocol=e.vip.protocol),
+                          backend=e.backend, old_state=e.old, new_state=e.new, reason=e.reason, time=e.time,
+                          panic=e.panic, snapshot=e.snapshot)
+
+
+class _Feed:
+    """One WatchHealth stream's queue: put() by the controller (never
+    blocks), take() by the stream's thread; set() ends the wait for good (the
+    call ended, or the server stops)."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.items: list = []
+        self.ended = False
+        self.overflowed = False
+        self.cv = threading.Condition()
+
+    def put(self, item) -> None:
+        with self.cv:
+            if len(self.items) >= self.limit:
+                self.overflowed = self.ended = True
+            else:
+                self.items.append(item)
+            self.cv.notify()
+
+    def set(self) -> None:
+        with self.cv:
+            self.ended = True
+            self.cv.notify()
+
+    def take(self) -> list | None:
+        """What came since the last take, waiting for something; None once ended."""
+        with self.cv:
+            while not (self.items or self.ended):
+                self.cv.wait()
+            if self.ended:
+                return None
+            items, self.items = self.items, []
+            return items
 
 
 class LoadBalancerServicer(pb_grpc.LoadBalancerServicer):
-    def __init__(self, ctrl: Controller, resolve_neighbour=None, lookup_flow=None):
+    def __init__(self, ctrl: Controller, resolve_neighbour=None, lookup_flow=None, announcer=None):
         self.ctrl = ctrl
+        self.announcer = announcer  # l4lb.announce.Announcer with `l4lb run --announce`
         self.resolve_neighbour = resolve_neighbour
         self.lookup_flow = lookup_flow
         self.stopping = threading.Event()
@@ -202,6 +247,42 @@ class LoadBalancerServicer(pb_grpc.LoadBalancerServicer):
         if self.stopping.is_set():
             context.abort(grpc.StatusCode.UNAVAILABLE, "the server is stopping; reconnect when it is back")
 
+    def WatchHealth(self, request, context):
+        """Health transitions as they are committed until the client goes or
+        the server stops; with snapshot, every checked backend's state first."""
+        feed = _Feed(MAX_QUEUED_EVENTS)
+        listen = feed.put  # one bound method: unwatch_health finds it by identity
+        context.add_callback(feed.set)  # the call ended: cancelled, deadline, client gone
+        with self._wakers_lock:
+            self._wakers.add(feed)
+        try:
+            if self.stopping.is_set():
+                feed.set()
+            else:
+                try:
+                    key = vip_key(request.id) if request.HasField("id") else None
+                    first = self.ctrl.watch_health(key, listen, request.snapshot)
+                except L4lbError as e:
+                    context.abort(_status(e), details(e))
+                try:
+                    context.send_initial_metadata(())  # the client can tell that the stream is open
+                    for event in first:
+                        yield event_msg(event)
+                    while (events := feed.take()) is not None:
+                        for event in events:
+                            yield event_msg(event)
+                finally:
+                    self.ctrl.unwatch_health(listen)
+        finally:
+            with self._wakers_lock:
+                self._wakers.discard(feed)
+        if self.stopping.is_set():
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the server is stopping; reconnect when it is back")
+        if feed.overflowed:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"the client fell {MAX_QUEUED_EVENTS} transitions behind; "
+                          "reconnect (with snapshot) to resync")
+
     @rpc
     def SetGateway(self, request, context):
         which = request.WhichOneof("target")
@@ -223,7 +304,11 @@ class LoadBalancerServicer(pb_grpc.LoadBalancerServicer):
     def GetStatus(self, request, context):
         s = self.ctrl.status()
         cap = self.ctrl.capacity
-        return pb.Status(interface=s["interface"], attach_mode=s["attach_mode"],
+        ann = self.announcer
+        digests = [pb.VipDigest(id=pb.VipId(address=k.address, port=k.port, protocol=k.protocol), ring=r, backends=b)
+                   for k, r, b in vip_digests(self.ctrl)]
+        return pb.Status(announce_table=ann.table if ann else 0, drained=bool(ann and ann.drained),
+                         announced=ann.announced() if ann else [], digests=digests,interface=s["interface"], attach_mode=s["attach_mode"],
                          program_id=s["program_id"], vips=s["vips"], backends=s["backends"],
                          uptime_seconds=s["uptime"], conntrack_used=s["conntrack_used"],
                          capacity=pb.Capacity(max_vips=cap.max_vips, max_backends=cap.max_backends,
@@ -236,7 +321,9 @@ class LoadBalancerServicer(pb_grpc.LoadBalancerServicer):
             raise ValidationError("flow lookup is not available on this server")
         verdict, backend, from_ct = self.lookup_flow(request.src, request.dst, request.sport,
                                                      request.dport, request.protocol)
-        return pb.LookupFlowResponse(verdict=verdict, backend=backend, from_conntrack=from_ct)
+        key, hashed_on = self.ctrl.vip_of_flow(request.dst, request.dport, request.protocol)
+        return pb.LookupFlowResponse(verdict=verdict, backend=backend, from_conntrack=from_ct,
+                                     vip=str(key) if key else "", hashed_on=hashed_on)
 
     @rpc
     def ListFlows(self, request, context):
@@ -286,3 +373,11 @@ class LoadBalancerServicer(pb_grpc.LoadBalancerServicer):
     def FlushFlows(self, request, context):
         key = vip_key(request.id if request.HasField("id") else None)
         return pb.FlushFlowsResponse(flushed=self.ctrl.flush_flows(key))
+
+    @rpc
+    def SetDrain(self, request, context):
+        if self.announcer is None:
+            raise StateError("this node announces no VIPs (start `l4lb run` with --announce); "
+                             "there is nothing to drain")
+        announced = self.announcer.set_drained(request.drained)
+        return pb.NodeState(announce_table=self.announcer.table, drained=self.announcer.drained, announced=announced)

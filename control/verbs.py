@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from l4lb import consts
+from l4lb.announce import DEFAULT_TABLE
 from l4lb.errors import ValidationError, shown
 from l4lb.model import parse_decimal, parse_port
 
@@ -46,12 +47,30 @@ def client(args) -> Client:
     return Client(args.server, tls_ca=args.tls_ca, cert=args.tls_cert_client, key=args.tls_key_client)
 
 
-def add_connection(p):
-    """The connection options every gRPC verb takes."""
-    p.add_argument("--server", default=DEFAULT_SOCKET, help=f"gRPC address (default {DEFAULT_SOCKET})")
+def add_connection(p, many: bool = False):
+    """The connection options every gRPC verb takes; with many, --server repeats (one call per node)."""
+    if many:
+        p.add_argument("--server", action="append", default=None,
+                       help=f"gRPC address, repeatable: every node of a fleet (default {DEFAULT_SOCKET})")
+    else:
+        p.add_argument("--server", default=DEFAULT_SOCKET, help=f"gRPC address (default {DEFAULT_SOCKET})")
     p.add_argument("--tls-ca", help="CA certificate to verify a TLS server")
     p.add_argument("--tls-cert-client", help="client certificate (when the server asks for one)")
     p.add_argument("--tls-key-client", help="client key")
+
+
+def servers(args) -> list[str]:
+    """The --server addresses of a verb that takes several; a single one becomes args.server."""
+    many = args.server or [DEFAULT_SOCKET]
+    if len(set(many)) != len(many):
+        raise ValidationError("--server: an address is given twice")
+    args.server = many[0]
+    return many
+
+
+def client_for(args):
+    """Makes a client for one address with the TLS options of args."""
+    return lambda address: Client(address, tls_ca=args.tls_ca, cert=args.tls_cert_client, key=args.tls_key_client)
 
 
 def add_run(sub) -> None:
@@ -78,6 +97,9 @@ def add_run(sub) -> None:
     r.add_argument("--detach", action="store_true", help="detach and remove pinned maps on exit")
     r.add_argument("--force", action="store_true", help="replace an XDP program that is not l4lb's")
     r.add_argument("--state-dir", default=consts.STATE_ROOT)
+    r.add_argument("--announce", nargs="?", const=str(DEFAULT_TABLE), metavar="TABLE",
+                   help="announce live VIPs as host routes in this kernel routing table, for the node's "
+                        f"routing daemon to export (default table {DEFAULT_TABLE}; see l4lb bird-config)")
     r.add_argument("--max-vips", type=whole_number, default=consts.DEFAULT_MAX_VIPS)
     r.add_argument("--max-backends", type=whole_number, default=consts.DEFAULT_MAX_BACKENDS)
     r.add_argument("--ct-size", type=whole_number, default=consts.DEFAULT_CT_SIZE)
@@ -179,9 +201,10 @@ def cmd_capture(args) -> int:
 
 
 def add_status(sub) -> None:
-    ss = sub.add_parser("status", help="interface, program, capacity")
+    ss = sub.add_parser("status", help="interface, program, capacity; with several --server, whether the "
+                                       "nodes hold identical tables")
     ss.set_defaults(func=cmd_status)
-    add_connection(ss)
+    add_connection(ss, many=True)
 
 
 def add_apply(sub) -> None:
@@ -189,7 +212,7 @@ def add_apply(sub) -> None:
     ap.add_argument("-f", dest="file", required=True)
     ap.add_argument("--dry-run", action="store_true", help="validate and list the changes, change nothing")
     ap.set_defaults(func=cmd_apply)
-    add_connection(ap)
+    add_connection(ap, many=True)
 
 
 def add_lookup(sub) -> None:
@@ -385,46 +408,66 @@ _GONE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode
 
 
 def _watch_stats(args, req) -> int:
-    """Streams until Ctrl-C. When the server goes (a restart), says so once on
-    stderr and reconnects, waiting longer between attempts up to RECONNECT_MAX."""
+    """A live view of rates until Ctrl-C (follow() reconnects when the server restarts)."""
     from rich.live import Live  # noqa: PLC0415
 
-    wait, waiting = RECONNECT_FIRST, False
-    prev = None
     live = Live(console=out, auto_refresh=False, transient=False) if out.is_terminal else None
+    prev: list = [None]
+
+    def show(s: pb.Stats) -> None:
+        view = _rates_view(prev[0], s, req.interval_seconds)
+        prev[0] = s
+        if live is not None:
+            if not live.is_started:
+                live.start()
+            live.update(view, refresh=True)
+        else:  # not a terminal: one view after another
+            out.print(view)
     try:
-        while True:
-            try:
-                with client(args) as c:
-                    for s in c.stub.WatchStats(req):
-                        if waiting:
-                            print("l4lb: reconnected", file=sys.stderr, flush=True)
-                        wait, waiting = RECONNECT_FIRST, False
-                        view = _rates_view(prev, s, req.interval_seconds)
-                        prev = s
-                        if live is not None:
-                            if not live.is_started:
-                                live.start()
-                            live.update(view, refresh=True)
-                        else:  # not a terminal: one view after another
-                            out.print(view)
-                reason = "the server ended the stream"
-            except grpc.RpcError as e:
-                if e.code() not in _GONE:
-                    raise
-                reason = f"{e.code().name}: {e.details()}"
-            if not waiting:
-                print(f"l4lb: lost the server ({reason}); reconnecting to {args.server} until Ctrl-C",
-                      file=sys.stderr, flush=True)
-                waiting = True
-            time.sleep(wait)
-            wait = min(wait * 2, RECONNECT_MAX)
+        return follow(args, lambda c: c.stub.WatchStats(req), show)
     finally:
         if live is not None and live.is_started:
             live.stop()
 
 
+def follow(args, open_call, on_message) -> int:
+    """Follows a server stream (open_call(client) starts it) until Ctrl-C,
+    on_message(message) for each message. When the server goes (a restart),
+    says so once on stderr and reconnects, waiting longer between attempts up
+    to RECONNECT_MAX; errors other than the server's absence end it."""
+    wait, waiting = RECONNECT_FIRST, False
+    while True:
+        try:
+            with client(args) as c:
+                call = open_call(c)
+                call.initial_metadata()  # the server took the call (or it failed: the loop below raises)
+                if waiting and not call.done():
+                    print("l4lb: reconnected", file=sys.stderr, flush=True)
+                    wait, waiting = RECONNECT_FIRST, False
+                for message in call:
+                    if waiting:
+                        print("l4lb: reconnected", file=sys.stderr, flush=True)
+                        wait, waiting = RECONNECT_FIRST, False
+                    on_message(message)
+            reason = "the server ended the stream"
+        except grpc.RpcError as e:
+            if e.code() not in _GONE:
+                raise
+            reason = f"{e.code().name}: {e.details()}"
+        if not waiting:
+            print(f"l4lb: lost the server ({reason}); reconnecting to {args.server} until Ctrl-C",
+                  file=sys.stderr, flush=True)
+            waiting = True
+        time.sleep(wait)
+        wait = min(wait * 2, RECONNECT_MAX)
+
+
 def cmd_status(args) -> int:
+    many = servers(args)
+    if len(many) > 1:
+        from .fleet_cli import status_many  # noqa: PLC0415
+
+        return status_many(many, client_for(args))
     with client(args) as c:
         s = c.call("GetStatus", pb.GetStatusRequest())
     t = Table(title="l4lb")
@@ -434,6 +477,9 @@ def cmd_status(args) -> int:
             ("connection table", f"{s.conntrack_used} / {s.capacity.conntrack_entries}"),
             ("ring size", str(s.capacity.ring_size)),
             ("kernel memory", f"{s.capacity.kernel_bytes / 2**20:.1f} MiB"), ("uptime", f"{s.uptime_seconds:.0f} s")]
+    if s.announce_table:
+        rows += [("announce table", str(s.announce_table)), ("drained", "yes" if s.drained else "no"),
+                 ("announced", ", ".join(s.announced) or "none")]
     for r in rows:
         t.add_row(*r)
     out.print(t)
@@ -452,6 +498,8 @@ def cmd_lookup(args) -> int:
     with client(args) as c:
         r = c.call("LookupFlow", pb.LookupFlowRequest(src=src, dst=dst, sport=sport, dport=dport, protocol=args.protocol))
     out.print(f"{r.verdict}" + (f" -> {r.backend}" if r.backend else ""))
+    if r.vip:
+        out.print(f"VIP {r.vip}, backend picked by {r.hashed_on}")
     return 0
 
 
@@ -471,7 +519,12 @@ def cmd_apply(args) -> int:
     entry, the runtime settings included, or nothing."""
     from l4lb.config import load_config  # noqa: PLC0415
 
+    many = servers(args)
     load_config(args.file)  # a bad file is named here, before any call
+    if len(many) > 1:
+        from .fleet_cli import apply_many  # noqa: PLC0415
+
+        return apply_many(args, many, client_for(args))
     text = Path(args.file).read_text()
     with client(args) as c:
         r = c.call("Apply", pb.ApplyRequest(config_yaml=text, dry_run=args.dry_run))

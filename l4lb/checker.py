@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 
 from .controller import Controller
 from .model import VipKey
@@ -65,16 +66,16 @@ class HealthChecker:
         self.prober.set_targets(want)
 
     def _on_transition(self, key: tuple[VipKey, str], up: bool, reason: str, latency_s: float) -> None:
-        self._events.put((key, up, reason))
+        self._events.put((key, up, reason, time.time()))
 
     def _apply(self) -> None:
         while True:
             item = self._events.get()
             if item is None:
                 return
-            (vip, addr), up, reason = item
+            (vip, addr), up, reason, at = item
             try:
-                self.ctrl.report_health(vip, addr, up, reason)
+                self.ctrl.report_health(vip, addr, up, reason, at)
             except Exception as e:  # a failed commit: the next transition or start retries
                 log.error("health: cannot apply %s %s -> %s: %s", vip, addr, "up" if up else "down", e)
 

@@ -31,7 +31,11 @@ DEFAULT_CT_SIZE = 262144  # connection-table entries (shared by all CPUs)
 # --- per-VIP flags (vip_meta.flags) -----------------------------------------
 VIP_F_NO_SPORT = 1 << 0  # hash without the source port (e.g. QUIC, multi-flow clients)
 VIP_F_NO_CONNTRACK = 1 << 1  # Maglev alone: never read or write the connection table
-VIP_FLAGS = {"no_source_port": VIP_F_NO_SPORT, "no_conntrack": VIP_F_NO_CONNTRACK}
+# hash the two addresses alone (no ports, no protocol): a client reaches one
+# backend on every VIP of that address with the same backends (FTP, SIP, iperf3)
+VIP_F_CLIENT_AFFINITY = 1 << 2
+VIP_FLAGS = {"no_source_port": VIP_F_NO_SPORT, "no_conntrack": VIP_F_NO_CONNTRACK,
+             "client_affinity": VIP_F_CLIENT_AFFINITY}
 
 # --- backend flags (backend.flags) ---------------------------------------------
 BACKEND_F_VALID = 1 << 0  # slot holds a live backend (0: free or removed)
@@ -191,6 +195,7 @@ def cflags(cap: Capacity) -> list[str]:
         "FLOW_HASH_SEED": FLOW_HASH_SEED,
         "VIP_F_NO_SPORT": VIP_F_NO_SPORT,
         "VIP_F_NO_CONNTRACK": VIP_F_NO_CONNTRACK,
+        "VIP_F_CLIENT_AFFINITY": VIP_F_CLIENT_AFFINITY,
         "BACKEND_F_VALID": BACKEND_F_VALID,
         "FAMILY_V4": FAMILY_V4,
         "FAMILY_V6": FAMILY_V6,

@@ -24,6 +24,7 @@ from . import bpf, faults, netlink
 from .config import LbConfig
 from .dataplane import Dataplane, RuntimeConfig
 from .errors import AlreadyExistsError, L4lbError, NotFoundError, PersistError, StateError, ValidationError
+from .health import HealthEvent
 from .lookup import lookup_flow
 from .model import (VipKey, VipSpec, check_backend_family, parse_address, parse_flags, parse_mac,
                     parse_weight)
@@ -74,6 +75,9 @@ class Controller:
         self._committer: threading.Thread | None = None
         self.on_commit: list = []  # called (no arguments, no lock held) after each commit that changed something
         self.health_details = lambda key: {}  # {backend: (last result, latency, since)} from a checker
+        # called with each HealthEvent once its commit is done, under self.lock (so a
+        # watch's snapshot and its events never overlap or leave a gap): never block
+        self._health_listeners: list = []
 
     @property
     def state(self) -> LbModel:
@@ -257,6 +261,13 @@ class Controller:
         except L4lbError as e:
             for p in ok:
                 p.error = e
+            return
+        for event in ctx.get("health_events", ()):
+            for fn in list(self._health_listeners):
+                try:
+                    fn(event)
+                except Exception as e:  # noqa: BLE001  a watcher's failure is not the commit's
+                    log.error("health watcher: %s", e)
 
     # ---- VIPs --------------------------------------------------------------------------
     def add_vip(self, key: VipKey, flags, backends: list[tuple[str, int]]):
@@ -290,14 +301,22 @@ class Controller:
             return m.get(key).clone()
         return self._commit(change)
 
-    def report_health(self, key: VipKey, address: str, up: bool, reason: str = "") -> None:
-        """A prober's verdict: a backend went up or down. Logged on one line; a
-        VIP entering or leaving panic is logged too."""
-        def change(m, _):
+    def report_health(self, key: VipKey, address: str, up: bool, reason: str = "",
+                      at: float | None = None) -> None:
+        """A prober's verdict at unix time `at`: a backend went up or down.
+        Logged on one line; a VIP entering or leaving panic is logged too;
+        health watchers get the event."""
+        at = time.time() if at is None else at
+
+        def change(m, ctx):
             vip = m.get(key)
             was_down, was_panic = address in vip.down, vip.effective()[1]
             m.set_backend_health(key, address, up)
-            return was_down, was_panic, m.get(key).effective()[1]
+            panic = m.get(key).effective()[1]
+            if was_down == up:
+                ctx.setdefault("health_events", []).append(HealthEvent(
+                    key, address, "down" if was_down else "up", "up" if up else "down", reason, at, panic))
+            return was_down, was_panic, panic
         try:
             was_down, was_panic, panic = self._commit(change)
         except NotFoundError:
@@ -308,6 +327,35 @@ class Controller:
         if panic != was_panic:
             log.warning("health: VIP %s %s panic: %s", key, "enters" if panic else "leaves",
                         "too few backends are up, every backend serves" if panic else "enough backends are up")
+
+    def watch_health(self, key: VipKey | None, listener, snapshot: bool = False) -> list[HealthEvent]:
+        """Registers listener(HealthEvent) for every transition from now on
+        (of VIP key, or of every VIP). Returns the snapshot (each backend of
+        each checked VIP as it stands) when asked: taken under the lock that
+        transitions are delivered under, so that none is missed or repeated.
+        NotFoundError for a VIP that does not exist."""
+        with self.lock:
+            vips = [self.model.get(key)] if key else list(self.model.vips.values())
+            first = []
+            for v in vips if snapshot else ():
+                if v.health is None:
+                    continue
+                panic = v.effective()[1]
+                details = self.health_details(v.key)
+                for a in sorted(v.backends):
+                    reason, _latency, since = details.get(a, ("", 0.0, 0.0))
+                    first.append(HealthEvent(v.key, a, "", "down" if a in v.down else "up", reason, since,
+                                             panic, snapshot=True))
+            if key is None:
+                self._health_listeners.append(listener)
+            else:
+                self._health_listeners.append(_only(key, listener))
+            return first
+
+    def unwatch_health(self, listener) -> None:
+        with self.lock:
+            self._health_listeners = [fn for fn in self._health_listeners
+                                      if fn is not listener and getattr(fn, "listener", None) is not listener]
 
     # ---- backends ------------------------------------------------------------------------
     def add_backends(self, key: VipKey, backends: list[tuple[str, int]]):
@@ -438,6 +486,25 @@ class Controller:
         with self.lock:
             return lookup_flow(self.dp.prog, src, dst, sport, dport, protocol)
 
+    def vip_of_flow(self, dst: str, dport: int, protocol: str):
+        """The VIP a flow to dst:dport/protocol belongs to (the exact port
+        first, then the address's port-less VIP), and what its backend is
+        picked by; (None, "") for no VIP."""
+        for port in (dport, 0):
+            try:
+                key = VipKey.parse(dst, port, protocol)
+            except L4lbError:
+                return None, ""
+            with self.lock:
+                vip = self.model.vips.get(key)
+            if vip is not None:
+                if "client_affinity" in vip.flags:
+                    return key, "client address (client_affinity)"
+                if "no_source_port" in vip.flags:
+                    return key, "addresses, destination port, protocol (no_source_port)"
+                return key, "addresses, ports, protocol"
+        return None, ""
+
     def stats(self, key: VipKey | None = None):
         """(global counters, [(VIP, its counters)]): a VIP's counters are
         packets, bytes, new_flows and backends ({address: packets, bytes,
@@ -493,6 +560,19 @@ class Snapshot:
         out["new_flows"] = int(self._flows[v.vip_id][0])
         out["backends"] = {a: self.backend_counters(a) for a in sorted(v.backends)}
         return out
+
+
+class _only:
+    """A listener that hears one VIP's events."""
+
+    __slots__ = ("key", "listener")
+
+    def __init__(self, key: VipKey, listener):
+        self.key, self.listener = key, listener
+
+    def __call__(self, event: HealthEvent) -> None:
+        if event.vip == self.key:
+            self.listener(event)
 
 
 def describe_step(kind: str, obj) -> str:

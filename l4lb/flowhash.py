@@ -20,6 +20,15 @@ def flow_hash(src: str, dst: str, sport: int, dport: int, proto: int) -> int:
     return mmh3.hash(flow_bytes(src, dst, sport, dport, proto), FLOW_HASH_SEED, signed=False)
 
 
+def vip_flow_hash(src: str, dst: str, sport: int, dport: int, proto: int, flags) -> int:
+    """The hash that picks a new flow's backend on a VIP with these flags
+    (xdp/hash.h vip_flow_hash): client_affinity hashes the addresses alone,
+    no_source_port the flow with source port 0."""
+    if "client_affinity" in flags:
+        return flow_hash(src, dst, 0, 0, 0)
+    return flow_hash(src, dst, 0 if "no_source_port" in flags else sport, dport, proto)
+
+
 def ring_slot(hash_: int, ring_size: int) -> int:
     """(hash * M) >> 32, as xdp/hash.h computes it."""
     return (hash_ * ring_size) >> 32

@@ -116,6 +116,21 @@ def parse_health(doc, what: str = "health") -> HealthCheck | None:
     return check
 
 
+@dataclass(frozen=True)
+class HealthEvent:
+    """A backend's transition as committed (what WatchHealth streams), or, in
+    a snapshot, its state when the watch began (old empty, snapshot set)."""
+
+    vip: object  # model.VipKey
+    backend: str
+    old: str  # "up", "down"; "" in a snapshot
+    new: str
+    reason: str  # the probe result that made it
+    time: float  # unix time of the transition
+    panic: bool  # the VIP is in panic after it
+    snapshot: bool = False
+
+
 def effective_weights(backends: dict[str, int], down: frozenset[str],
                       check: HealthCheck | None) -> tuple[dict[str, int], bool]:
     """The weights the ring is built from, and whether the VIP is in panic."""

@@ -1,10 +1,13 @@
 """The only pyroute2 importer: interface facts, the attached XDP program,
-neighbour resolution, and the probes' tc egress filter (clsact). (Attaching
-XDP goes through l4lb.libbpf.)"""
+neighbour resolution, the probes' tc egress filter (clsact), and the host
+routes that announce VIPs (l4lb/announce.py). (Attaching XDP goes through
+l4lb.libbpf.)"""
 from __future__ import annotations
 
 import errno
 import json
+import ipaddress
+import socket
 import subprocess
 
 from pyroute2 import IPRoute
@@ -38,6 +41,15 @@ def xdp_program(ifname: str) -> tuple[int, str, str] | None:
     r = subprocess.run(["bpftool", "-j", "prog", "show", "id", str(prog_id)], capture_output=True, text=True)
     info = json.loads(r.stdout) if r.returncode == 0 and r.stdout else {}
     return prog_id, info.get("name", ""), info.get("tag", "")
+
+
+def xdp_prog_id(ifname: str) -> int:
+    """The id of the XDP program attached to ifname (0: none); no bpftool call."""
+    with IPRoute() as ipr:
+        idx = ipr.link_lookup(ifname=ifname)
+        links = ipr.get_links(idx[0]) if idx else []
+    xdp = links[0].get_attr("IFLA_XDP") if links else None
+    return (xdp.get_attr("IFLA_XDP_PROG_ID") or 0) if xdp else 0
 
 
 def resolve_mac(ifname: str, ip: str) -> str:
@@ -126,3 +138,52 @@ def tc_egress_filters(ifname: str) -> list[tuple[int, str]]:
 def has_clsact(ifname: str) -> bool:
     with IPRoute() as ipr:
         return _has_clsact(ipr, ifindex(ifname))
+
+
+# ---- announcement routes -------------------------------------------------------------
+# A VIP is announced by a host route (/32, /128) of type blackhole in a table of
+# its own, tagged with a protocol number of its own: no rule points a lookup at
+# that table, so the routes change nothing in this host's forwarding; a routing
+# daemon (BIRD's kernel protocol with `learn`) imports them and exports them.
+
+def _route_family(address: str) -> tuple[int, int]:
+    ip = ipaddress.ip_address(address)
+    return (socket.AF_INET6, 128) if ip.version == 6 else (socket.AF_INET, 32)
+
+
+def host_routes(table: int, proto: int) -> set[str]:
+    """Destinations of the host routes of protocol `proto` in `table`."""
+    out = set()
+    with IPRoute() as ipr:
+        for fam in (socket.AF_INET, socket.AF_INET6):
+            try:
+                routes = ipr.get_routes(family=fam, table=table)
+            except NetlinkError as e:
+                if e.code == errno.ENOENT:
+                    continue
+                raise BpfError(f"cannot read routing table {table}: {e}") from e
+            for r in routes:
+                if r["proto"] != proto or r["dst_len"] != (128 if fam == socket.AF_INET6 else 32):
+                    continue
+                if (r.get_attr("RTA_TABLE") or r["table"]) != table:
+                    continue
+                out.add(str(ipaddress.ip_address(r.get_attr("RTA_DST"))))
+    return out
+
+
+def set_host_routes(table: int, proto: int, add: list[str], remove: list[str]) -> None:
+    """Adds (replace: idempotent) and removes host routes in `table`."""
+    with IPRoute() as ipr:
+        for a in add:
+            fam, plen = _route_family(a)
+            try:
+                ipr.route("replace", dst=a, dst_len=plen, family=fam, table=table, proto=proto, type="blackhole")
+            except NetlinkError as e:
+                raise BpfError(f"cannot add the route {a}/{plen} to table {table}: {e}") from e
+        for a in remove:
+            fam, plen = _route_family(a)
+            try:
+                ipr.route("del", dst=a, dst_len=plen, family=fam, table=table, proto=proto, type="blackhole")
+            except NetlinkError as e:
+                if e.code not in (errno.ESRCH, errno.ENOENT):
+                    raise BpfError(f"cannot remove the route {a}/{plen} from table {table}: {e}") from e

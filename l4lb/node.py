@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from . import bpf, consts, netlink
+from .announce import Announcer, withdraw_saved
 from .checker import HealthChecker
 from .config import LbConfig, check_capacity
 from .controller import Controller
@@ -36,6 +37,7 @@ class NodeOptions:
     attach_mode: str = "auto"  # auto, native or generic
     force: bool = False  # replace an XDP program that is not l4lb's
     config: LbConfig | None = None  # the desired state to apply at start
+    announce_table: int | None = None  # announce live VIPs as host routes in this table (announce.py)
 
 
 def lock_interface(ifname: str, root: Path = Path(consts.LOCK_ROOT)) -> int:
@@ -64,6 +66,7 @@ class LbNode:
         self.adopted = adopted
         self.checker: HealthChecker | None = None
         self.probe_encap = None  # bpf.TcProgram, once a tunnel probe needs it
+        self.announcer: Announcer | None = None
 
     @property
     def pin_dir(self) -> Path:
@@ -139,6 +142,18 @@ class LbNode:
         node._attach(saved if pinned else None)
         node.checker = HealthChecker(ctrl, ensure_tunnel=node._ensure_probe_encap)
         ctrl.health_details = node.checker.details
+        if opts.announce_table:
+            # the program this run attached, or the one it kept running (adopted: not prog's own id)
+            prog_id = netlink.xdp_prog_id(ifname)
+            node.announcer = Announcer(ctrl, opts.announce_table, opts.state_dir / ifname / "announce.json",
+                                       attached=lambda: prog_id != 0 and netlink.xdp_prog_id(ifname) == prog_id)
+            node.announcer.start()
+            log.info("announcing live VIPs in routing table %d%s", opts.announce_table,
+                     " (drained: none now)" if node.announcer.drained else "")
+        else:
+            gone = withdraw_saved(opts.state_dir / ifname / "announce.json")
+            if gone:
+                log.warning("withdrew %d VIP routes a run with --announce left (this run announces nothing)", gone)
         return node
 
     def _ensure_probe_encap(self) -> None:
@@ -175,6 +190,8 @@ class LbNode:
         removes it, its pinned maps and the saved state."""
         if self.checker:
             self.checker.stop()
+        if self.announcer:
+            self.announcer.stop(withdraw=detach)  # routes go before the program does
         if detach:
             if self.probe_encap is not None:
                 self.probe_encap.detach(remove_qdisc=True)  # no trace: the qdisc too, unless others use it

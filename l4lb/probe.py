@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import heapq
 import ipaddress
 import logging
 import os
+import select
 import socket
 import struct
 import threading
@@ -66,6 +68,7 @@ class Target:
     def __post_init__(self):
         ip = ipaddress.ip_address(self.address)  # ValueError names the bad address
         object.__setattr__(self, "_family", socket.AF_INET6 if ip.version == 6 else socket.AF_INET)
+        object.__setattr__(self, "_sockaddr", (self.address, self.port))
         if self.kind not in KINDS:
             raise ValueError(f"probe kind {self.kind!r}: use one of {', '.join(KINDS)}")
         if self.initial not in STATES:
@@ -82,6 +85,10 @@ class Target:
     def family(self) -> int:
         """socket.AF_INET or AF_INET6, from the address (parsed once: probes read it often)."""
         return self._family
+
+    @property
+    def sockaddr(self) -> tuple[str, int]:
+        return self._sockaddr
 
     def request(self) -> bytes:
         host = self.http_host or (f"[{self.address}]" if ":" in self.address else self.address)
@@ -106,27 +113,58 @@ class ProbeFailed(Exception):
     """A probe's failure, with the reason it reports."""
 
 
-@dataclass
 class _Entry:
-    target: Target
-    status: Status
-    due: float = 0.0  # loop time of the next probe
-    timer: asyncio.TimerHandle | None = None
-    task: "asyncio.Task | _Connect | None" = None  # the probe in flight
-    gen: int = 0  # bumped when the entry's target changes: a late result of the old one is dropped
+    """A target and its probing: where it stands in the wheel, its TCP probe
+    in flight (socket, fd, start), or its HTTP probe's task."""
+
+    __slots__ = ("target", "status", "due", "slot", "deadline", "sock", "fd", "start", "task", "gen")
+
+    def __init__(self, target: Target, status: Status):
+        self.target, self.status = target, status
+        self.due = 0.0  # loop time of the next probe
+        self.slot = -1  # the wheel slot of the next probe; -1: none scheduled
+        self.deadline = -1  # the wheel slot where the TCP probe in flight times out
+        self.sock: socket.socket | None = None  # the TCP probe in flight
+        self.fd = -1
+        self.start = 0.0
+        self.task: asyncio.Task | None = None  # the HTTP probe in flight
+        self.gen = 0  # bumped when the target changes: a late result of the old one is dropped
+
+
+TICK = 0.005  # seconds: the wheel's slot; probes start and time out on these boundaries (never early)
+_FAILED = select.EPOLLERR | select.EPOLLHUP
+_SOCK_TYPE = socket.SOCK_STREAM | socket.SOCK_NONBLOCK  # no extra system call to make it non-blocking
 
 
 class Prober:
     """Probes its targets until stop(). on_transition(key, up, reason,
     latency_s) runs on the prober's thread; keep it short (hand work to
     another thread), since probes wait while it runs. Exceptions from it are
-    logged and otherwise ignored."""
+    logged and otherwise ignored.
+
+    One timer wheel drives every target: slot n (TICK seconds each) lists the
+    targets whose next probe starts then and the TCP probes that time out
+    then, and the loop has one timer, for the earliest slot. TCP connects are
+    plain non-blocking sockets in an epoll set of the prober's own, whose fd
+    the loop watches: no task, future, transport or timer handle per probe,
+    and no system call a probe does not need (the socket is made
+    non-blocking when created; closing it leaves the epoll set; SO_ERROR is
+    read only when the connect failed). HTTP probes are asyncio tasks,
+    started by the wheel."""
 
     def __init__(self, on_transition: Callable[[Hashable, bool, str, float], None]):
         self._on_transition = on_transition
         self._entries: dict[Hashable, _Entry] = {}
         self._lock = threading.Lock()  # guards the Status values results() reads
         self._stopping = False
+        self._starts: dict[int, list[_Entry]] = {}  # slot -> targets whose probe starts then
+        self._expiries: dict[int, list[_Entry]] = {}  # slot -> TCP probes that time out then
+        self._slots: list[int] = []  # heap of the slots above (a slot may appear twice)
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_slot = -1
+        self._ticking = False
+        self._inflight: dict[int, _Entry] = {}  # fd -> target, TCP probes waiting in the epoll set
+        self._epoll = select.epoll()
         self._loop = asyncio.new_event_loop()
         self._started = threading.Event()
         self._thread = threading.Thread(target=self._run, name="l4lb-prober", daemon=True)
@@ -173,14 +211,19 @@ class Prober:
     # ---- the loop's side ---------------------------------------------------------------
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
+        self._loop.add_reader(self._epoll.fileno(), self._connected)
         self._loop.call_soon(self._started.set)
         try:
             self._loop.run_forever()
         finally:
+            self._loop.remove_reader(self._epoll.fileno())
+            self._epoll.close()
             self._loop.close()
 
     def _shutdown(self) -> None:
         self._stopping = True
+        if self._timer:
+            self._timer.cancel()
         for e in self._entries.values():
             self._cancel(e)
 
@@ -193,11 +236,12 @@ class Prober:
 
         self._loop.create_task(drain())
 
-    @staticmethod
-    def _cancel(e: _Entry) -> None:
-        if e.timer:
-            e.timer.cancel()
-            e.timer = None
+    def _cancel(self, e: _Entry) -> None:
+        e.slot = -1  # a start still listed in the wheel is skipped
+        if e.sock is not None:
+            del self._inflight[e.fd]
+            e.sock.close()
+            e.sock, e.fd, e.deadline = None, -1, -1
         if e.task:
             e.task.cancel()
             e.task = None
@@ -223,17 +267,113 @@ class Prober:
                         fresh.append(e)
         # the new ones' first probes spread evenly over their interval
         for i, e in enumerate(fresh):
-            e.due = now + e.target.interval * i / len(fresh)
-            e.timer = self._loop.call_at(e.due, self._launch, e)
+            self._schedule(e, now + e.target.interval * i / len(fresh))
 
-    def _launch(self, e: _Entry) -> None:
-        e.timer = None
+    # -- the wheel
+    def _schedule(self, e: _Entry, due: float) -> None:
+        e.due = due
+        e.slot = slot = int(due / TICK) + 1
+        starts = self._starts.get(slot)
+        if starts is None:
+            self._starts[slot] = [e]
+            self._wake_at(slot)
+        else:
+            starts.append(e)
+
+    def _wake_at(self, slot: int) -> None:
+        heapq.heappush(self._slots, slot)
+        if self._ticking:
+            return  # _tick sets the timer when it is done
+        if self._timer is None or slot < self._timer_slot:
+            if self._timer:
+                self._timer.cancel()
+            self._timer_slot = slot
+            self._timer = self._loop.call_at(slot * TICK, self._tick)
+
+    def _tick(self) -> None:
+        """Runs the slots that are due: expiries first, then starts."""
+        self._timer = None
         if self._stopping:
             return
-        if e.target.kind == "tcp":
-            e.task = _Connect(self, e, self._loop)
-        else:
+        slots, starts, expiries = self._slots, self._starts, self._expiries
+        now_slot = int(self._loop.time() / TICK + 1e-3)  # the loop may call a little early
+        self._ticking = True
+        try:
+            while slots and slots[0] <= now_slot:
+                n = heapq.heappop(slots)
+                for e in expiries.pop(n, ()):
+                    if e.deadline == n and e.sock is not None:
+                        self._expire(e)
+                for e in starts.pop(n, ()):
+                    if e.slot == n:
+                        self._launch(e)
+        finally:
+            self._ticking = False
+        if slots:
+            self._timer_slot = slots[0]
+            self._timer = self._loop.call_at(slots[0] * TICK, self._tick)
+
+    def _launch(self, e: _Entry) -> None:
+        e.slot = -1
+        t = e.target
+        if t.kind != "tcp":
             e.task = self._loop.create_task(self._http_probe(e, e.gen))
+            return
+        start = self._loop.time()
+        try:
+            sock = socket.socket(t.family, _SOCK_TYPE)
+        except OSError as ex:
+            self._finish(e, e.gen, False, _why(ex), 0.0)
+            return
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
+            if t.mark:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, t.mark)
+            err = sock.connect_ex(t.sockaddr)
+            if err == errno.EINPROGRESS:
+                fd = sock.fileno()
+                self._epoll.register(fd, select.EPOLLOUT)
+        except OSError as ex:
+            sock.close()
+            self._finish(e, e.gen, False, _why(ex), self._loop.time() - start)
+            return
+        if err != errno.EINPROGRESS:
+            sock.close()
+            self._finish(e, e.gen, not err, os.strerror(err) if err else "connected", self._loop.time() - start)
+            return
+        e.sock, e.fd, e.start = sock, fd, start
+        self._inflight[fd] = e
+        e.deadline = slot = int((start + t.timeout) / TICK) + 1
+        expiries = self._expiries.get(slot)
+        if expiries is None:
+            self._expiries[slot] = [e]
+            self._wake_at(slot)
+        else:
+            expiries.append(e)
+
+    def _connected(self) -> None:
+        """The epoll set says some connects finished (or failed)."""
+        now = self._loop.time()
+        inflight = self._inflight
+        for fd, events in self._epoll.poll(0):
+            e = inflight.pop(fd, None)
+            if e is None:
+                continue
+            sock = e.sock
+            if events & _FAILED:
+                err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                ok, reason = False, os.strerror(err) if err else "connection failed"
+            else:
+                ok, reason = True, "connected"
+            sock.close()  # a RST (SO_LINGER 0); the fd leaves the epoll set with it
+            e.sock, e.fd, e.deadline = None, -1, -1
+            self._finish(e, e.gen, ok, reason, now - e.start)
+
+    def _expire(self, e: _Entry) -> None:
+        del self._inflight[e.fd]
+        e.sock.close()
+        e.sock, e.fd, e.deadline = None, -1, -1
+        self._finish(e, e.gen, False, _timed_out(e.target), self._loop.time() - e.start)
 
     def _finish(self, e: _Entry, gen: int, ok: bool, reason: str, latency: float) -> None:
         """A probe's result: counted, and the target's next probe scheduled."""
@@ -242,23 +382,27 @@ class Prober:
         e.task = None
         self._record(e, ok, reason, latency)
         # the next probe keeps the target's place in the interval (no drift, no bunching)
-        e.due = max(e.due + e.target.interval, self._loop.time())
-        e.timer = self._loop.call_at(e.due, self._launch, e)
+        due = e.due + e.target.interval
+        self._schedule(e, due if due > (now := self._loop.time()) else now)
 
     def _record(self, e: _Entry, ok: bool, reason: str, latency: float) -> None:
         t, s = e.target, e.status
-        successes = s.successes + 1 if ok else 0
-        failures = 0 if ok else s.failures + 1
-        state, since = s.state, s.since
-        if ok and state != "up" and successes >= t.rise:
-            state, since = "up", time.time()
-        elif not ok and state != "down" and failures >= t.fall:
-            state, since = "down", time.time()
+        if ok:
+            successes, failures = s.successes + 1, 0
+            flip = s.state != "up" and successes >= t.rise
+        else:
+            successes, failures = 0, s.failures + 1
+            flip = s.state != "down" and failures >= t.fall
+        if flip:
+            state, since = ("up" if ok else "down"), time.time()
+        else:
+            state, since = s.state, s.since
+        status = Status(state, since, ok, reason, latency, successes, failures, s.probes + 1)
         with self._lock:
-            e.status = Status(state, since, ok, reason, latency, successes, failures, s.probes + 1)
-        if state != s.state:
+            e.status = status
+        if flip:
             try:
-                self._on_transition(t.key, state == "up", reason, latency)
+                self._on_transition(t.key, ok, reason, latency)
             except Exception:  # noqa: BLE001  a caller's bug must not stop the probes
                 log.exception("on_transition for %r failed", t.key)
 
@@ -301,6 +445,10 @@ class Prober:
         return f"HTTP {code}"
 
 
+def _why(err: OSError) -> str:
+    return os.strerror(err.errno) if err.errno else str(err)
+
+
 def _timed_out(t: Target) -> str:
     return f"no answer within {t.timeout:g} s"
 
@@ -316,59 +464,6 @@ def _probe_socket(t: Target) -> socket.socket:
         sock.close()
         raise
     return sock
-
-
-class _Connect:
-    """One TCP connect probe, driven by loop callbacks: the socket's
-    writability and a timer. A task and wait_for per probe cost several times
-    more CPU, and 4096 targets a second must fit in a quarter of a core."""
-
-    __slots__ = ("prober", "loop", "entry", "gen", "sock", "fd", "timer", "start")
-
-    def __init__(self, prober: Prober, e: _Entry, loop: asyncio.AbstractEventLoop):
-        self.prober, self.loop, self.entry, self.gen = prober, loop, e, e.gen
-        t = e.target
-        self.start = loop.time()
-        self.sock = self.fd = self.timer = None
-        try:
-            self.sock = _probe_socket(t)
-            err = self.sock.connect_ex((t.address, t.port))
-        except OSError as ex:
-            loop.call_soon(self._done, False, os.strerror(ex.errno) if ex.errno else str(ex))
-            return
-        if err not in (errno.EINPROGRESS, 0):
-            loop.call_soon(self._done, False, os.strerror(err))
-            return
-        self.fd = self.sock.fileno()
-        loop.add_writer(self.fd, self._writable)
-        self.timer = loop.call_at(self.start + t.timeout, self._expired)
-
-    def _writable(self) -> None:
-        err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        self._done(err == 0, "connected" if err == 0 else os.strerror(err))
-
-    def _expired(self) -> None:
-        self.timer = None
-        self._done(False, _timed_out(self.entry.target))
-
-    def _release(self) -> None:
-        if self.timer:
-            self.timer.cancel()
-            self.timer = None
-        if self.sock is not None:
-            if self.fd is not None:
-                self.loop.remove_writer(self.fd)
-                self.fd = None
-            self.sock.close()
-            self.sock = None
-
-    def _done(self, ok: bool, reason: str) -> None:
-        self._release()
-        self.prober._finish(self.entry, self.gen, ok, reason, self.loop.time() - self.start)
-
-    def cancel(self) -> None:
-        self._release()
-        self.gen = -1  # a result already on its way is dropped
 
 
 __all__ = ["KINDS", "STATES", "ProbeFailed", "Prober", "Status", "Target", "probe_mark"]

@@ -305,12 +305,16 @@ class LbModel:
         self.get(key).flags = frozenset(flags)
 
     def set_health_check(self, key: VipKey, check: HealthCheck | None) -> None:
-        """A new check starts from every backend up (no probe has failed yet)."""
+        """A check on a VIP that had none starts from every backend up (no
+        probe has failed yet); a check that replaces another keeps each
+        backend's state, as the prober keeps its findings and counts; no
+        check, no backend down."""
         vip = self.get(key)
         if check is not None and not check.port and not key.port:
             raise ValidationError(f"health.port: VIP {key} takes every port; give the port to probe")
         if vip.health != check:
-            vip.health, vip.down, vip.spec = check, frozenset(), None
+            down = vip.down if vip.health is not None and check is not None else frozenset()
+            vip.health, vip.down, vip.spec = check, down, None
 
     def set_backend_health(self, key: VipKey, address: str, up: bool) -> None:
         vip = self.get(key)

@@ -9,7 +9,7 @@ need_root() { [ "$(id -u)" = 0 ] || { echo "make setup must run as root (apt-get
 need_root
 
 APT_PACKAGES=(python3-bpfcc bpfcc-tools libbpf1 bpftool python3-venv python3-dev gcc make
-              iproute2 ethtool tcpdump kmod openssl linux-headers-amd64 prometheus)
+              iproute2 ethtool tcpdump kmod openssl linux-headers-amd64 iperf3 prometheus)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
@@ -58,6 +58,24 @@ else
         ln -sfn "$common_dir" "$MOD/source"
         say "kernel headers: no package for $KREL; FALLBACK to $(basename "$arch_dir") (build) and $(basename "$common_dir") (source)"
     fi
+fi
+
+# BIRD 2 for the fleet testbed (every BIRD there runs in a test namespace with
+# its own config, socket and pid file). The distribution's own bird service is
+# kept from starting at install (policy-rc.d) and disabled: it would otherwise
+# run with /etc/bird/bird.conf in the host's namespace.
+if ! dpkg-query -W -f='${Status}' bird2 2>/dev/null | grep -q "ok installed"; then
+    say "installing bird2 (its system service stays off)"
+    export DEBIAN_FRONTEND=noninteractive
+    policy=/usr/sbin/policy-rc.d
+    had_policy=0; [ -e "$policy" ] && had_policy=1
+    [ "$had_policy" = 1 ] || { printf '#!/bin/sh\nexit 101\n' > "$policy"; chmod 755 "$policy"; }
+    apt-get install -y -q --no-install-recommends bird2 || { [ "$had_policy" = 1 ] || rm -f "$policy"; exit 1; }
+    [ "$had_policy" = 1 ] || rm -f "$policy"
+fi
+if [ -d /run/systemd/system ] && systemctl is-enabled bird >/dev/null 2>&1; then
+    systemctl disable --now bird >/dev/null 2>&1 || true
+    say "disabled the system's bird service (the testbed runs its own BIRDs)"
 fi
 
 if ! grep -q " /sys/fs/bpf bpf " /proc/mounts; then

@@ -244,6 +244,16 @@ static __always_inline void count_new_flow(__u32 vip_id, __u32 idx)
         bs->new_flows++;
 }
 
+/* Too big to send towards b once encapsulated, and not to be fragmented:
+ * the client gets ICMP instead (forward), and no connection starts. */
+static __always_inline int too_big_for(const struct pkt *p, const struct backend *b,
+                                       const struct lb_config *cfg)
+{
+    __u32 overhead = b->family == FAMILY_V4 ? sizeof(struct iphdr) : sizeof(struct ipv6hdr);
+
+    return p->ip_len + overhead > cfg->mtu && p->df && !p->icmp_error;
+}
+
 /* A fresh Maglev pick, remembered unless the flow or the rate limit says
  * otherwise. A flow that gets an entry, or would but for the rate limit,
  * counts as a new flow of its VIP and backend. */
@@ -262,9 +272,10 @@ static __always_inline int pick_backend(struct pkt *p, const struct vip_meta *vi
         return -1;
     *out = b;
     *bidx = idx;
-    /* an ICMP error or a RST never creates an entry; neither do no-conntrack VIPs */
+    /* an ICMP error, a RST or a packet answered "too big" never creates an
+     * entry; neither do no-conntrack VIPs */
     if ((vip->flags & VIP_F_NO_CONNTRACK) || p->icmp_error ||
-        (p->flow.proto == PROTO_TCP && (p->tcp_flags & TCP_FLAG_RST)))
+        (p->flow.proto == PROTO_TCP && (p->tcp_flags & TCP_FLAG_RST)) || too_big_for(p, b, cfg))
         return 0;
     vi = vip_info.lookup(&vid);
     if (!vi)
@@ -315,7 +326,7 @@ static __always_inline int forward(struct xdp_md *ctx, struct pkt *p, __u32 idx,
     struct backend_stats *bs;
     int action;
 
-    if (p->ip_len + overhead > cfg->mtu && p->df && !p->icmp_error) {
+    if (too_big_for(p, b, cfg)) {
         /* too big once encapsulated and may not be fragmented: tell the client */
         __u32 mtu = cfg->mtu - overhead;
 
@@ -389,7 +400,7 @@ static __always_inline int balance(struct xdp_md *ctx, struct pkt *p, const stru
     vip_id = vip->vip_id;
     p->vip = vip_id + 1;
     count_vip(ctx, vip_id);
-    hash = flow_hash(&p->flow, (vip->flags & VIP_F_NO_SPORT) ? 0 : p->flow.sport);
+    hash = vip_flow_hash(&p->flow, vip->flags);
     if (pick_backend(p, vip, cfg, gs, hash, &b, &idx)) {
         gs->no_backend++;
         return XDP_DROP;
@@ -476,6 +487,7 @@ static __always_inline int decide(struct xdp_md *ctx, struct pkt *p, const struc
     case PARSE_ICMP:
         return handle_icmp(ctx, p, l4, cfg, gs);
     case PARSE_NOT_IP:
+    case PARSE_GROUP_MAC:
         goto pass;
     case PARSE_FRAGMENT:
         if (!is_vip_address(p))

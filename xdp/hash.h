@@ -30,8 +30,8 @@ static __always_inline __u32 murmur_final(__u32 h, __u32 len)
     return h;
 }
 
-/* sport is passed separately so that VIPs flagged VIP_F_NO_SPORT hash with 0. */
-static __always_inline __u32 flow_hash(const struct flow_key *f, __be16 sport)
+/* The ports and protocol are passed separately: a VIP's flags may hash with 0 instead. */
+static __always_inline __u32 flow_hash(const struct flow_key *f, __be16 sport, __be16 dport, __u8 proto)
 {
     __u32 h = FLOW_HASH_SEED;
     __u32 len;
@@ -50,9 +50,19 @@ static __always_inline __u32 flow_hash(const struct flow_key *f, __be16 sport)
         len = 40;
     }
     /* the two ports as they lie in memory, read as one little-endian word */
-    h = murmur_block(h, (__u32)sport | ((__u32)f->dport << 16));
-    h = murmur_block(h, f->proto);
+    h = murmur_block(h, (__u32)sport | ((__u32)dport << 16));
+    h = murmur_block(h, proto);
     return murmur_final(h, len);
+}
+
+/* The hash that picks a new flow's backend on a VIP with these flags:
+ * VIP_F_CLIENT_AFFINITY hashes the addresses alone (ports and protocol 0),
+ * VIP_F_NO_SPORT the flow with source port 0. */
+static __always_inline __u32 vip_flow_hash(const struct flow_key *f, __u32 flags)
+{
+    if (flags & VIP_F_CLIENT_AFFINITY)
+        return flow_hash(f, 0, 0, 0);
+    return flow_hash(f, (flags & VIP_F_NO_SPORT) ? 0 : f->sport, f->dport, f->proto);
 }
 
 /* Ring slot of a flow: (hash * RING_SIZE) >> 32, a multiply instead of a

@@ -12,6 +12,7 @@ enum parse_result {
     PARSE_FRAGMENT,   /* IPv4 fragment */
     PARSE_EXT_HEADER, /* IPv6 extension header before L4 */
     PARSE_ICMP,       /* ICMP / ICMPv6: handled by icmp.h */
+    PARSE_GROUP_MAC,  /* destination MAC multicast or broadcast: not for the balancer */
 };
 
 struct vlan_tag {
@@ -19,13 +20,17 @@ struct vlan_tag {
     __be16 proto;
 };
 
-/* Ethernet and at most one 802.1Q/802.1ad tag. Sets p->l3off. */
+/* Ethernet and at most one 802.1Q/802.1ad tag. Sets p->l3off. A frame sent
+ * to a group address (multicast, broadcast) is nobody's own flow: the
+ * balancer leaves it to the stack. */
 static __always_inline int parse_eth(void *data, void *data_end, struct pkt *p, __be16 *proto)
 {
     struct ethhdr *eth = data;
 
     if ((void *)(eth + 1) > data_end)
         return PARSE_MALFORMED;
+    if (eth->h_dest[0] & 1)
+        return PARSE_GROUP_MAC;
     *proto = eth->h_proto;
     p->l3off = sizeof(*eth);
     if (*proto == ETH_P_8021Q_BE || *proto == ETH_P_8021AD_BE) {

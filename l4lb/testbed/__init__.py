@@ -13,15 +13,20 @@ only. The parts, by job:
     server.py      the backends' echo server (`python -m l4lb.testbed serve`)
     packets.py     the RFC 1071 checksum, the source address of a frame
     topology.py    Testbed: links, bridges, routes and sysctls, built and torn down
+    fleet.py       Fleet: N LB nodes behind a BIRD router (BGP, BFD, ECMP)
+    traffic.py     Traffic: long-lived TCP and numbered UDP streams while nodes come and go
 """
+from .fleet import Bird, Fleet
 from .common import MTU, SERVICE_PORT, TestbedError, wait_until
 from .hosts import Backend, Client, Conn, UdpFlow
 from .lbproc import Lb, LbLauncher
 from .namespaces import Node, sweep
 from .packets import inet_checksum, ip_source
 from .topology import Options, Testbed
-from .tunnels import DECAP_MODES, ipip_support
+from .traffic import Traffic
+from .tunnels import DECAP_MODES, backend_commands, ipip_support
 
-__all__ = ["DECAP_MODES", "MTU", "SERVICE_PORT", "Backend", "Client", "Conn", "Lb", "LbLauncher", "Node", "Options",
-           "Testbed", "TestbedError", "UdpFlow", "inet_checksum", "ip_source", "ipip_support", "sweep",
+__all__ = ["Bird", "DECAP_MODES", "Fleet", "backend_commands", "MTU", "SERVICE_PORT", "Backend", "Client", "Conn", "Lb",
+           "LbLauncher", "Node", "Options", "Testbed", "TestbedError", "Traffic", "UdpFlow", "inet_checksum", "ip_source",
+           "ipip_support", "sweep",
            "wait_until"]

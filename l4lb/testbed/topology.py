@@ -30,6 +30,10 @@ Choices the veth links force, and why:
   XDP does not, and after XDP_TX the frame has lost the skb that said so, so
   the backend would drop it as corrupt. Checksum offload is therefore off
   (ethtool -K eth0 tx off) on the clients' veths, where such packets start.
+* The router's end of the LB link has a pfifo qdisc: the LB's end, with XDP
+  attached, takes frames through a 256-entry ring, and without a qdisc the
+  router drops what overflows it (counted as tx_dropped), where a NIC would
+  queue; with one, veth holds the queue while the ring is full.
 * rp_filter is 0 on the backends (an inner packet that came out of a tunnel
   device arrives on a device that is not the route back to the client) and on
   the router (replies from a VIP address come from the backends' side, while
@@ -201,6 +205,21 @@ class Testbed:
         self.build_seconds = time.monotonic() - t0
         self.say(f"testbed ready in {self.build_seconds:.1f} s")
 
+    # -- the backends' servers
+    def stop_server(self, b: Backend) -> None:
+        """Stops backend b's echo server (SIGTERM, by pid): its port refuses."""
+        if b.server:
+            stop_popen(b.server)
+            b.server = None
+
+    def start_server(self, b: Backend) -> None:
+        """Starts backend b's echo server again and waits until it listens."""
+        if b.server and b.server.poll() is None:
+            raise TestbedError(f"the server of {b.role} is running already")
+        log = self.workdir / f"{b.role}.log"
+        b.server = server.start(b, self.vips(), log)
+        server.wait_ready(b, log)
+
     def close(self) -> None:
         """Stops the servers and `l4lb run` by pid, deletes the namespaces (their
         veths, and so the XDP attachments, go with them), the pinned maps and
@@ -280,6 +299,14 @@ class Testbed:
     def _lb_link(self) -> None:
         r, lb = self.router, self.lb
         self._veth(r, "lb", lb, lb.ifname)
+        # A NIC queues in front of its TX ring; a veth has no queue (noqueue) and
+        # drops what the LB's 256-frame ring cannot take at once, a TCP burst
+        # (thousands of retransmits per iperf3 run). With a qdisc, veth stops the
+        # queue while the peer's ring is full (kernel 6.17+): backpressure, as a NIC.
+        q = subprocess.run(r.nsenter() + ["tc", "qdisc", "replace", "dev", "lb", "root", "pfifo", "limit", "1000"],
+                           capture_output=True, text=True)
+        if q.returncode:
+            raise TestbedError(f"tc qdisc replace dev lb root pfifo in {r.ns}: {q.stderr.strip()}")
         self._addrs(r, "lb", [(f"{NET4['lb']}.1", 24), (f"{NET6['lb']}::1", 64)])
         self._addrs(lb, lb.ifname, [(lb.addr4, 24), (lb.addr6, 64)])
         self._addrs(lb, "lo", [])

@@ -79,6 +79,24 @@ def decapsulate(b, mode: str) -> None:
         b.sysctl({f"net.ipv4.conf.{dev}.rp_filter": 0})
 
 
+def backend_commands(b, mode: str, vips: list[str]) -> list[str]:
+    """What the testbed does to prepare backend b (through netlink), written as
+    the shell commands an operator would type on a backend (docs/dsr-backend.md)."""
+    cmds = [f"ip addr add {v}/{32 if '.' in v else 128} dev lo" for v in vips]
+    cmds.append("sysctl -w net.ipv4.conf.all.rp_filter=0 net.ipv4.conf.eth0.rp_filter=0 "
+                "net.ipv4.conf.lo.rp_filter=0")
+    if mode == "xdp":
+        cmds.append("python3 -c 'from l4lb import decap; "
+                    f"decap.load([\"{b.addr4}\", \"{b.addr6}\"]).attach(\"eth0\", \"native\")'  "
+                    "# stays attached after python exits")
+    else:
+        cmds += [f"ip link add {TUNNEL4} type ipip local {b.addr4}",
+                 f"ip link add {TUNNEL6} type ip6tnl local {b.addr6} mode any",
+                 f"ip link set {TUNNEL4} up", f"ip link set {TUNNEL6} up",
+                 f"sysctl -w net.ipv4.conf.{TUNNEL4}.rp_filter=0 net.ipv4.conf.{TUNNEL6}.rp_filter=0"]
+    return cmds
+
+
 # Compiling the decap program takes ~2 s; a process that builds several
 # testbeds reuses the loaded programs (they detach when a namespace goes).
 _decap_pool: list = []

@@ -211,3 +211,29 @@ vips:
     finally:
         os.close(fd)
     assert _cli(server, "apply", "-f", str(f)).stdout.strip().endswith("0 change(s) applied")
+
+
+def test_lookup_names_the_vip_and_picks_one_backend_per_client_on_affinity_vips(server):  # noqa: F811
+    backends = {"198.18.2.1": 1, "198.18.2.2": 1, "198.18.2.3": 1}
+    with server.client() as c:
+        c.call("SetGateway", pb.SetGatewayRequest(mac="02:00:00:00:00:01"))
+        vids = [_vip(c, "198.18.10.80", 0, proto, backends, ["client_affinity"]) for proto in ("tcp", "udp")]
+        plain = _vip(c, "198.18.10.81", 80, "tcp", backends)
+        picked = set()
+        for client in range(1, 13):
+            src = f"198.18.0.{client}"
+            got = {c.call("LookupFlow", pb.LookupFlowRequest(src=src, dst="198.18.10.80", sport=1024 + p % 1000, dport=p,
+                                                             protocol=proto)).backend
+                   for p in (21, 5001, 5060, 40000) for proto in ("tcp", "udp")}
+            assert len(got) == 1 and got <= set(backends), (src, got)
+            picked |= got
+        assert picked == set(backends)  # clients still spread
+        r = _cli(server, "lookup", "198.18.0.5:4242", "198.18.10.80:5001", "udp")
+        assert r.returncode == 0, r.stderr
+        assert "VIP 198.18.10.80:0/udp" in r.stdout and "client address (client_affinity)" in r.stdout
+        r = _cli(server, "lookup", "198.18.0.5:4242", "198.18.10.81:80", "tcp")
+        assert "addresses, ports, protocol" in r.stdout
+        r = _cli(server, "lookup", "198.18.0.5:4242", "198.18.10.82:80", "tcp")
+        assert r.returncode == 0 and "PASS" in r.stdout and "VIP" not in r.stdout
+        for v in (*vids, plain):
+            c.call("DeleteVip", pb.DeleteVipRequest(id=v))

@@ -144,3 +144,44 @@ def test_stats_watch_reconnects_when_the_server_restarts(tmp_path):
         if watch and watch.poll() is None:
             watch.kill()
         s.cleanup()
+
+
+def test_health_watches_take_stream_slots_free_them_and_end_at_sigterm(tmp_path):
+    s = Server(tmp_path)
+    try:
+        s.start()
+        with ExitStack() as stack:
+            watches = []
+            for _ in range(MAX_STREAMS):
+                c = stack.enter_context(Client(f"unix:{s.sock}"))
+                w = c.stub.WatchHealth(pb.WatchHealthRequest(snapshot=True), timeout=120)
+                w.initial_metadata()  # sent once the watch is registered: the stream holds its slot
+                assert not w.done()
+                watches.append(w)
+            _unary_calls_answer(s)
+            with Client(f"unix:{s.sock}") as c:
+                with pytest.raises(grpc.RpcError) as e:
+                    next(c.stub.WatchHealth(pb.WatchHealthRequest(), timeout=5))
+                assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            watches.pop().cancel()
+            deadline = time.monotonic() + 10
+            while True:  # the cancelled watch's slot comes back
+                try:
+                    stats = stack.enter_context(Client(f"unix:{s.sock}")).stub.WatchStats(FOREVER, timeout=120)
+                    next(stats)
+                    break
+                except grpc.RpcError as e:
+                    assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                    assert time.monotonic() < deadline, "a cancelled watch still holds its slot"
+                    time.sleep(0.2)
+            t0 = time.monotonic()
+            s.proc.send_signal(signal.SIGTERM)
+            s.proc.wait(timeout=15)
+            assert time.monotonic() - t0 < 6
+            for w in watches:
+                with pytest.raises(grpc.RpcError) as e:
+                    next(w)
+                assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+                assert "stopping" in e.value.details()
+    finally:
+        s.cleanup()

@@ -30,6 +30,12 @@ def lb(bed):
         api.close()
 
 
+@pytest.fixture
+def fleet_report():
+    """Adds a line to the summary at the end of the run (measured figures)."""
+    return _notes.add
+
+
 def pytest_terminal_summary(terminalreporter):
     for note in sorted(_notes):
         terminalreporter.write_line(f"e2e: {note}")

@@ -15,7 +15,7 @@ import time
 import pytest
 
 from control.l4lb.v1 import l4lb_pb2 as pb
-from e2e_util import vip_id
+from e2e_util import close_all, open_many, vip_id
 
 PORT = 8081  # the checks' port; the testbed's own server holds 80
 CHECK = dict(kind="tcp", port=PORT, interval=0.3, timeout=0.2, rise=2, fall=2)
@@ -85,7 +85,10 @@ def checked_vip(lb, vid, addrs):
     """A VIP on addrs with the fast check, every backend up; deleted afterwards."""
     with lb.vip(vid.address, {a: 1 for a in addrs}):
         lb.call("SetHealthCheck", pb.SetHealthCheckRequest(id=vid, health=pb.HealthCheck(**CHECK)))
-        wait(lambda: set(states(lb, vid).values()) == {"up"}, 10, "every backend up")
+        # up, and probed: the first tunnel check loads the tc program first (seconds), and a
+        # timing measured before the probes run would count that load
+        wait(lambda: {(b.health, b.last_result) for b in lb.call("GetVip", pb.GetVipRequest(id=vid)).backends}
+             == {("up", "connected")}, 20, "every backend up and probed")
         yield
 
 
@@ -124,6 +127,11 @@ def test_below_the_panic_threshold_every_backend_serves(bed, lb, listeners):
             assert v.panic
             assert all(b.effective_weight == 1 for b in v.backends)
             assert picks(lb, bed, vid) == set(addrs), "in panic every backend serves"
+            conns = open_many(bed, vid.address, 30)  # real connections to the service's port (80)
+            try:
+                assert {c.backend for c in conns} == {b.role for b in bed.backends}
+            finally:
+                close_all(conns)
             assert "enters panic" in bed.lb.log_tail(200)
         finally:
             listeners[0].start()

@@ -80,9 +80,10 @@ class Flow:
     def v6(self) -> bool:
         return ":" in self.dst
 
-    def hash(self, no_sport: bool = False) -> int:
-        return flowhash.flow_hash(self.src, self.dst, 0 if no_sport else self.sport, self.dport,
-                                  PROTO[self.proto])
+    def hash(self, no_sport: bool = False, flags=()) -> int:
+        """The flow's hash on a VIP with these flags (no_sport: no_source_port)."""
+        flags = {*flags, "no_source_port"} if no_sport else flags
+        return flowhash.vip_flow_hash(self.src, self.dst, self.sport, self.dport, PROTO[self.proto], flags)
 
     def ip(self, **kw):
         if self.v6:
@@ -105,10 +106,11 @@ class Flow:
         return replace(self, **kw)
 
 
-def predict(backends: dict[str, int], flow: Flow, ring_size: int, no_sport: bool = False) -> str | None:
+def predict(backends: dict[str, int], flow: Flow, ring_size: int, no_sport: bool = False,
+            flags=()) -> str | None:
     """The backend the data plane should pick for a fresh flow (no entry)."""
     table = maglev.maglev_table(backends, ring_size)
-    return table[flowhash.ring_slot(flow.hash(no_sport), ring_size)]
+    return table[flowhash.ring_slot(flow.hash(no_sport, flags), ring_size)]
 
 
 def find_flow(backends: dict[str, int], want, ring_size: int, base: Flow = Flow(), start: int = 40000) -> Flow:
@@ -226,8 +228,7 @@ class Lb:
         """Writes an entry as the data plane would (last_seen: now)."""
         t = self._ct(f)
         vip = self.vip_of(f)
-        sport = 0 if "no_source_port" in vip.flags else f.sport
-        h = flowhash.flow_hash(f.src, f.dst, sport, f.dport, 6 if f.proto == "tcp" else 17)
+        h = flowhash.vip_flow_hash(f.src, f.dst, f.sport, f.dport, PROTO[f.proto], vip.flags)
         t[self._flow_key(f)] = t.Leaf(backend=index, generation=generation, vip_id=vip.vip_id,
                                       vip_gen=self.state.vip_generations[vip.vip_id], hash=h,
                                       last_seen=time_ns_monotonic())

@@ -77,6 +77,7 @@ class Vip:
     no_sport: bool
     no_conntrack: bool
     table: tuple  # backend address (or None) per ring slot
+    affinity: bool = False  # client_affinity: the addresses alone pick the backend
 
 
 @dataclass
@@ -109,7 +110,8 @@ class LbModel:
             table = tuple(maglev.maglev_table(v.backends, ring_size)) if v.backends else (None,) * ring_size
             vips[(ip.version, ip.packed, key.port, key.proto_number)] = Vip(
                 key.address, key.port, key.proto_number, v.vip_id,
-                "no_source_port" in v.flags, "no_conntrack" in v.flags, table)
+                "no_source_port" in v.flags, "no_conntrack" in v.flags, table,
+                "client_affinity" in v.flags)
         backends = {b.index: (addr, b.generation) for addr, b in state.backends.items()}
         listed = {b.index: {v.vip_id for v in state.vips.values() if addr in v.backends}
                   for addr, b in state.backends.items()}
@@ -214,6 +216,8 @@ def expect(frame: bytes, model: LbModel) -> Expected:
         return _drop("malformed", f"frame of {n} bytes: Ethernet header truncated")
     etype, l3 = _be16(frame, 12), 14
     trace = []
+    if frame[0] & 1:
+        return _pass(frame, [f"destination MAC {frame[:6].hex(':')} is a group address"])
     if etype in (ETH_8021Q, ETH_8021AD):
         if n < 18:
             return _drop("malformed", f"VLAN tag truncated ({n} bytes)")
@@ -388,8 +392,10 @@ def _balance(frame: bytes, ip: _Ip, model: LbModel, vip: Vip, flow: Flow, tcp_fl
              icmp_error: bool, trace: list) -> Expected:
     e = Expected(DROP, trace=trace + [f"VIP {vip.address}:{vip.port}/{vip.proto} (id {vip.vip_id})"],
                  vip_id=vip.vip_id, vip_bytes=len(frame), flow=flow)
-    h = flowhash.flow_hash(str(ipaddress.ip_address(flow.src)), str(ipaddress.ip_address(flow.dst)),
-                           0 if vip.no_sport else flow.sport, flow.dport, flow.proto)
+    flags = {"no_source_port"} if vip.no_sport else set()
+    flags |= {"client_affinity"} if vip.affinity else set()
+    h = flowhash.vip_flow_hash(str(ipaddress.ip_address(flow.src)), str(ipaddress.ip_address(flow.dst)),
+                               flow.sport, flow.dport, flow.proto, flags)
     use_ct = not vip.no_conntrack
     syn = flow.proto == TCP and tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
     rst = flow.proto == TCP and bool(tcp_flags & TCP_RST)
@@ -408,6 +414,9 @@ def _balance(frame: bytes, ip: _Ip, model: LbModel, vip: Vip, flow: Flow, tcp_fl
                 why = ("backend gone" if live is None else f"generation {entry.generation} != {live[1]}"
                        if live[1] != entry.generation else f"not listed by VIP {vip.vip_id} any more")
                 e.trace.append(f"ct stale ({entry.address}: {why})")
+    b_family = ipaddress.ip_address(backend).version if backend else None
+    overhead = 20 if b_family == 4 else 40
+    too_big = backend is not None and ip.ip_len + overhead > model.mtu and ip.df and not icmp_error
     if backend is None:
         e.count("ct_miss")
         slot = flowhash.ring_slot(h, model.ring_size)
@@ -416,19 +425,22 @@ def _balance(frame: bytes, ip: _Ip, model: LbModel, vip: Vip, flow: Flow, tcp_fl
         if backend is None:
             e.count("no_backend")
             return e
+        b_family = ipaddress.ip_address(backend).version
+        overhead = 20 if b_family == 4 else 40
+        too_big = ip.ip_len + overhead > model.mtu and ip.df and not icmp_error
         if not use_ct:
             e.trace.append("no_conntrack VIP")
         elif icmp_error:
             e.trace.append("ICMP error: no insert")
         elif rst:
             e.trace.append("RST: no insert")
+        elif too_big:
+            e.trace.append("too big: answered with ICMP, no insert")
         else:
             idx, gen = model.index_of(backend)
             e.count("ct_insert")
             e.ct_write = (flow, CtEntry(idx, gen, backend))
-    b_family = ipaddress.ip_address(backend).version
-    overhead = 20 if b_family == 4 else 40
-    if ip.ip_len + overhead > model.mtu and ip.df and not icmp_error:
+    if too_big:
         e.verdict, e.kind = TX, f"too_big{ip.family}"
         e.count("too_big")
         e.trace.append(f"{ip.ip_len} + {overhead} > mtu {model.mtu}, DF")

@@ -4,11 +4,12 @@ connection table, the new-flow rate limit, and what is dropped or passed.
 Every test compares the whole change of the global counters."""
 import ipaddress
 import os
+import random
 import struct
 import time
 
 import pytest
-from scapy.layers.inet import IP, TCP, UDP, IPOption_NOP
+from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption_NOP
 from scapy.layers.inet6 import (IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop,
                                 IPv6ExtHdrRouting)
 from scapy.layers.l2 import ARP, Dot1Q, Ether
@@ -187,8 +188,13 @@ def test_udp_vip_is_balanced_and_tcp_to_the_same_port_passes(lb):
     eth() / IPv6(src=CLIENT6, dst=VIP6, nh=89) / Raw(b"\0" * 8),  # OSPF
     eth() / ARP(psrc=CLIENT4, pdst=VIP4),
     Ether(src=CLIENT_MAC, dst=LB_MAC) / Dot1Q(vlan=5) / Dot1Q(vlan=6) / IP(src=CLIENT4, dst=VIP4) / TCP(dport=80),
+    # a VIP's flow, but sent to a group MAC: not the balancer's, never encapsulated
+    Ether(src=CLIENT_MAC, dst="ff:ff:ff:ff:ff:ff") / IP(src=CLIENT4, dst=VIP4) / TCP(sport=40000, dport=80, flags="S"),
+    Ether(src=CLIENT_MAC, dst="01:00:5e:00:00:01") / IP(src=CLIENT4, dst=VIP4) / TCP(sport=40000, dport=80, flags="A"),
+    Ether(src=CLIENT_MAC, dst="33:33:00:00:00:01") / IPv6(src=CLIENT6, dst=VIP6) / TCP(sport=40000, dport=80, flags="S"),
+    Ether(src=CLIENT_MAC, dst="ff:ff:ff:ff:ff:ff") / IP(src=CLIENT4, dst=VIP4) / ICMP(type=8),
 ], ids=["other-address", "other-port", "other-protocol", "v6-other-address", "gre", "ospf6", "arp",
-        "two-tags"])
+        "two-tags", "broadcast-mac", "multicast-mac-v4", "multicast-mac-v6", "echo-to-broadcast-mac"])
 def test_packet_for_no_vip_passes_untouched(lb, pkt):
     lb.add_vip(VIP4, 80, "tcp", {A4: 1})
     lb.add_vip(VIP6, 80, "tcp", {A6: 1})
@@ -337,6 +343,34 @@ def test_no_source_port_vip_sends_flows_differing_only_in_sport_to_one_backend(l
         spread.add(outer_dst(r.data))
     assert len(spread) == len(backends)
     assert lb.ct_count() == 80  # entries stay per 5-tuple
+
+
+def test_client_affinity_vips_send_every_flow_of_a_client_to_one_backend(lb):
+    """Port-less TCP and UDP VIPs of one address with the same backends and
+    client_affinity: whatever the ports and the protocol, a client's flows
+    reach one backend; other clients spread over all of them."""
+    backends = {A4: 1, B4: 1, C4: 1, A6: 1}
+    m = lb.capacity.ring_size
+    for proto in ("tcp", "udp"):
+        lb.add_vip(VIP4, 0, proto, backends, flags=["client_affinity"])
+    lb.add_vip("198.18.10.44", 0, "tcp", backends)  # the same without the flag: the control
+    rnd = random.Random(7)
+    chosen = set()
+    for client in range(1, 41):
+        base = Flow(src=f"198.18.0.{client}")
+        want = predict(backends, base, m, flags=["client_affinity"])
+        chosen.add(want)
+        spread = set()
+        for _ in range(6):
+            f = base.with_(sport=rnd.randrange(1024, 65536), dport=rnd.randrange(1, 65536),
+                           proto=rnd.choice(["tcp", "udp"]))
+            pkt = f.packet("S") if f.proto == "tcp" else f.packet()
+            r = lb.run(pkt)
+            lb.check_encap(r, pkt, want, f.hash(flags=["client_affinity"]))
+            c = f.with_(dst="198.18.10.44", proto="tcp")
+            spread.add(outer_dst(lb.run(c.packet("S")).data))
+        assert len(spread) > 1, client  # six ports of one client without the flag: several backends
+    assert chosen == set(backends)
 
 
 def test_hit_on_a_removed_backend_takes_a_fresh_pick(lb):

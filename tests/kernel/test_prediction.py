@@ -20,6 +20,7 @@ CASES = {  # name: (VIP, port, protocol, backends, flags)
     "v4-tcp-mixed-weighted": ("198.18.10.10", 80, "tcp", MIXED, ()),
     "v6-udp": ("fd00:198:18:10::10", 443, "udp", V6, ()),
     "v4-udp-no-source-port": ("198.18.10.11", 4433, "udp", MIXED, ("no_source_port",)),
+    "v6-tcp-client-affinity": ("fd00:198:18:10::11", 0, "tcp", V6, ("client_affinity",)),
 }
 
 
@@ -30,7 +31,8 @@ def random_flows(rng: random.Random, vip: str, port: int, proto: str) -> list[Fl
             src = str(ipaddress.IPv6Address("fd00:198:18::") + rng.getrandbits(64))
         else:
             src = f"198.18.0.{rng.randrange(1, 255)}"
-        flows.add(Flow(src=src, dst=vip, sport=rng.randrange(1, 65536), dport=port, proto=proto))
+        dport = port or rng.randrange(1, 65536)  # a port-less VIP takes every port
+        flows.add(Flow(src=src, dst=vip, sport=rng.randrange(1, 65536), dport=dport, proto=proto))
     return sorted(flows, key=lambda f: (f.src, f.sport))
 
 
@@ -49,14 +51,13 @@ def test_kernel_ring_is_the_maglev_table_of_the_vips_backends(lb):
 def test_backend_of_every_fresh_flow_is_the_predicted_one(lb, name):
     vip, port, proto, backends, flags = CASES[name]
     m = lb.capacity.ring_size
-    no_sport = "no_source_port" in flags
     lb.add_vip(vip, port, proto, backends, flags)
     table = maglev.maglev_table(backends, m)
     flows = random_flows(random.Random(f"l4lb {name}"), vip, port, proto)
     before = lb.stats()
     got, want, hashes = [], [], []
     for f in flows:
-        h = f.hash(no_sport)
+        h = f.hash(flags=flags)
         hashes.append(h)
         want.append(table[flowhash.ring_slot(h, m)])
         # a SYN for TCP: a fresh pick every time; UDP flows are all new
@@ -78,7 +79,7 @@ def test_backend_of_every_fresh_flow_is_the_predicted_one(lb, name):
     mismatches = [(f, d, w) for f, d, w in zip(flows, dsts, want) if d != w]
     assert not mismatches, f"{len(mismatches)} of {FLOWS} flows off the prediction, e.g. {mismatches[:3]}"
     counts = Counter(dsts)
-    if no_sport:
+    if "no_source_port" in flags:
         # only (client, VIP) count: the ~250 clients spread over the backends
         assert len(counts) == len(backends)
     else:

@@ -37,7 +37,7 @@ SEED = int(os.environ.get("L4LB_PROPERTY_SEED", "1318"))
 CASES = int(os.environ.get("L4LB_PROPERTY_CASES", "3000"))
 
 V4_TCP = ("198.18.10.10", 80, "tcp")          # 4in4, three backends
-V4_UDP_ANY = ("198.18.10.11", 0, "udp")       # port-less, no source port, 4in4 and 4in6
+V4_UDP_ANY = ("198.18.10.11", 0, "udp")       # port-less, client affinity, 4in4 and 4in6
 V4_UDP_53 = ("198.18.10.11", 53, "udp")       # same address: the exact port wins over port 0
 V6_TCP = ("fd00:198:18:10::10", 443, "tcp")   # 6in6
 V6_UDP_NOCT = ("fd00:198:18:10::10", 53, "udp")  # same address, no connection table
@@ -45,7 +45,7 @@ V4_EMPTY = ("198.18.10.12", 8080, "tcp")      # no backend at all
 
 VIPS = [
     (V4_TCP, {"198.18.2.1": 1, "198.18.2.2": 1, "198.18.2.3": 2}, ()),
-    (V4_UDP_ANY, {"198.18.2.4": 1, "fd00:198:18:2::4": 1}, ("no_source_port",)),
+    (V4_UDP_ANY, {"198.18.2.4": 1, "fd00:198:18:2::4": 1}, ("client_affinity",)),
     (V4_UDP_53, {"198.18.2.6": 1}, ()),
     (V6_TCP, {"fd00:198:18:2::1": 1, "fd00:198:18:2::2": 1}, ()),
     (V6_UDP_NOCT, {"fd00:198:18:2::3": 1}, ("no_conntrack",)),

@@ -31,10 +31,21 @@ BAD_ARGS = [
     ["stats", "--watch", "--interval", "٣"],
     ["run", "--interface", "lo", "--max-vips", "٨"],
     ["vip", "add"],
+    ["status", "--server", "unix:/nonexistent/a.sock", "--server", "unix:/nonexistent/a.sock"],
+    ["apply", "-f", "/nonexistent/lb.yaml", "--server", "unix:/nonexistent/a", "--server", "unix:/nonexistent/b"],
+    ["demo", "--fleet", "0"],
+    ["lab", "up", "--fleet", "99"],
+    ["run", "--interface", "lo", "--announce", "main"],
     ["vip", "add", "198.18.10.10:80/" + "x" * 100_000],
     ["lookup", "198.18.0.1:1", "198.18.10.10:80", "x" * 100_000],
     ["status", "--server", "198.18.1.1:50051", "--tls-ca", "/nonexistent/ca.pem"],
     ["gateway", "--server", "198.18.1.1:50051", "--tls-ca", "/etc/hostname", "--tls-key-client", "/nonexistent/k"],
+    ["health", "198.18.10.10:80/sctp"],
+    ["health", "--watch", "198.18.10.10:80"],
+    ["health", "--watch", "198.18.10.10:80/tcp", "198.18.10.11:80/tcp"],
+    ["health", "show", "[fd00:198:18:10::1]:٤٤٣/tcp", "--watch"],
+    ["health", "set", "198.18.10.10:80/tcp", "--kind", "udp"],
+    ["health", "set", "198.18.10.10:80/tcp", "--rise", "two"],
 ]
 
 

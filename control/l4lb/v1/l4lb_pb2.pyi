@@ -262,7 +262,7 @@ class GetStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Status(_message.Message):
-    __slots__ = ("interface", "attach_mode", "program_id", "vips", "backends", "uptime_seconds", "capacity", "conntrack_used")
+    __slots__ = ("interface", "attach_mode", "program_id", "vips", "backends", "uptime_seconds", "capacity", "conntrack_used", "announce_table", "drained", "announced", "digests")
     INTERFACE_FIELD_NUMBER: _ClassVar[int]
     ATTACH_MODE_FIELD_NUMBER: _ClassVar[int]
     PROGRAM_ID_FIELD_NUMBER: _ClassVar[int]
@@ -271,6 +271,10 @@ class Status(_message.Message):
     UPTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
     CONNTRACK_USED_FIELD_NUMBER: _ClassVar[int]
+    ANNOUNCE_TABLE_FIELD_NUMBER: _ClassVar[int]
+    DRAINED_FIELD_NUMBER: _ClassVar[int]
+    ANNOUNCED_FIELD_NUMBER: _ClassVar[int]
+    DIGESTS_FIELD_NUMBER: _ClassVar[int]
     interface: str
     attach_mode: str
     program_id: int
@@ -279,7 +283,21 @@ class Status(_message.Message):
     uptime_seconds: float
     capacity: Capacity
     conntrack_used: int
-    def __init__(self, interface: _Optional[str] = ..., attach_mode: _Optional[str] = ..., program_id: _Optional[int] = ..., vips: _Optional[int] = ..., backends: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., capacity: _Optional[_Union[Capacity, _Mapping]] = ..., conntrack_used: _Optional[int] = ...) -> None: ...
+    announce_table: int
+    drained: bool
+    announced: _containers.RepeatedScalarFieldContainer[str]
+    digests: _containers.RepeatedCompositeFieldContainer[VipDigest]
+    def __init__(self, interface: _Optional[str] = ..., attach_mode: _Optional[str] = ..., program_id: _Optional[int] = ..., vips: _Optional[int] = ..., backends: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., capacity: _Optional[_Union[Capacity, _Mapping]] = ..., conntrack_used: _Optional[int] = ..., announce_table: _Optional[int] = ..., drained: _Optional[bool] = ..., announced: _Optional[_Iterable[str]] = ..., digests: _Optional[_Iterable[_Union[VipDigest, _Mapping]]] = ...) -> None: ...
+
+class VipDigest(_message.Message):
+    __slots__ = ("id", "ring", "backends")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    RING_FIELD_NUMBER: _ClassVar[int]
+    BACKENDS_FIELD_NUMBER: _ClassVar[int]
+    id: VipId
+    ring: str
+    backends: str
+    def __init__(self, id: _Optional[_Union[VipId, _Mapping]] = ..., ring: _Optional[str] = ..., backends: _Optional[str] = ...) -> None: ...
 
 class LookupFlowRequest(_message.Message):
     __slots__ = ("src", "dst", "sport", "dport", "protocol")
@@ -296,14 +314,18 @@ class LookupFlowRequest(_message.Message):
     def __init__(self, src: _Optional[str] = ..., dst: _Optional[str] = ..., sport: _Optional[int] = ..., dport: _Optional[int] = ..., protocol: _Optional[str] = ...) -> None: ...
 
 class LookupFlowResponse(_message.Message):
-    __slots__ = ("verdict", "backend", "from_conntrack")
+    __slots__ = ("verdict", "backend", "from_conntrack", "vip", "hashed_on")
     VERDICT_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     FROM_CONNTRACK_FIELD_NUMBER: _ClassVar[int]
+    VIP_FIELD_NUMBER: _ClassVar[int]
+    HASHED_ON_FIELD_NUMBER: _ClassVar[int]
     verdict: str
     backend: str
     from_conntrack: bool
-    def __init__(self, verdict: _Optional[str] = ..., backend: _Optional[str] = ..., from_conntrack: _Optional[bool] = ...) -> None: ...
+    vip: str
+    hashed_on: str
+    def __init__(self, verdict: _Optional[str] = ..., backend: _Optional[str] = ..., from_conntrack: _Optional[bool] = ..., vip: _Optional[str] = ..., hashed_on: _Optional[str] = ...) -> None: ...
 
 class Flow(_message.Message):
     __slots__ = ("src", "dst", "sport", "dport", "protocol", "backend", "stale")
@@ -350,6 +372,50 @@ class FlushFlowsResponse(_message.Message):
     FLUSHED_FIELD_NUMBER: _ClassVar[int]
     flushed: int
     def __init__(self, flushed: _Optional[int] = ...) -> None: ...
+
+class WatchHealthRequest(_message.Message):
+    __slots__ = ("id", "snapshot")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    id: VipId
+    snapshot: bool
+    def __init__(self, id: _Optional[_Union[VipId, _Mapping]] = ..., snapshot: _Optional[bool] = ...) -> None: ...
+
+class HealthEvent(_message.Message):
+    __slots__ = ("id", "backend", "old_state", "new_state", "reason", "time", "panic", "snapshot")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    OLD_STATE_FIELD_NUMBER: _ClassVar[int]
+    NEW_STATE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    PANIC_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    id: VipId
+    backend: str
+    old_state: str
+    new_state: str
+    reason: str
+    time: float
+    panic: bool
+    snapshot: bool
+    def __init__(self, id: _Optional[_Union[VipId, _Mapping]] = ..., backend: _Optional[str] = ..., old_state: _Optional[str] = ..., new_state: _Optional[str] = ..., reason: _Optional[str] = ..., time: _Optional[float] = ..., panic: _Optional[bool] = ..., snapshot: _Optional[bool] = ...) -> None: ...
+
+class SetDrainRequest(_message.Message):
+    __slots__ = ("drained",)
+    DRAINED_FIELD_NUMBER: _ClassVar[int]
+    drained: bool
+    def __init__(self, drained: _Optional[bool] = ...) -> None: ...
+
+class NodeState(_message.Message):
+    __slots__ = ("announce_table", "drained", "announced")
+    ANNOUNCE_TABLE_FIELD_NUMBER: _ClassVar[int]
+    DRAINED_FIELD_NUMBER: _ClassVar[int]
+    ANNOUNCED_FIELD_NUMBER: _ClassVar[int]
+    announce_table: int
+    drained: bool
+    announced: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, announce_table: _Optional[int] = ..., drained: _Optional[bool] = ..., announced: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class CaptureRequest(_message.Message):
     __slots__ = ("vip", "backend", "verdicts", "count", "duration_seconds", "snaplen")

@@ -124,6 +124,16 @@ class LoadBalancerStub:
                 request_serializer=control_dot_l4lb_dot_v1_dot_l4lb__pb2.ApplyRequest.SerializeToString,
                 response_deserializer=control_dot_l4lb_dot_v1_dot_l4lb__pb2.ApplyResponse.FromString,
                 _registered_method=True)
+        self.WatchHealth = channel.unary_stream(
+                '/l4lb.v1.LoadBalancer/WatchHealth',
+                request_serializer=control_dot_l4lb_dot_v1_dot_l4lb__pb2.WatchHealthRequest.SerializeToString,
+                response_deserializer=control_dot_l4lb_dot_v1_dot_l4lb__pb2.HealthEvent.FromString,
+                _registered_method=True)
+        self.SetDrain = channel.unary_unary(
+                '/l4lb.v1.LoadBalancer/SetDrain',
+                request_serializer=control_dot_l4lb_dot_v1_dot_l4lb__pb2.SetDrainRequest.SerializeToString,
+                response_deserializer=control_dot_l4lb_dot_v1_dot_l4lb__pb2.NodeState.FromString,
+                _registered_method=True)
         self.Capture = channel.unary_stream(
                 '/l4lb.v1.LoadBalancer/Capture',
                 request_serializer=control_dot_l4lb_dot_v1_dot_l4lb__pb2.CaptureRequest.SerializeToString,
@@ -242,6 +252,18 @@ class LoadBalancerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchHealth(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetDrain(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Capture(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -340,6 +362,16 @@ def add_LoadBalancerServicer_to_server(servicer, server):
                     servicer.Apply,
                     request_deserializer=control_dot_l4lb_dot_v1_dot_l4lb__pb2.ApplyRequest.FromString,
                     response_serializer=control_dot_l4lb_dot_v1_dot_l4lb__pb2.ApplyResponse.SerializeToString,
+            ),
+            'WatchHealth': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchHealth,
+                    request_deserializer=control_dot_l4lb_dot_v1_dot_l4lb__pb2.WatchHealthRequest.FromString,
+                    response_serializer=control_dot_l4lb_dot_v1_dot_l4lb__pb2.HealthEvent.SerializeToString,
+            ),
+            'SetDrain': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetDrain,
+                    request_deserializer=control_dot_l4lb_dot_v1_dot_l4lb__pb2.SetDrainRequest.FromString,
+                    response_serializer=control_dot_l4lb_dot_v1_dot_l4lb__pb2.NodeState.SerializeToString,
             ),
             'Capture': grpc.unary_stream_rpc_method_handler(
                     servicer.Capture,
@@ -833,6 +865,60 @@ class LoadBalancer:
             '/l4lb.v1.LoadBalancer/Apply',
             control_dot_l4lb_dot_v1_dot_l4lb__pb2.ApplyRequest.SerializeToString,
             control_dot_l4lb_dot_v1_dot_l4lb__pb2.ApplyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchHealth(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/l4lb.v1.LoadBalancer/WatchHealth',
+            control_dot_l4lb_dot_v1_dot_l4lb__pb2.WatchHealthRequest.SerializeToString,
+            control_dot_l4lb_dot_v1_dot_l4lb__pb2.HealthEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetDrain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/l4lb.v1.LoadBalancer/SetDrain',
+            control_dot_l4lb_dot_v1_dot_l4lb__pb2.SetDrainRequest.SerializeToString,
+            control_dot_l4lb_dot_v1_dot_l4lb__pb2.NodeState.FromString,
             options,
             channel_credentials,
             insecure,

@@ -15,6 +15,7 @@ Parts, in this order (each also runs alone as python -m bench.<part>):
   prober        the health prober's CPU for 1 to 4096 targets, and in the namespace testbed
                 the time from a backend's server stopping (starting) to the table without
                 (with) it (bench/prober.py)
+  metrics       one Prometheus scrape at 512 VIPs x 4096 backends (bench/metrics.py)
 
 Results go to bench/results/results.json (--out-dir to change) and the plots
 beside it. Timing parts run one after another, never side by side. Compiling
@@ -40,7 +41,7 @@ from . import common, plots
 from .balancer import Loaded
 from .common import RESULTS_DIR
 
-PARTS = ("pktcost", "scaling", "controlplane", "quality", "traffic", "prober")
+PARTS = ("pktcost", "scaling", "controlplane", "quality", "traffic", "prober", "metrics")
 
 MODES = {
     "full": {
@@ -50,6 +51,7 @@ MODES = {
         "quality": {"quick": False},
         "traffic": {"quick": False},
         "prober": {"targets": (1, 100, 1000, 4096), "seconds": 10.0, "rounds": 4},
+        "metrics": {"vips": 512, "per_vip": 8, "rounds": 5},
     },
     "quick": {
         # no second balancer for pktcost's SYN into a full table: scaling measures that case
@@ -59,6 +61,7 @@ MODES = {
         "quality": {"quick": True},
         "traffic": {"quick": True},
         "prober": {"targets": (1, 1000, 4096), "seconds": 3.0, "rounds": 2},
+        "metrics": {"vips": 512, "per_vip": 8, "rounds": 3},
     },
     "smoke": {
         "pktcost": {"repeat": 2_000, "rounds": 1, "full_table": False},
@@ -68,6 +71,7 @@ MODES = {
         "traffic": None,  # a namespace testbed takes ~15 s: tests/bench/test_traffic.py covers it
         # no failover rounds: a namespace testbed takes ~15 s (tests/e2e/test_health_watch.py covers the path)
         "prober": {"targets": (1, 100), "seconds": 0.5, "rounds": 0},
+        "metrics": {"vips": 8, "per_vip": 2, "rounds": 1},
     },
 }
 
@@ -132,6 +136,12 @@ def part_prober(ctx: Context) -> dict:
     return prober.run(log=ctx.log, **ctx.cfg["prober"])
 
 
+def part_metrics(ctx: Context) -> dict:
+    from . import metrics  # noqa: PLC0415
+
+    return metrics.run(log=ctx.log, **ctx.cfg["metrics"])
+
+
 def part_traffic(ctx: Context) -> dict:
     """The hook for bench/traffic.py: run(quick=..., count=..., say=...) -> dict."""
     if importlib.util.find_spec("bench.traffic") is None:
@@ -144,7 +154,8 @@ def part_traffic(ctx: Context) -> dict:
 
 
 RUNNERS = {"pktcost": part_pktcost, "scaling": part_scaling, "controlplane": part_controlplane,
-           "quality": part_quality, "traffic": part_traffic, "prober": part_prober}
+           "quality": part_quality, "traffic": part_traffic, "prober": part_prober,
+           "metrics": part_metrics}
 
 
 # ---- the summary -----------------------------------------------------------------------------
@@ -236,6 +247,11 @@ def headlines(results: dict) -> list[dict]:
             add("prober", f"server back -> table with it, s (max / median; rise {c['rise']} x {c['interval']:g} s)",
                 f"{fo['up_max_s']:.2f} / {fo['up_median_s']:.2f}", f"<= {fo['up_target_s']:.2f} s",
                 fo["up_max_s"] <= fo["up_target_s"])
+    me = results.get("metrics")
+    if isinstance(me, dict) and "rows" in me:
+        for r in me["rows"]:
+            add("metrics", f"one Prometheus scrape, {r['vips']} VIPs x {r['backends']} backends "
+                f"({r['series']} series), min / median", f"{r['scrape_ms_min']:.0f} / {r['scrape_ms_median']:.0f} ms")
     for part in PARTS:
         err = results.get(part, {}).get("error") if isinstance(results.get(part), dict) else None
         if err:

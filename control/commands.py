@@ -19,6 +19,7 @@ EPILOG = """examples:
   l4lb lookup 198.18.0.5:40000 198.18.10.10:80 tcp
   l4lb run --interface eth0 --announce          # a fleet node: VIPs as routes for BIRD
   l4lb apply -f lb.yaml --server A --server B   # one configuration, many nodes
+  l4lb capture --vip 198.18.10.10:80/tcp --count 100 -w out.pcapng
   l4lb replay --config lb.yaml --in in.pcap --out out.pcap
 """
 
@@ -60,6 +61,7 @@ def verbs_table():
         ("apply", verbs.add_apply),
         ("lookup", verbs.add_lookup),
         ("flows", verbs.add_flows),
+        ("capture", verbs.add_capture),
         ("health", lambda sub: health_cli.add_parser(sub, verbs.add_connection, verbs.client)),
         ("gateway", verbs.add_gateway),
         ("node", lambda sub: fleet_cli.add_node(sub, verbs.add_connection, verbs.client)),

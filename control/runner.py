@@ -33,6 +33,23 @@ def run(args) -> int:
     tls = tls_options(args)
     check_listen(args.listen, tls, args.insecure_allow_unauthenticated)
     table = parse_table(args.announce) if args.announce is not None else None
+    exporter = None
+    if (args.metrics_allow_remote or args.metrics_max_pairs is not None) and not args.metrics_listen:
+        raise ValidationError("--metrics-allow-remote and --metrics-max-pairs go with --metrics-listen ADDRESS:PORT")
+    if args.metrics_listen:  # bound now: a port in use is refused with nothing attached
+        from .metrics import DEFAULT_MAX_PAIRS, Exporter, parse_metrics_listen  # noqa: PLC0415
+
+        host, port = parse_metrics_listen(args.metrics_listen, args.metrics_allow_remote)
+        exporter = Exporter(host, port, max_pairs=args.metrics_max_pairs or DEFAULT_MAX_PAIRS)
+        exporter.bind()
+    try:
+        return _run(args, tls, exporter, table)
+    finally:
+        if exporter:
+            exporter.close()
+
+
+def _run(args, tls, exporter, table) -> int:
     opts = NodeOptions(
         interface=args.interface,
         capacity=consts.Capacity(max_vips=args.max_vips, max_backends=args.max_backends,
@@ -43,7 +60,12 @@ def run(args) -> int:
     servicer = LoadBalancerServicer(node.ctrl, resolve_neighbour=node.resolve_neighbour,
                                     lookup_flow=node.ctrl.lookup_flow, announcer=node.announcer)
     server, port = create_server(servicer, args.listen, tls=tls, group=args.group,
-                                 allow_unauthenticated=args.insecure_allow_unauthenticated)
+                                 allow_unauthenticated=args.insecure_allow_unauthenticated,
+                                 observe=exporter.observe_request if exporter else None)
     log.info("serving gRPC on %s", args.listen if args.listen.startswith("unix:") else f"port {port}")
+    if exporter:
+        exporter.start(node.ctrl, node.prog)
+        log.info("serving metrics on http://%s/metrics",
+                 f"[{exporter.host}]:{exporter.port}" if ":" in exporter.host else f"{exporter.host}:{exporter.port}")
     serve(server, lambda: node.close(detach=args.detach))
     return 0

@@ -11,6 +11,7 @@ import signal
 import socket
 import stat
 import threading
+import time
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,16 +156,68 @@ class StreamLimit(grpc.ServerInterceptor):
                     response_serializer=handler.response_serializer)
 
 
+class RequestObserver(grpc.ServerInterceptor):
+    """Reports every finished call as observe(method, status code name,
+    seconds): the metrics' requests by method and code, and their latency.
+    A stream counts once, when it ends. (Handlers that do not hold a thread,
+    as the health service's Watch, are left alone.)"""
+
+    def __init__(self, observe):
+        self.observe = observe
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        behavior = handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
+        if getattr(behavior, "experimental_non_blocking", False):
+            return handler
+        method, observe = handler_call_details.method, self.observe
+
+        def finish(context, t0, failed: bool) -> None:
+            code = context.code() if hasattr(context, "code") else None
+            if code is None:
+                code = grpc.StatusCode.UNKNOWN if failed else grpc.StatusCode.OK
+            observe(method, code.name, time.perf_counter() - t0)
+
+        def single(request, context):
+            t0, failed = time.perf_counter(), True
+            try:
+                out = behavior(request, context)
+                failed = False
+                return out
+            finally:
+                finish(context, t0, failed)
+
+        def streaming(request, context):
+            t0, failed = time.perf_counter(), True
+            try:
+                yield from behavior(request, context)
+                failed = False
+            finally:
+                finish(context, t0, failed)
+
+        kinds = {"unary_unary": (grpc.unary_unary_rpc_method_handler, single),
+                 "unary_stream": (grpc.unary_stream_rpc_method_handler, streaming),
+                 "stream_unary": (grpc.stream_unary_rpc_method_handler, single),
+                 "stream_stream": (grpc.stream_stream_rpc_method_handler, streaming)}
+        make, call = next(kinds[k] for k in kinds if getattr(handler, k))
+        return make(call, request_deserializer=handler.request_deserializer,
+                    response_serializer=handler.response_serializer)
+
+
 def create_server(servicer, address: str, tls: Tls | None = None, group: str | None = None,
                   workers: int = UNARY_WORKERS, streams: int = MAX_STREAMS,
-                  allow_unauthenticated: bool = False):
+                  allow_unauthenticated: bool = False, observe=None):
     """Returns (server, port) with the server started. `workers` threads stay
-    for unary calls however many of the `streams` streaming calls are open."""
+    for unary calls however many of the `streams` streaming calls are open.
+    observe(method, code, seconds) hears of every finished call."""
     warning = check_listen(address, tls, allow_unauthenticated)
     if warning:
         log.warning("%s", warning)
+    interceptors = ([RequestObserver(observe)] if observe else []) + [StreamLimit(streams)]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers + streams, thread_name_prefix="grpc"),
-                         interceptors=[StreamLimit(streams)],
+                         interceptors=interceptors,
                          options=[("grpc.keepalive_time_ms", 30000), ("grpc.keepalive_timeout_ms", 10000)])
     pb_grpc.add_LoadBalancerServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer()

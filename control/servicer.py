@@ -87,18 +87,20 @@ def vip_msg(v, stats: dict | None = None, probes: dict | None = None) -> pb.Vip:
     msg = pb.Vip(id=pb.VipId(address=v.key.address, port=v.key.port, protocol=v.key.protocol),
                  flags=sorted(v.flags), vip_id=v.vip_id, panic=panic)
     add = msg.backends.add
+    counts = (stats or {}).get("backends", {})
     if not v.health:
         for a, w in sorted(v.backends.items()):
-            add(address=a, weight=w, effective_weight=weights[a])
+            add(address=a, weight=w, effective_weight=weights[a], **counts.get(a, {}))
     for a, w in sorted(v.backends.items()) if v.health else ():
-        b = add(address=a, weight=w, effective_weight=weights[a], health="down" if a in v.down else "up")
+        b = add(address=a, weight=w, effective_weight=weights[a], health="down" if a in v.down else "up",
+                **counts.get(a, {}))
         last = (probes or {}).get(a)
         if last:
             b.last_result, b.latency_seconds, b.since = last
     if v.health:
         msg.health.CopyFrom(health_msg(v.health))
     if stats:
-        msg.packets, msg.bytes = stats["packets"], stats["bytes"]
+        msg.packets, msg.bytes, msg.new_flows = stats["packets"], stats["bytes"], stats["new_flows"]
     return msg
 
 
@@ -213,7 +215,10 @@ class LoadBalancerServicer(pb_grpc.LoadBalancerServicer):
         glob, per_vip = self.ctrl.stats(key)
         return pb.Stats(counters=glob, timestamp=time.time(), vips=[
             pb.VipStats(id=pb.VipId(address=v.key.address, port=v.key.port, protocol=v.key.protocol),
-                        packets=s["packets"], bytes=s["bytes"]) for v, s in per_vip])
+                        packets=s["packets"], bytes=s["bytes"], new_flows=s["new_flows"],
+                        backends=[pb.Backend(address=a, weight=v.backends[a], **c)
+                                  for a, c in s["backends"].items()])
+            for v, s in per_vip])
 
     @rpc
     def GetStats(self, request, context):
@@ -342,6 +347,27 @@ class LoadBalancerServicer(pb_grpc.LoadBalancerServicer):
         check_capacity(cfg, self.ctrl.capacity)
         steps = self.ctrl.apply(cfg, runtime=True, dry_run=request.dry_run)
         return pb.ApplyResponse(changes=[describe_step(kind, obj) for kind, obj in steps])
+
+    def Capture(self, request, context):
+        """Copies of the selected packets until the count, the duration, the
+        client or the server's stop; the last message (end) holds the counts."""
+        from l4lb.capture import CaptureRun, Selection  # noqa: PLC0415
+
+        try:
+            key = vip_key(request.vip, "vip") if request.HasField("vip") else None
+            run = CaptureRun(self.ctrl, Selection(key, request.backend, tuple(request.verdicts), request.count,
+                                                  request.duration_seconds, request.snaplen),
+                             active=lambda: context.is_active() and not self.stopping.is_set())
+            for c in run:
+                msg = pb.CapturedPacket(timestamp_ns=c.timestamp_ns, sent=c.sent, verdict=c.verdict,
+                                        backend=c.backend, length=c.length, data=c.data, cpu=c.cpu, seq=c.seq,
+                                        lost=run.lost, packets=run.packets)
+                if c.vip is not None:
+                    msg.vip.CopyFrom(pb.VipId(address=c.vip.address, port=c.vip.port, protocol=c.vip.protocol))
+                yield msg
+            yield pb.CapturedPacket(end=True, lost=run.lost, packets=run.packets)
+        except L4lbError as e:
+            context.abort(_status(e), details(e))
 
     @rpc
     def FlushFlows(self, request, context):

@@ -86,6 +86,13 @@ def add_run(sub) -> None:
     r.add_argument(INSECURE_FLAG, action="store_true",
                    help="serve TCP without client authentication: on loopback without TLS, or TLS without "
                         "--tls-client-ca (a warning is logged; any local user or any client can change the LB)")
+    r.add_argument("--metrics-listen", metavar="ADDRESS:PORT",
+                   help="serve Prometheus metrics at http://ADDRESS:PORT/metrics (off by default; "
+                        "loopback only unless --metrics-allow-remote), e.g. 127.0.0.1:9750")
+    r.add_argument("--metrics-allow-remote", action="store_true",
+                   help="let --metrics-listen take a non-loopback address (the metrics name every VIP and backend)")
+    r.add_argument("--metrics-max-pairs", type=whole_number,
+                   help="(VIP, backend) listings exported with their own weight and health gauges (default 20000)")
     r.add_argument("--attach-mode", default="auto", choices=["auto", "native", "generic"])
     r.add_argument("--detach", action="store_true", help="detach and remove pinned maps on exit")
     r.add_argument("--force", action="store_true", help="replace an XDP program that is not l4lb's")
@@ -132,10 +139,65 @@ def add_backend(sub) -> None:
 def add_stats(sub) -> None:
     st = sub.add_parser("stats", help="counters")
     st.add_argument("vip", nargs="?")
-    st.add_argument("--watch", action="store_true")
+    st.add_argument("--watch", action="store_true",
+                    help="a live view of rates (packets/s, bytes/s, new flows/s) per VIP and per backend")
     st.add_argument("--interval", type=seconds, default=1.0, help="seconds between updates (0.1-3600)")
     st.set_defaults(func=cmd_stats)
     add_connection(st)
+
+
+def add_capture(sub) -> None:
+    c = sub.add_parser("capture", help="copy packets at the XDP hook into a pcapng file",
+                       epilog="examples:\n  l4lb capture --vip 198.18.10.10:80/tcp --count 100 -w out.pcapng\n"
+                              "  l4lb capture --verdict drop --duration 10 -w drops.pcapng\n"
+                              "  l4lb capture --backend 198.18.2.1 --snaplen 128 -w b1.pcapng\n"
+                              "a forwarded packet is written twice, as received and as sent; each packet's "
+                              "comment says which, the verdict, the VIP and the backend",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    c.add_argument("--vip", help="only this VIP's packets (ADDRESS[:PORT]/PROTOCOL)")
+    c.add_argument("--backend", help="only packets to this backend")
+    c.add_argument("--verdict", action="append", choices=["tx", "pass", "drop"],
+                   help="only packets with this verdict (repeatable; default: all)")
+    c.add_argument("--count", type=whole_number, default=0, help="stop after N packets (0: no limit)")
+    c.add_argument("--duration", type=seconds, help="stop after S seconds (0.1-3600)")
+    c.add_argument("--snaplen", type=whole_number, default=0,
+                   help=f"bytes of each frame (1-{consts.CAPTURE_SNAP_MAX}; default: all of it up to that)")
+    c.add_argument("-w", dest="write", required=True, type=Path, help="the pcapng file to write")
+    c.set_defaults(func=cmd_capture)
+    add_connection(c)
+
+
+def cmd_capture(args) -> int:
+    from .pcapng import PcapngWriter, comment  # noqa: PLC0415
+
+    if args.snaplen > consts.CAPTURE_SNAP_MAX:
+        raise ValidationError(f"--snaplen {args.snaplen}: at most {consts.CAPTURE_SNAP_MAX}")
+    req = pb.CaptureRequest(backend=args.backend or "", verdicts=args.verdict or [], count=args.count,
+                            duration_seconds=args.duration or 0, snaplen=args.snaplen)
+    if args.vip:
+        req.vip.CopyFrom(parse_vip(args.vip))
+    copies, last = 0, pb.CapturedPacket()
+    try:
+        f = open(args.write, "wb")
+    except OSError as e:
+        raise ValidationError(f"-w {shown(str(args.write))}: {e.strerror}") from None
+    with f, client(args) as c:
+        w = PcapngWriter(f, args.snaplen or consts.CAPTURE_SNAP_MAX)
+        stream = c.stub.Capture(req)
+        try:
+            for m in stream:
+                last = m
+                if m.end:
+                    break
+                vip = vip_text(m.vip) if m.HasField("vip") else ""
+                w.write(m.timestamp_ns, m.data, m.length, comment(m.sent, m.verdict, vip, m.backend, m.cpu, m.seq))
+                copies += 1
+        except KeyboardInterrupt:
+            stream.cancel()
+    print(f"l4lb: {last.packets} packets ({copies} copies) written to {args.write}; {last.lost} copies lost "
+          "(the ring was full)" if last.lost else
+          f"l4lb: {last.packets} packets ({copies} copies) written to {args.write}", file=sys.stderr)
+    return 0
 
 
 def add_status(sub) -> None:
@@ -191,11 +253,16 @@ def cmd_run(args) -> int:
 def _print_vip(v: pb.Vip, counters: bool = False) -> None:
     t = Table(title=f"{vip_text(v.id)}  flags: {', '.join(v.flags) or '-'}")
     t.add_column("backend"), t.add_column("weight", justify="right")
+    if counters:
+        for col in ("packets", "bytes", "new flows"):
+            t.add_column(col, justify="right")
     for b in v.backends:
-        t.add_row(b.address, str(b.weight) + ("  (draining)" if b.weight == 0 else ""))
+        row = [b.address, str(b.weight) + ("  (draining)" if b.weight == 0 else "")]
+        t.add_row(*row, *((str(b.packets), str(b.bytes), str(b.new_flows)) if counters else ()))
     out.print(t)
     if counters:
-        out.print(f"packets {v.packets}  bytes {v.bytes}")
+        out.print(f"packets {v.packets}  bytes {v.bytes}  new flows {v.new_flows}")
+        out.print("backend counters are the backend's own: a backend on several VIPs counts them all")
 
 
 def cmd_vip_add(args) -> int:
@@ -267,11 +334,64 @@ def _print_stats(s: pb.Stats) -> None:
         t.add_row(k, str(v))
     out.print(t)
     if s.vips:
-        vt = Table(title="VIPs")
-        vt.add_column("vip"), vt.add_column("packets", justify="right"), vt.add_column("bytes", justify="right")
+        vt = Table(title="VIPs and their backends")
+        for col in ("vip", "backend", "packets", "bytes", "new flows"):
+            vt.add_column(col, justify="left" if col in ("vip", "backend") else "right")
         for v in s.vips:
-            vt.add_row(vip_text(v.id), str(v.packets), str(v.bytes))
+            vt.add_row(vip_text(v.id), "", str(v.packets), str(v.bytes), str(v.new_flows))
+            for b in v.backends:
+                vt.add_row("", b.address, str(b.packets), str(b.bytes), str(b.new_flows))
         out.print(vt)
+
+
+def _si(value: float, unit: str) -> str:
+    """1234567 -> '1.23 M' + unit (rates in a live view)."""
+    for factor, prefix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= factor:
+            return f"{value / factor:.2f} {prefix}{unit}"
+    return f"{value:.1f} {unit}"
+
+
+def _rates_view(prev: pb.Stats | None, s: pb.Stats, interval: float):
+    """The live view of `stats --watch`: per VIP and per backend, packets/s,
+    bytes/s and new flows/s between the last two messages; totals in the
+    first one (no rate yet)."""
+    from rich.console import Group  # noqa: PLC0415
+
+    dt = s.timestamp - prev.timestamp if prev is not None else 0.0
+    before: dict[tuple, tuple[int, int, int]] = {}
+    if prev is not None:
+        for v in prev.vips:
+            before[(vip_text(v.id), "")] = (v.packets, v.bytes, v.new_flows)
+            for b in v.backends:
+                before[(vip_text(v.id), b.address)] = (b.packets, b.bytes, b.new_flows)
+
+    def rate(key, now: tuple[int, int, int]) -> list[str]:
+        was = before.get(key)
+        if dt <= 0 or was is None or any(n < w for n, w in zip(now, was)):
+            return ["-", "-", "-"]  # first sample, new row, or a VIP/backend that started over
+        return [_si((n - w) / dt, u) for n, w, u in zip(now, was, ("pkt/s", "B/s", "flows/s"))]
+
+    t = Table(title=f"{time.strftime('%H:%M:%S')}  rates over {dt:.1f} s" if dt > 0 else
+              f"{time.strftime('%H:%M:%S')}  first sample: rates from the next one (every {interval:g} s)")
+    for col in ("vip", "backend", "packets/s", "bytes/s", "new flows/s", "packets", "bytes"):
+        t.add_column(col, justify="left" if col in ("vip", "backend") else "right")
+    for v in s.vips:
+        name = vip_text(v.id)
+        now = (v.packets, v.bytes, v.new_flows)
+        t.add_row(name, "", *rate((name, ""), now), str(v.packets), str(v.bytes), style="bold")
+        for b in v.backends:
+            now = (b.packets, b.bytes, b.new_flows)
+            t.add_row("", b.address, *rate((name, b.address), now), str(b.packets), str(b.bytes))
+    g = Table(title="data plane, per second")
+    names = ("tx", "pass", "ct_insert", "no_backend", "malformed", "error")
+    for n in names:
+        g.add_column(n, justify="right")
+    if prev is not None and dt > 0:
+        g.add_row(*(_si(max(0, s.counters.get(n, 0) - prev.counters.get(n, 0)) / dt, "") for n in names))
+    else:
+        g.add_row(*("-" for _ in names))
+    return Group(t, g)
 
 
 def cmd_stats(args) -> int:
@@ -288,11 +408,26 @@ _GONE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode
 
 
 def _watch_stats(args, req) -> int:
+    """A live view of rates until Ctrl-C (follow() reconnects when the server restarts)."""
+    from rich.live import Live  # noqa: PLC0415
+
+    live = Live(console=out, auto_refresh=False, transient=False) if out.is_terminal else None
+    prev: list = [None]
+
     def show(s: pb.Stats) -> None:
-        out.clear()
-        out.print(time.strftime("%H:%M:%S"))
-        _print_stats(s)
-    return follow(args, lambda c: c.stub.WatchStats(req), show)
+        view = _rates_view(prev[0], s, req.interval_seconds)
+        prev[0] = s
+        if live is not None:
+            if not live.is_started:
+                live.start()
+            live.update(view, refresh=True)
+        else:  # not a terminal: one view after another
+            out.print(view)
+    try:
+        return follow(args, lambda c: c.stub.WatchStats(req), show)
+    finally:
+        if live is not None and live.is_started:
+            live.stop()
 
 
 def follow(args, open_call, on_message) -> int:

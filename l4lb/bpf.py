@@ -250,6 +250,28 @@ def percpu_sum(table, key_index: int = 0) -> dict[str, int]:
     return {f: sum(getattr(v, f) for v in values) for f in fields}
 
 
+def possible_cpus() -> int:
+    return len(_bcc().utils.get_possible_cpus())
+
+
+def percpu_totals(table):
+    """Every entry of a per-CPU array of u64 counters, summed over CPUs: a
+    numpy array (entries x fields) and the field names, read in a few
+    syscalls (a scrape of 4096 backends costs about as much as one)."""
+    import numpy as np  # noqa: PLC0415
+
+    leaf_t = getattr(table, "sLeaf", table.Leaf)
+    names = [f for f, _ in leaf_t._fields_]
+    size = ctypes.sizeof(leaf_t)
+    if size != 8 * len(names):
+        raise BpfError(f"map {table.name!r}: its values are not all u64 counters")
+    ncpu, entries = possible_cpus(), table.max_entries
+    raw = libbpf.array_read(table.map_fd, entries, size * ncpu, name=leaf_t.__name__)
+    arr = np.frombuffer(raw, dtype=np.uint64).reshape(entries, ncpu, len(names)).sum(axis=1)
+    keep = [i for i, n in enumerate(names) if not n.startswith("pad")]
+    return arr[:, keep], [names[i] for i in keep]
+
+
 def leaf_from_bytes(table, raw: bytes):
     leaf_t = table.Leaf
     if len(raw) != ctypes.sizeof(leaf_t):
@@ -287,6 +309,9 @@ def layout_of(prog: Program) -> dict[str, MapLayout]:
     declared with (the registry's), the sizes bcc derived from xdp/structs.h."""
     out = {}
     for m in consts.maps_of(prog.name):
+        if m.kind == "ringbuf":  # no keys or values: a size in bytes
+            out[m.name] = MapLayout(m.kind, 0, 0, m.entries(Capacity()), m.flags)
+            continue
         t = prog.table(m.name)
         leaf = getattr(t, "sLeaf", t.Leaf)
         out[m.name] = MapLayout(m.kind, ctypes.sizeof(t.Key), ctypes.sizeof(leaf), t.max_entries, m.flags)
@@ -341,5 +366,5 @@ def maps_size(prog: Program) -> int:
     total = 0
     for lay in layout_of(prog).values():
         per = ncpu if lay.kind.startswith("percpu") else 1
-        total += lay.entries * (lay.key_size + per * lay.value_size)
+        total += lay.entries if lay.kind == "ringbuf" else lay.entries * (lay.key_size + per * lay.value_size)
     return total

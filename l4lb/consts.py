@@ -91,8 +91,13 @@ MAP_CONNTRACK = "conntrack"  # IPv4 flows
 MAP_CONNTRACK6 = "conntrack6"  # IPv6 flows
 MAP_CONFIG = "config"
 MAP_VIP_STATS = "vip_stats"
+MAP_VIP_FLOWS = "vip_flows"
+MAP_BACKEND_STATS = "backend_stats"
 MAP_GLOBAL_STATS = "global_stats"
 MAP_CPU_STATE = "cpu_state"
+MAP_CAPTURE_CFG = "capture_cfg"
+MAP_CAPTURE_STATS = "capture_stats"
+MAP_CAPTURE_RING = "capture_ring"
 MAP_DECAP_ADDRS = "decap_addrs"
 MAP_DECAP_STATS = "decap_stats"
 MAP_PROBE_STATS = "probe_stats"
@@ -100,6 +105,11 @@ PROG_BALANCER = "balancer"
 PROG_DECAP = "decap"
 PROG_PROBE = "probe_encap"
 DECAP_MAX_ADDRS = 64  # tunnel endpoint addresses one decap program knows
+
+# --- live capture (l4lb capture) ------------------------------------------------------
+CAPTURE_SNAP_MAX = 1600  # bytes of a frame a copy can hold (an MTU-1500 frame, tag and tunnel header)
+CAPTURE_RING_BYTES = 1 << 22  # the ring buffer the copies go through: ~2,500 copies
+CAPTURE_VERDICTS = {"drop": 1, "pass": 2, "tx": 3}  # XDP_DROP, XDP_PASS, XDP_TX
 
 
 @dataclass(frozen=True)
@@ -153,8 +163,13 @@ MAPS: tuple[MapSpec, ...] = (
             BPF_F_NO_COMMON_LRU),
     MapSpec(MAP_CONFIG, "array", "__u32", "struct lb_config", lambda c: 1, users=(PROG_PROBE,)),
     MapSpec(MAP_VIP_STATS, "percpu_array", "__u32", "struct vip_stats", lambda c: c.max_vips),
+    MapSpec(MAP_VIP_FLOWS, "percpu_array", "__u32", "struct vip_flows", lambda c: c.max_vips),
+    MapSpec(MAP_BACKEND_STATS, "percpu_array", "__u32", "struct backend_stats", lambda c: c.max_backends + 1),
     MapSpec(MAP_GLOBAL_STATS, "percpu_array", "__u32", "struct global_stats", lambda c: 1),
     MapSpec(MAP_CPU_STATE, "percpu_array", "__u32", "struct cpu_state", lambda c: 1),
+    MapSpec(MAP_CAPTURE_CFG, "array", "__u32", "struct capture_cfg", lambda c: 1),
+    MapSpec(MAP_CAPTURE_STATS, "percpu_array", "__u32", "struct capture_stats", lambda c: 1),
+    MapSpec(MAP_CAPTURE_RING, "ringbuf", "", "struct capture_rec", lambda c: CAPTURE_RING_BYTES),
     MapSpec(MAP_DECAP_ADDRS, "hash", "struct addr_key", "__u32", lambda c: DECAP_MAX_ADDRS,
             program=PROG_DECAP, pinned=False),
     MapSpec(MAP_DECAP_STATS, "percpu_array", "__u32", "struct decap_stats", lambda c: 1,
@@ -188,6 +203,7 @@ def cflags(cap: Capacity) -> list[str]:
         "VIP_FILTER_MULT": VIP_FILTER_MULT,
         "PROBE_MARK_TAG": PROBE_MARK_TAG,
         "PROBE_MARK_MASK": PROBE_MARK_MASK,
+        "CAPTURE_SNAP_MAX": CAPTURE_SNAP_MAX,
     }
     for m in MAPS:
         defs[f"{m.macro}_ENTRIES"] = m.entries(cap)

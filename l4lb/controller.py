@@ -506,9 +506,19 @@ class Controller:
         return None, ""
 
     def stats(self, key: VipKey | None = None):
+        """(global counters, [(VIP, its counters)]): a VIP's counters are
+        packets, bytes, new_flows and backends ({address: packets, bytes,
+        new_flows}), all summed over CPUs."""
+        snap = self.snapshot(key)
+        return snap.globals, [(v, snap.vip_counters(v)) for v in snap.vips]
+
+    def snapshot(self, key: VipKey | None = None) -> "Snapshot":
+        """The VIPs and every counter, read together under the lock: an index
+        cannot change hands between reading who holds it and reading its counts."""
         with self.lock:
             vips = [self.model.get(key).clone()] if key else self.list_vips()
-            return self.dp.global_stats(), [(v, self.dp.vip_stats(v.vip_id)) for v in vips]
+            indices = {a: b.index for a, b in self.model.backends.items()}
+            return Snapshot(vips, indices, self.dp.global_stats(), self.dp.counter_tables())
 
     def counts(self) -> tuple[int, int]:
         """(VIPs, backends)."""
@@ -526,6 +536,29 @@ class Controller:
             out["program_id"] = now[0] if now else 0
         # the kernel's own figure for pinned maps; the compiled sizes otherwise
         out["kernel_bytes"] = (bpf.maps_memory(self.pin_dir) if self.pin_dir else 0) or bpf.maps_size(self.dp.prog)
+        return out
+
+
+class Snapshot:
+    """VIPs, backend indices and counters read at one moment (Controller.snapshot)."""
+
+    def __init__(self, vips, indices: dict[str, int], globals_: dict[str, int], tables: dict):
+        from . import consts  # noqa: PLC0415
+
+        self.vips, self.indices, self.globals = vips, indices, globals_
+        self._vip, self._vip_fields = tables[consts.MAP_VIP_STATS]
+        self._flows = tables[consts.MAP_VIP_FLOWS][0]
+        self._backend, self._backend_fields = tables[consts.MAP_BACKEND_STATS]
+
+    def backend_counters(self, address: str) -> dict[str, int]:
+        row = self._backend[self.indices[address]]
+        return {f: int(row[i]) for i, f in enumerate(self._backend_fields)}
+
+    def vip_counters(self, v) -> dict:
+        row = self._vip[v.vip_id]
+        out = {f: int(row[i]) for i, f in enumerate(self._vip_fields)}
+        out["new_flows"] = int(self._flows[v.vip_id][0])
+        out["backends"] = {a: self.backend_counters(a) for a in sorted(v.backends)}
         return out
 
 

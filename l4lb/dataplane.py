@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import consts
-from .bpf import Program, percpu_sum
+from . import consts, timings
+from .bpf import Program, percpu_sum, percpu_totals
 from .errors import BpfError, CapacityError, StateError
 from .model import VipKey, family_of, mac_bytes
 
@@ -47,6 +47,7 @@ class Dataplane:
         self.t = {m.name: program.table(m.name) for m in consts.maps_of(consts.PROG_BALANCER)}
         self.names = {id(t): name for name, t in self.t.items()}
         self.portless = 0
+        self.capture = 0  # lb_config.capture: 1 while a capture runs
         self.vip_addresses: dict[str, int] = {}  # address -> VIPs on it
 
     # ---- configuration ---------------------------------------------------------------
@@ -66,6 +67,7 @@ class Dataplane:
         v.new_flow_rate = cfg.new_flow_rate
         v.icmp_rate = cfg.icmp_rate
         v.portless_vips = self.portless
+        v.capture = self.capture
         v.udp_timeout_ns = int(cfg.udp_timeout_s * 1e9)
         self._update(t, t.Key(0), v)
 
@@ -75,6 +77,41 @@ class Dataplane:
         v.portless_vips = n
         self.portless = n
         self._update(t, t.Key(0), v)
+
+    # ---- live capture ---------------------------------------------------------------
+    def capture_start(self, vip: int, backend: int, verdicts: int, snaplen: int) -> None:
+        """Copies of the packets selected (vip: vip_id + 1 or 0 for any;
+        backend: index or 0; verdicts: a bit per XDP_* verdict) go to the
+        capture ring until capture_stop()."""
+        t = self.t[consts.MAP_CAPTURE_CFG]
+        self._update(t, t.Key(0), t.Leaf(vip=vip, backend=backend, verdicts=verdicts, snaplen=snaplen))
+        self._set_capture(1)
+
+    def capture_stop(self) -> None:
+        self._set_capture(0)
+
+    def _set_capture(self, on: int) -> None:
+        t = self.t[consts.MAP_CONFIG]
+        v = t[t.Key(0)]
+        v.capture = on
+        self.capture = on
+        self._update(t, t.Key(0), v)
+
+    def capture_counts(self) -> dict[str, int]:
+        """copied, lost: summed over CPUs since the maps were made."""
+        return percpu_sum(self.t[consts.MAP_CAPTURE_STATS])
+
+    def capture_reader(self, on_record):
+        """A reader of the capture ring: on_record(capture_rec) per copy."""
+        from .libbpf import RingReader  # noqa: PLC0415
+
+        leaf = self.t[consts.MAP_CAPTURE_RING].Leaf
+        size = ctypes.sizeof(leaf)
+
+        def parse(raw: bytes) -> None:
+            if len(raw) >= size:
+                on_record(leaf.from_buffer_copy(raw[:size]))
+        return RingReader(self.t[consts.MAP_CAPTURE_RING].map_fd, parse)
 
     # ---- Sink (see state.py) -----------------------------------------------------------
     def put_backend(self, index: int, address: str, generation: int, valid: bool,
@@ -98,8 +135,9 @@ class Dataplane:
         arr = np.ascontiguousarray(slots, dtype=np.uint32)
         if arr.shape != (self.capacity.ring_size,):
             raise BpfError(f"ring of {arr.shape} entries, program has {self.capacity.ring_size}")
-        leaf = t.Leaf.from_buffer_copy(arr)  # the whole ring: one copy, one syscall
-        self._update(t, t.Key(2 * vip_id + copy), leaf)
+        with timings.timed(timings.RING_PUSH):
+            leaf = t.Leaf.from_buffer_copy(arr)  # the whole ring: one copy, one syscall
+            self._update(t, t.Key(2 * vip_id + copy), leaf)
 
     def put_vip(self, key: VipKey, vip_id: int, flags: int, ring: int) -> None:
         t = self.t[consts.MAP_VIPS]
@@ -162,14 +200,24 @@ class Dataplane:
             info[info.Key(i)] = info.Leaf()
         self.vip_addresses.clear()
         self.write_filter([])
-        for name in (consts.MAP_VIP_STATS, consts.MAP_GLOBAL_STATS):
+        if self.capture:
+            self.capture_stop()
+        for name in (consts.MAP_VIP_STATS, consts.MAP_VIP_FLOWS, consts.MAP_BACKEND_STATS,
+                     consts.MAP_GLOBAL_STATS):
             t = self.t[name]
             for i in range(t.max_entries):
                 self._zero_percpu(t, i)
         self._zero_percpu(self.t[consts.MAP_CPU_STATE], 0)
+        self._zero_percpu(self.t[consts.MAP_CAPTURE_STATS], 0)
 
     def clear_vip_stats(self, vip_id: int) -> None:
         self._zero_percpu(self.t[consts.MAP_VIP_STATS], vip_id)
+        self._zero_percpu(self.t[consts.MAP_VIP_FLOWS], vip_id)
+
+    def clear_backend_stats(self, index: int) -> None:
+        """Before the index is given to another backend (no ring or valid
+        connection-table entry names it then, so no packet counts meanwhile)."""
+        self._zero_percpu(self.t[consts.MAP_BACKEND_STATS], index)
 
     def _zero_percpu(self, t, index: int) -> None:
         values = t[t.Key(index)]
@@ -231,6 +279,19 @@ class Dataplane:
     def vip_stats(self, vip_id: int) -> dict[str, int]:
         return percpu_sum(self.t[consts.MAP_VIP_STATS], vip_id)
 
+    def vip_new_flows(self, vip_id: int) -> int:
+        return percpu_sum(self.t[consts.MAP_VIP_FLOWS], vip_id)["new_flows"]
+
+    def backend_stats(self, index: int) -> dict[str, int]:
+        """packets, bytes, new_flows of a backend index, summed over CPUs."""
+        return percpu_sum(self.t[consts.MAP_BACKEND_STATS], index)
+
+    def counter_tables(self) -> dict[str, tuple]:
+        """Every per-VIP and per-backend counter at once, summed over CPUs:
+        {map name: (entries x fields array, field names)}, a few syscalls each."""
+        return {name: percpu_totals(self.t[name])
+                for name in (consts.MAP_VIP_STATS, consts.MAP_VIP_FLOWS, consts.MAP_BACKEND_STATS)}
+
     def ring(self, vip_id: int, copy: int) -> np.ndarray:
         t = self.t[consts.MAP_RINGS]
         v = t[t.Key(2 * vip_id + copy)]
@@ -264,7 +325,19 @@ class Dataplane:
         return n
 
     def conntrack_size(self) -> int:
-        return sum(1 for name in (consts.MAP_CONNTRACK, consts.MAP_CONNTRACK6) for _ in self.t[name].keys())
+        return sum(self.conntrack_entries().values())
+
+    def conntrack_entries(self) -> dict[int, int]:
+        """{family: entries in its connection table}, counted with batch
+        lookups (a few syscalls for the whole table)."""
+        from . import libbpf  # noqa: PLC0415
+
+        out = {}
+        for family in (consts.FAMILY_V4, consts.FAMILY_V6):
+            t = self.conntrack_table(family)
+            out[family] = libbpf.map_walk(t.map_fd, ctypes.sizeof(t.Key), ctypes.sizeof(t.Leaf),
+                                          name=self.names[id(t)])
+        return out
 
     def _update(self, t, k, v) -> None:
         try:

@@ -275,3 +275,80 @@ def map_delete_batch(map_fd: int, keys: bytes, key_size: int, name: str = "") ->
     if rc and err != _errno.ENOENT:
         raise BpfError(f"deleting {n} keys from map {name!r} failed: {os.strerror(err)}")
     return done.value
+
+
+def array_read(map_fd: int, entries: int, value_size: int, name: str = "") -> bytes:
+    """Every value of an array map (per-CPU values included: value_size is
+    then the bytes of all CPUs' copies of one entry), in index order, with
+    batch lookups: a few syscalls however many entries."""
+    lib = _lib()
+    chunk = min(entries, _BATCH_CHUNK)
+    keys = ctypes.create_string_buffer(4 * chunk)
+    values = ctypes.create_string_buffer(value_size * chunk)
+    token_in = ctypes.create_string_buffer(4)
+    token_out = ctypes.create_string_buffer(4)
+    out = bytearray()
+    first = True
+    while True:
+        count = ctypes.c_uint32(chunk)
+        rc = lib.bpf_map_lookup_batch(map_fd, None if first else token_in, token_out, keys, values,
+                                      ctypes.byref(count), None)
+        err = ctypes.get_errno()
+        out += values.raw[:count.value * value_size]
+        if rc:
+            if err == _errno.ENOENT:
+                break
+            raise BpfError(f"batch read of map {name!r} failed: {os.strerror(err)}")
+        if len(out) >= entries * value_size:
+            break
+        ctypes.memmove(token_in, token_out, 4)
+        first = False
+    if len(out) != entries * value_size:
+        raise BpfError(f"batch read of map {name!r}: {len(out) // value_size} of {entries} entries")
+    return bytes(out)
+
+
+# ---- BPF ring buffers ---------------------------------------------------------------------
+_SAMPLE_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
+
+
+class RingReader:
+    """Reads a BPF_MAP_TYPE_RINGBUF map (libbpf's ring_buffer): poll() hands
+    each record's bytes to on_record, in the order the program submitted them."""
+
+    def __init__(self, map_fd: int, on_record):
+        lib = _lib()
+        lib.ring_buffer__new.argtypes = [ctypes.c_int, _SAMPLE_FN, ctypes.c_void_p, ctypes.c_void_p]
+        lib.ring_buffer__new.restype = ctypes.c_void_p
+        lib.ring_buffer__poll.argtypes = [ctypes.c_void_p, ctypes.c_int]
+        lib.ring_buffer__poll.restype = ctypes.c_int
+        lib.ring_buffer__consume.argtypes = [ctypes.c_void_p]
+        lib.ring_buffer__consume.restype = ctypes.c_int
+        lib.ring_buffer__free.argtypes = [ctypes.c_void_p]
+        lib.ring_buffer__free.restype = None
+        self._lib = lib
+        self._on_record = on_record
+
+        def sample(_ctx, data, size):
+            on_record(ctypes.string_at(data, size))
+            return 0
+        self._cb = _SAMPLE_FN(sample)  # kept: libbpf calls it for as long as the reader lives
+        self._rb = lib.ring_buffer__new(map_fd, self._cb, None, None)
+        if not self._rb:
+            raise _fail("cannot open the ring buffer", -1)
+
+    def poll(self, timeout_ms: int) -> int:
+        """Waits up to timeout_ms for records; returns how many were read."""
+        n = self._lib.ring_buffer__poll(self._rb, timeout_ms)
+        if n < 0 and -n != _errno.EINTR:
+            raise BpfError(f"reading the ring buffer failed: {os.strerror(-n)}")
+        return max(n, 0)
+
+    def consume(self) -> int:
+        """Reads what is there now, without waiting."""
+        return max(self._lib.ring_buffer__consume(self._rb), 0)
+
+    def close(self) -> None:
+        if self._rb:
+            self._lib.ring_buffer__free(self._rb)
+            self._rb = None

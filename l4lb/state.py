@@ -27,7 +27,7 @@ from typing import Protocol
 
 import numpy as np
 
-from . import maglev
+from . import maglev, timings
 from .consts import Capacity
 from .errors import AlreadyExistsError, CapacityError, NotFoundError, StateError, ValidationError
 from .health import HealthCheck, effective_weights, parse_health
@@ -43,6 +43,7 @@ class Sink(Protocol):
     def put_vip_addresses(self, counts: dict[str, int]) -> None: ...
     def put_vip_info(self, vip_id: int, generation: int, flags: int) -> None: ...
     def clear_vip_stats(self, vip_id: int) -> None: ...
+    def clear_backend_stats(self, index: int) -> None: ...
     def set_portless(self, n: int) -> None: ...
 
 
@@ -121,10 +122,11 @@ def ring_slots(capacity: Capacity, spec: tuple) -> np.ndarray:
     """Backend index per ring slot (0 = none) for ((address, index, weight), ...)."""
     if not spec:
         return np.zeros(capacity.ring_size, dtype=np.uint32)
-    keys = [_packed(a) for a, _, _ in spec]
-    pos = maglev.maglev_indices(keys, [w for _, _, w in spec], capacity.ring_size)
-    lut = np.array([i for _, i, _ in spec] + [0], dtype=np.uint32)
-    return lut[pos]  # position -1 picks the trailing 0
+    with timings.timed(timings.RING_BUILD):
+        keys = [_packed(a) for a, _, _ in spec]
+        pos = maglev.maglev_indices(keys, [w for _, _, w in spec], capacity.ring_size)
+        lut = np.array([i for _, i, _ in spec] + [0], dtype=np.uint32)
+        return lut[pos]  # position -1 picks the trailing 0
 
 
 def _no_step(_name: str) -> None:
@@ -148,12 +150,17 @@ def sync(have: MapImage, want: MapImage, sink: Sink, capacity: Capacity,
                 sink.clear_vip_stats(vid)
             sink.put_vip_info(vid, *new)
     step("sync.generations")
-    # 3. backends before any ring names them, listed by the VIPs of both images
+    # 3. backends before any ring names them, listed by the VIPs of both images;
+    # an index given to another backend (or first used) starts from zero counters:
+    # no ring and no valid connection-table entry names it yet, so nothing counts
+    # on it meanwhile, and a backend that keeps its index keeps its counts
     listed: dict[int, frozenset[int]] = {}
     for idx, b in want.backends.items():
         old = have.backends.get(idx)
         same = old is not None and (old.address, old.generation) == (b.address, b.generation)
         listed[idx] = b.vips | (old.vips if same else frozenset())
+        if not same:
+            sink.clear_backend_stats(idx)
         if not same or old.vips != listed[idx]:
             sink.put_backend(idx, b.address, b.generation, True, sorted(listed[idx]))
     step("sync.backends-added")

@@ -9,7 +9,7 @@ need_root() { [ "$(id -u)" = 0 ] || { echo "make setup must run as root (apt-get
 need_root
 
 APT_PACKAGES=(python3-bpfcc bpfcc-tools libbpf1 bpftool python3-venv python3-dev gcc make
-              iproute2 ethtool tcpdump kmod openssl linux-headers-amd64 iperf3)
+              iproute2 ethtool tcpdump kmod openssl linux-headers-amd64 iperf3 prometheus)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
@@ -22,6 +22,15 @@ if [ ${#missing[@]} -gt 0 ]; then
 else
     say "system packages present"
 fi
+# prometheus comes for its server and promtool (the metrics tests start their
+# own server on loopback, with their own configuration and data directory);
+# the packaged service would hold ports 9090/9100, so it is stopped and disabled
+for unit in prometheus prometheus-node-exporter; do
+    if command -v systemctl >/dev/null && systemctl is-enabled "$unit" >/dev/null 2>&1; then
+        systemctl disable --now "$unit" >/dev/null 2>&1 || true
+        say "disabled the packaged $unit service (tests start their own)"
+    fi
+done
 
 # bcc compiles against /lib/modules/$(uname -r)/build. Prefer the running
 # kernel's own headers; fall back to Debian's newest packaged headers, which

@@ -50,6 +50,48 @@ static __always_inline int icmp_allowed(const struct lb_config *cfg)
                              lb_now());
 }
 
+/* A copy of the frame for `l4lb capture`, if capture_cfg selects it (only
+ * called while lb_config.capture is set). A full ring drops the copy and
+ * counts it; forwarding never waits for the reader. */
+static __always_inline void capture(struct xdp_md *ctx, const struct pkt *p, __u32 verdict, __u8 sent)
+{
+    __u32 zero = 0, len = ctx->data_end - ctx->data;
+    __u64 n; /* 64 bits: the verifier follows the bounds checked below into the helper call */
+    struct capture_cfg *cc = capture_cfg.lookup(&zero);
+    struct capture_stats *cs = capture_stats.lookup(&zero);
+    struct capture_rec *rec;
+
+    if (!cc || !cs)
+        return;
+    if ((cc->vip && cc->vip != p->vip) || (cc->backend && cc->backend != p->backend) ||
+        !((cc->verdicts >> verdict) & 1))
+        return;
+    rec = capture_ring.ringbuf_reserve(sizeof(*rec));
+    if (!rec) {
+        cs->lost++;
+        return;
+    }
+    n = len < cc->snaplen ? len : cc->snaplen;
+    if (n > CAPTURE_SNAP_MAX)
+        n = CAPTURE_SNAP_MAX;
+    if (n < 1 || bpf_xdp_load_bytes(ctx, 0, rec->data, n)) {
+        capture_ring.ringbuf_discard(rec, 0);
+        cs->lost++;
+        return;
+    }
+    rec->ts = bpf_ktime_get_ns();
+    rec->len = len;
+    rec->cap_len = n;
+    rec->vip = p->vip;
+    rec->backend = p->backend;
+    rec->seq = cs->copied;
+    rec->cpu = bpf_get_smp_processor_id();
+    rec->verdict = verdict;
+    rec->sent = sent;
+    capture_ring.ringbuf_submit(rec, 0);
+    cs->copied++;
+}
+
 /* Could a VIP live on the destination address? A clear filter bit says no. */
 static __always_inline int maybe_vip(const struct pkt *p)
 {
@@ -140,10 +182,11 @@ static __always_inline void flow4_of(const struct pkt *p, struct flow4_key *k)
 /* An established flow: its connection-table entry says where it goes, as
  * long as the VIP is still the one that made the entry (same generation),
  * the backend is still the one it named and the VIP still lists it, and a
- * UDP entry has not expired. Returns 0 with the backend, VIP and hash. */
+ * UDP entry has not expired. Returns 0 with the backend (and its index), VIP
+ * and hash. */
 static __always_inline int ct_lookup(struct pkt *p, const struct lb_config *cfg,
                                      struct global_stats *gs, struct backend **out,
-                                     __u32 *vip_id, __u32 *hash)
+                                     __u32 *bidx, __u32 *vip_id, __u32 *hash)
 {
     struct ct_entry *e;
     struct vip_info *vi;
@@ -179,12 +222,26 @@ static __always_inline int ct_lookup(struct pkt *p, const struct lb_config *cfg,
     }
     gs->ct_hit++;
     *out = b;
+    *bidx = idx;
     *vip_id = vid;
     *hash = e->hash;
     return 0;
 stale:
     gs->ct_stale++;
     return -1;
+}
+
+/* A new flow to a backend: its VIP's and its backend's new-flow counters.
+ * Only on the new-flow path: established packets never come here. */
+static __always_inline void count_new_flow(__u32 vip_id, __u32 idx)
+{
+    struct vip_flows *vf = vip_flows.lookup(&vip_id);
+    struct backend_stats *bs = backend_stats.lookup(&idx);
+
+    if (vf)
+        vf->new_flows++;
+    if (bs)
+        bs->new_flows++;
 }
 
 /* Too big to send towards b once encapsulated, and not to be fragmented:
@@ -198,10 +255,11 @@ static __always_inline int too_big_for(const struct pkt *p, const struct backend
 }
 
 /* A fresh Maglev pick, remembered unless the flow or the rate limit says
- * otherwise. */
+ * otherwise. A flow that gets an entry, or would but for the rate limit,
+ * counts as a new flow of its VIP and backend. */
 static __always_inline int pick_backend(struct pkt *p, const struct vip_meta *vip,
                                         const struct lb_config *cfg, struct global_stats *gs,
-                                        __u32 hash, struct backend **out)
+                                        __u32 hash, struct backend **out, __u32 *bidx)
 {
     struct backend *b;
     __u32 idx, vid = vip->vip_id;
@@ -213,6 +271,7 @@ static __always_inline int pick_backend(struct pkt *p, const struct vip_meta *vi
     if (maglev_pick(vip, hash, &idx, &b))
         return -1;
     *out = b;
+    *bidx = idx;
     /* an ICMP error, a RST or a packet answered "too big" never creates an
      * entry; neither do no-conntrack VIPs */
     if ((vip->flags & VIP_F_NO_CONNTRACK) || p->icmp_error ||
@@ -234,6 +293,7 @@ static __always_inline int pick_backend(struct pkt *p, const struct vip_meta *vi
     }
     if (limited) {
         gs->ct_limited++;
+        count_new_flow(vid, idx);
     } else {
         struct ct_entry fresh = {.backend = idx, .generation = b->generation, .vip_id = vid,
                                  .vip_gen = vi->generation, .hash = hash, .last_seen = now};
@@ -247,18 +307,23 @@ static __always_inline int pick_backend(struct pkt *p, const struct vip_meta *vi
         } else {
             err = conntrack6.update(&p->flow, &fresh);
         }
-        if (!err)
+        if (!err) {
             gs->ct_insert++;
+            count_new_flow(vid, idx);
+        }
     }
     return 0;
 }
 
-/* Sends a VIP packet to backend b: counters, the too-big check, encapsulation. */
-static __always_inline int forward(struct xdp_md *ctx, struct pkt *p, __u32 vip_id,
+/* Sends a VIP packet to backend b (index idx): the too-big check,
+ * encapsulation, counters. */
+static __always_inline int forward(struct xdp_md *ctx, struct pkt *p, __u32 idx,
                                    const struct backend *b, const struct lb_config *cfg,
                                    struct global_stats *gs, __u32 hash)
 {
     __u32 overhead = b->family == FAMILY_V4 ? sizeof(struct iphdr) : sizeof(struct ipv6hdr);
+    __u64 len = ctx->data_end - ctx->data; /* as received: the bytes vip_stats counts */
+    struct backend_stats *bs;
     int action;
 
     if (too_big_for(p, b, cfg)) {
@@ -281,6 +346,8 @@ static __always_inline int forward(struct xdp_md *ctx, struct pkt *p, __u32 vip_
         gs->too_big++;
         return action;
     }
+    if (cfg->capture)
+        capture(ctx, p, XDP_TX, 0); /* as received: encapsulation rewrites it in place */
     action = encap(ctx, p, b, cfg, hash);
     if (action < 0) {
         gs->error++;
@@ -289,6 +356,11 @@ static __always_inline int forward(struct xdp_md *ctx, struct pkt *p, __u32 vip_
     if (p->icmp_error)
         gs->icmp_fwd++;
     gs->tx++;
+    bs = backend_stats.lookup(&idx);
+    if (bs) {
+        bs->packets++;
+        bs->bytes += len;
+    }
     return action;
 }
 
@@ -311,12 +383,14 @@ static __always_inline int balance(struct xdp_md *ctx, struct pkt *p, const stru
               (p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
     struct vip_meta *vip;
     struct backend *b;
-    __u32 vip_id, hash;
+    __u32 vip_id, hash, idx;
 
     /* a SYN always takes a fresh pick: a reused 5-tuple is a new connection */
-    if (!syn && !ct_lookup(p, cfg, gs, &b, &vip_id, &hash)) {
+    if (!syn && !ct_lookup(p, cfg, gs, &b, &idx, &vip_id, &hash)) {
+        p->vip = vip_id + 1;
+        p->backend = idx;
         count_vip(ctx, vip_id);
-        return forward(ctx, p, vip_id, b, cfg, gs, hash);
+        return forward(ctx, p, idx, b, cfg, gs, hash);
     }
     vip = find_vip(p, cfg);
     if (!vip) {
@@ -324,13 +398,15 @@ static __always_inline int balance(struct xdp_md *ctx, struct pkt *p, const stru
         return XDP_PASS;
     }
     vip_id = vip->vip_id;
+    p->vip = vip_id + 1;
     count_vip(ctx, vip_id);
     hash = vip_flow_hash(&p->flow, vip->flags);
-    if (pick_backend(p, vip, cfg, gs, hash, &b)) {
+    if (pick_backend(p, vip, cfg, gs, hash, &b, &idx)) {
         gs->no_backend++;
         return XDP_DROP;
     }
-    return forward(ctx, p, vip_id, b, cfg, gs, hash);
+    p->backend = idx;
+    return forward(ctx, p, idx, b, cfg, gs, hash);
 }
 
 /* ICMP to a VIP address: echo requests are answered here; errors about a
@@ -392,39 +468,34 @@ pass:
     return XDP_PASS;
 }
 
-int balancer(struct xdp_md *ctx)
+/* Every packet's verdict; balancer() below adds the capture. */
+static __always_inline int decide(struct xdp_md *ctx, struct pkt *p, const struct lb_config *cfg,
+                                  struct global_stats *gs)
 {
     void *data = (void *)(long)ctx->data;
     void *data_end = (void *)(long)ctx->data_end;
-    __u32 zero = 0;
-    struct global_stats *gs = global_stats.lookup(&zero);
-    struct lb_config *cfg = config.lookup(&zero);
-    struct pkt p = {};
     void *l4 = NULL;
     __be16 proto;
     int res;
 
-    if (!gs || !cfg || !cfg->configured)
-        return XDP_PASS;
-
-    res = parse_eth(data, data_end, &p, &proto);
+    res = parse_eth(data, data_end, p, &proto);
     if (res == PARSE_OK)
-        res = parse_ip(data, data_end, &p, proto, &l4);
+        res = parse_ip(data, data_end, p, proto, &l4);
     switch (res) {
     case PARSE_OK:
         break;
     case PARSE_ICMP:
-        return handle_icmp(ctx, &p, l4, cfg, gs);
+        return handle_icmp(ctx, p, l4, cfg, gs);
     case PARSE_NOT_IP:
     case PARSE_GROUP_MAC:
         goto pass;
     case PARSE_FRAGMENT:
-        if (!is_vip_address(&p))
+        if (!is_vip_address(p))
             goto pass;
         gs->fragment++;
         return XDP_DROP;
     case PARSE_EXT_HEADER:
-        if (!is_vip_address(&p))
+        if (!is_vip_address(p))
             goto pass;
         gs->ext_header++;
         return XDP_DROP;
@@ -434,18 +505,34 @@ int balancer(struct xdp_md *ctx)
     }
 
     /* traffic for the LB itself leaves here, after one array read */
-    if (!maybe_vip(&p))
+    if (!maybe_vip(p))
         goto pass;
-    res = parse_l4(l4, data_end, &p, p.ip_len - (__u32)(l4 - data - p.l3off));
+    res = parse_l4(l4, data_end, p, p->ip_len - (__u32)(l4 - data - p->l3off));
     if (res != PARSE_OK) {
-        if (!is_vip_address(&p))
+        if (!is_vip_address(p))
             goto pass;
         gs->malformed++;
         return XDP_DROP;
     }
-    return balance(ctx, &p, cfg, gs);
+    return balance(ctx, p, cfg, gs);
 
 pass:
     gs->pass++;
     return XDP_PASS;
+}
+
+int balancer(struct xdp_md *ctx)
+{
+    __u32 zero = 0;
+    struct global_stats *gs = global_stats.lookup(&zero);
+    struct lb_config *cfg = config.lookup(&zero);
+    struct pkt p = {};
+    int action;
+
+    if (!gs || !cfg || !cfg->configured)
+        return XDP_PASS;
+    action = decide(ctx, &p, cfg, gs);
+    if (cfg->capture) /* off: one test of a word the packet's path has read already */
+        capture(ctx, &p, action, action == XDP_TX);
+    return action;
 }

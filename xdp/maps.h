@@ -9,9 +9,27 @@
 #ifdef PIN_DIR
 #define L4LB_MAP(type, k, v, name, max, flags) \
     BPF_TABLE_PINNED7(type, k, v, name, max, PIN_DIR "/" #name, flags)
+#define L4LB_RINGBUF_SECTION(name) "maps/ringbuf:" PIN_DIR "/" #name
 #else
 #define L4LB_MAP(type, k, v, name, max, flags) BPF_F_TABLE(type, k, v, name, max, flags)
+#define L4LB_RINGBUF_SECTION(name) "maps/ringbuf"
 #endif
+
+/* A BPF ring buffer of `bytes` whose records are `rec` (bcc's
+ * BPF_RINGBUF_OUTPUT, pinned like the others; the record type as its leaf
+ * gives user space the layout, as for any other map). */
+#define L4LB_RINGBUF(name, rec, bytes)                               \
+    struct name##_table_t {                                          \
+        int key;                                                     \
+        rec leaf;                                                    \
+        int (*ringbuf_output)(void *, u64, u64);                     \
+        void *(*ringbuf_reserve)(u64);                               \
+        void (*ringbuf_discard)(void *, u64);                        \
+        void (*ringbuf_submit)(void *, u64);                         \
+        u32 max_entries;                                             \
+    };                                                               \
+    __attribute__((section(L4LB_RINGBUF_SECTION(name))))             \
+    struct name##_table_t name = {.max_entries = (bytes)}
 
 /* (address, port, protocol) -> the VIP's id, flags and active ring copy */
 L4LB_MAP("hash", struct vip_key, struct vip_meta, vips, MAP_VIPS_ENTRIES, MAP_VIPS_FLAGS);
@@ -37,7 +55,17 @@ L4LB_MAP("lru_hash", struct flow_key, struct ct_entry, conntrack6, MAP_CONNTRACK
 L4LB_MAP("array", __u32, struct lb_config, config, MAP_CONFIG_ENTRIES, MAP_CONFIG_FLAGS);
 /* vip_id -> packets and bytes, per CPU */
 L4LB_MAP("percpu_array", __u32, struct vip_stats, vip_stats, MAP_VIP_STATS_ENTRIES, MAP_VIP_STATS_FLAGS);
+/* vip_id -> new flows, per CPU */
+L4LB_MAP("percpu_array", __u32, struct vip_flows, vip_flows, MAP_VIP_FLOWS_ENTRIES, MAP_VIP_FLOWS_FLAGS);
+/* backend index -> packets, bytes, new flows, per CPU */
+L4LB_MAP("percpu_array", __u32, struct backend_stats, backend_stats, MAP_BACKEND_STATS_ENTRIES, MAP_BACKEND_STATS_FLAGS);
 /* index 0 -> global counters, per CPU */
 L4LB_MAP("percpu_array", __u32, struct global_stats, global_stats, MAP_GLOBAL_STATS_ENTRIES, MAP_GLOBAL_STATS_FLAGS);
 /* index 0 -> rate-limit windows, per CPU */
 L4LB_MAP("percpu_array", __u32, struct cpu_state, cpu_state, MAP_CPU_STATE_ENTRIES, MAP_CPU_STATE_FLAGS);
+/* index 0 -> what `l4lb capture` selects */
+L4LB_MAP("array", __u32, struct capture_cfg, capture_cfg, MAP_CAPTURE_CFG_ENTRIES, MAP_CAPTURE_CFG_FLAGS);
+/* index 0 -> copies made and lost, per CPU */
+L4LB_MAP("percpu_array", __u32, struct capture_stats, capture_stats, MAP_CAPTURE_STATS_ENTRIES, MAP_CAPTURE_STATS_FLAGS);
+/* the copies (struct capture_rec), read by `l4lb run` while a capture runs */
+L4LB_RINGBUF(capture_ring, struct capture_rec, MAP_CAPTURE_RING_ENTRIES);

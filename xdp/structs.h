@@ -105,7 +105,8 @@ struct lb_config {
     __u32 new_flow_rate; /* connection-table inserts per CPU per second; 0: no limit */
     __u32 icmp_rate;     /* generated ICMP messages per CPU per second */
     __u32 portless_vips; /* number of port-0 VIPs; 0 skips the second lookup */
-    __u32 pad1;
+    __u32 capture;       /* 1 while `l4lb capture` runs: packets that capture_cfg selects are
+                          * copied to capture_ring; 0 costs one test of this word */
     __u64 udp_timeout_ns;/* a UDP entry older than this re-picks */
 };
 
@@ -113,6 +114,23 @@ struct lb_config {
 struct vip_stats {
     __u64 packets;
     __u64 bytes;
+};
+
+/* New flows per VIP (per CPU): connection-table entries written, and flows
+ * served by Maglev alone under the new-flow rate limit. Apart from vip_stats,
+ * which every packet touches: this one only moves on a new flow. */
+struct vip_flows {
+    __u64 new_flows;
+};
+
+/* Per-backend counters (per CPU), by backend index: packets sent to the
+ * backend and their bytes as received (before encapsulation), and new flows
+ * as in vip_flows. User space zeroes an index before giving it to another
+ * backend, so a backend never inherits its predecessor's counts. */
+struct backend_stats {
+    __u64 packets;
+    __u64 bytes;
+    __u64 new_flows;
 };
 
 /* Global counters (per CPU); docs/dataplane.md documents each one. */
@@ -160,6 +178,36 @@ struct probe_stats {
     __u64 error;       /* not IP, IPv6 to an IPv4 backend, no configuration, or a helper failed: dropped */
 };
 
+/* What `l4lb capture` selects (one entry, read only while lb_config.capture is set). */
+struct capture_cfg {
+    __u32 vip;        /* vip_id + 1 of the VIP whose packets to copy; 0: every packet */
+    __u32 backend;    /* backend index whose packets to copy; 0: any */
+    __u32 verdicts;   /* a bit (1 << XDP_*) per verdict to copy */
+    __u32 snaplen;    /* bytes of a frame to copy, 1..CAPTURE_SNAP_MAX */
+};
+
+/* Capture counters (per CPU). */
+struct capture_stats {
+    __u64 copied;     /* copies put in capture_ring */
+    __u64 lost;       /* copies dropped: the ring was full (the reader did not keep up) */
+};
+
+/* One copy in capture_ring. A forwarded packet gives two: the frame as
+ * received (before encapsulation) and as sent, with the same cpu and seq. */
+struct capture_rec {
+    __u64 ts;         /* bpf_ktime_get_ns() */
+    __u32 len;        /* the frame's length */
+    __u32 cap_len;    /* bytes copied into data */
+    __u32 vip;        /* vip_id + 1; 0: not a VIP packet */
+    __u32 backend;    /* backend index; 0: none */
+    __u32 seq;        /* this copy's number on its CPU (capture_stats.copied before it); a
+                       * sent copy's received copy is seq - 1 on the same CPU */
+    __u16 cpu;
+    __u8 verdict;     /* XDP_DROP, XDP_PASS or XDP_TX */
+    __u8 sent;        /* 0: as received, 1: as sent */
+    __u8 data[CAPTURE_SNAP_MAX];
+};
+
 /* What the parser learned about one packet. */
 struct pkt {
     struct flow_key flow; /* client -> VIP (for ICMP errors: rebuilt from the quoted header) */
@@ -169,4 +217,6 @@ struct pkt {
     __u8 df;              /* IPv4 DF set (IPv6: always 1) */
     __u8 tcp_flags;
     __u8 icmp_error;      /* the packet is an ICMP error about a VIP flow */
+    __u32 vip;            /* vip_id + 1 once the VIP is known (capture filters); 0: none */
+    __u32 backend;        /* the backend index once chosen; 0: none */
 };

@@ -176,8 +176,12 @@ def test_restart_adopts_state_and_keeps_the_same_program(server):
     server.start()
     with server.client() as c:
         after = c.call("GetVip", pb.GetVipRequest(id=vid))
-        assert (after.backends, after.flags, after.vip_id) == (before.backends, before.flags, before.vip_id)
+        def config(v):
+            return [(b.address, b.weight, b.effective_weight) for b in v.backends], list(v.flags), v.vip_id
+        assert config(after) == config(before)
         assert after.packets >= before.packets + 20
+        # the per-backend counters came through the restart too, with the lookups' packets
+        assert sum(b.packets for b in after.backends) >= sum(b.packets for b in before.backends) + 20
         assert c.call("GetGateway", pb.GetGatewayRequest()).mac == "02:00:00:00:00:01"
         status = c.call("GetStatus", pb.GetStatusRequest())
         assert str(status.program_id) == prog_id == server.xdp_id()

@@ -127,15 +127,15 @@ def test_stats_watch_reconnects_when_the_server_restarts(tmp_path):
         s.start()
         watch = subprocess.Popen([L4LB, "stats", "--watch", "--interval", "0.2", "--server", f"unix:{s.sock}"],
                                  stdout=open(out, "w"), stderr=open(err, "w"))
-        _wait_for(lambda: out.read_text().count("counters") >= 2, "no stats streamed")
+        _wait_for(lambda: out.read_text().count("data plane") >= 2, "no stats streamed")
         s.stop()
         _wait_for(lambda: "lost the server" in err.read_text(), f"no word of the lost server: {err.read_text()}")
         assert watch.poll() is None, err.read_text()
         time.sleep(1.5)  # a few attempts while the server is down: still one line
         assert len(err.read_text().splitlines()) == 1, err.read_text()
-        seen = out.read_text().count("counters")
+        seen = out.read_text().count("data plane")
         s.start()
-        _wait_for(lambda: out.read_text().count("counters") > seen + 1, "no stats after the restart")
+        _wait_for(lambda: out.read_text().count("data plane") > seen + 1, "no stats after the restart")
         assert "reconnected" in err.read_text()
         watch.send_signal(signal.SIGINT)
         assert watch.wait(timeout=10) == 130

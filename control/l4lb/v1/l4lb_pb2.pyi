@@ -17,7 +17,7 @@ class VipId(_message.Message):
     def __init__(self, address: _Optional[str] = ..., port: _Optional[int] = ..., protocol: _Optional[str] = ...) -> None: ...
 
 class Backend(_message.Message):
-    __slots__ = ("address", "weight", "effective_weight", "health", "last_result", "latency_seconds", "since")
+    __slots__ = ("address", "weight", "effective_weight", "health", "last_result", "latency_seconds", "since", "packets", "bytes", "new_flows")
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
     EFFECTIVE_WEIGHT_FIELD_NUMBER: _ClassVar[int]
@@ -25,6 +25,9 @@ class Backend(_message.Message):
     LAST_RESULT_FIELD_NUMBER: _ClassVar[int]
     LATENCY_SECONDS_FIELD_NUMBER: _ClassVar[int]
     SINCE_FIELD_NUMBER: _ClassVar[int]
+    PACKETS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    NEW_FLOWS_FIELD_NUMBER: _ClassVar[int]
     address: str
     weight: int
     effective_weight: int
@@ -32,7 +35,10 @@ class Backend(_message.Message):
     last_result: str
     latency_seconds: float
     since: float
-    def __init__(self, address: _Optional[str] = ..., weight: _Optional[int] = ..., effective_weight: _Optional[int] = ..., health: _Optional[str] = ..., last_result: _Optional[str] = ..., latency_seconds: _Optional[float] = ..., since: _Optional[float] = ...) -> None: ...
+    packets: int
+    bytes: int
+    new_flows: int
+    def __init__(self, address: _Optional[str] = ..., weight: _Optional[int] = ..., effective_weight: _Optional[int] = ..., health: _Optional[str] = ..., last_result: _Optional[str] = ..., latency_seconds: _Optional[float] = ..., since: _Optional[float] = ..., packets: _Optional[int] = ..., bytes: _Optional[int] = ..., new_flows: _Optional[int] = ...) -> None: ...
 
 class HealthCheck(_message.Message):
     __slots__ = ("kind", "port", "interval", "timeout", "rise", "fall", "path", "host", "expect", "via", "min_healthy")
@@ -61,7 +67,7 @@ class HealthCheck(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., port: _Optional[int] = ..., interval: _Optional[float] = ..., timeout: _Optional[float] = ..., rise: _Optional[int] = ..., fall: _Optional[int] = ..., path: _Optional[str] = ..., host: _Optional[str] = ..., expect: _Optional[_Iterable[int]] = ..., via: _Optional[str] = ..., min_healthy: _Optional[int] = ...) -> None: ...
 
 class Vip(_message.Message):
-    __slots__ = ("id", "flags", "backends", "vip_id", "packets", "bytes", "health", "panic")
+    __slots__ = ("id", "flags", "backends", "vip_id", "packets", "bytes", "health", "panic", "new_flows")
     ID_FIELD_NUMBER: _ClassVar[int]
     FLAGS_FIELD_NUMBER: _ClassVar[int]
     BACKENDS_FIELD_NUMBER: _ClassVar[int]
@@ -70,6 +76,7 @@ class Vip(_message.Message):
     BYTES_FIELD_NUMBER: _ClassVar[int]
     HEALTH_FIELD_NUMBER: _ClassVar[int]
     PANIC_FIELD_NUMBER: _ClassVar[int]
+    NEW_FLOWS_FIELD_NUMBER: _ClassVar[int]
     id: VipId
     flags: _containers.RepeatedScalarFieldContainer[str]
     backends: _containers.RepeatedCompositeFieldContainer[Backend]
@@ -78,7 +85,8 @@ class Vip(_message.Message):
     bytes: int
     health: HealthCheck
     panic: bool
-    def __init__(self, id: _Optional[_Union[VipId, _Mapping]] = ..., flags: _Optional[_Iterable[str]] = ..., backends: _Optional[_Iterable[_Union[Backend, _Mapping]]] = ..., vip_id: _Optional[int] = ..., packets: _Optional[int] = ..., bytes: _Optional[int] = ..., health: _Optional[_Union[HealthCheck, _Mapping]] = ..., panic: _Optional[bool] = ...) -> None: ...
+    new_flows: int
+    def __init__(self, id: _Optional[_Union[VipId, _Mapping]] = ..., flags: _Optional[_Iterable[str]] = ..., backends: _Optional[_Iterable[_Union[Backend, _Mapping]]] = ..., vip_id: _Optional[int] = ..., packets: _Optional[int] = ..., bytes: _Optional[int] = ..., health: _Optional[_Union[HealthCheck, _Mapping]] = ..., panic: _Optional[bool] = ..., new_flows: _Optional[int] = ...) -> None: ...
 
 class SetHealthCheckRequest(_message.Message):
     __slots__ = ("id", "health")
@@ -171,14 +179,18 @@ class SetBackendWeightsRequest(_message.Message):
     def __init__(self, id: _Optional[_Union[VipId, _Mapping]] = ..., backends: _Optional[_Iterable[_Union[Backend, _Mapping]]] = ...) -> None: ...
 
 class VipStats(_message.Message):
-    __slots__ = ("id", "packets", "bytes")
+    __slots__ = ("id", "packets", "bytes", "new_flows", "backends")
     ID_FIELD_NUMBER: _ClassVar[int]
     PACKETS_FIELD_NUMBER: _ClassVar[int]
     BYTES_FIELD_NUMBER: _ClassVar[int]
+    NEW_FLOWS_FIELD_NUMBER: _ClassVar[int]
+    BACKENDS_FIELD_NUMBER: _ClassVar[int]
     id: VipId
     packets: int
     bytes: int
-    def __init__(self, id: _Optional[_Union[VipId, _Mapping]] = ..., packets: _Optional[int] = ..., bytes: _Optional[int] = ...) -> None: ...
+    new_flows: int
+    backends: _containers.RepeatedCompositeFieldContainer[Backend]
+    def __init__(self, id: _Optional[_Union[VipId, _Mapping]] = ..., packets: _Optional[int] = ..., bytes: _Optional[int] = ..., new_flows: _Optional[int] = ..., backends: _Optional[_Iterable[_Union[Backend, _Mapping]]] = ...) -> None: ...
 
 class GetStatsRequest(_message.Message):
     __slots__ = ("id",)
@@ -404,3 +416,47 @@ class NodeState(_message.Message):
     drained: bool
     announced: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, announce_table: _Optional[int] = ..., drained: _Optional[bool] = ..., announced: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class CaptureRequest(_message.Message):
+    __slots__ = ("vip", "backend", "verdicts", "count", "duration_seconds", "snaplen")
+    VIP_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    VERDICTS_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    DURATION_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SNAPLEN_FIELD_NUMBER: _ClassVar[int]
+    vip: VipId
+    backend: str
+    verdicts: _containers.RepeatedScalarFieldContainer[str]
+    count: int
+    duration_seconds: float
+    snaplen: int
+    def __init__(self, vip: _Optional[_Union[VipId, _Mapping]] = ..., backend: _Optional[str] = ..., verdicts: _Optional[_Iterable[str]] = ..., count: _Optional[int] = ..., duration_seconds: _Optional[float] = ..., snaplen: _Optional[int] = ...) -> None: ...
+
+class CapturedPacket(_message.Message):
+    __slots__ = ("timestamp_ns", "sent", "verdict", "vip", "backend", "length", "data", "cpu", "seq", "lost", "end", "packets")
+    TIMESTAMP_NS_FIELD_NUMBER: _ClassVar[int]
+    SENT_FIELD_NUMBER: _ClassVar[int]
+    VERDICT_FIELD_NUMBER: _ClassVar[int]
+    VIP_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    CPU_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    LOST_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    PACKETS_FIELD_NUMBER: _ClassVar[int]
+    timestamp_ns: int
+    sent: bool
+    verdict: str
+    vip: VipId
+    backend: str
+    length: int
+    data: bytes
+    cpu: int
+    seq: int
+    lost: int
+    end: bool
+    packets: int
+    def __init__(self, timestamp_ns: _Optional[int] = ..., sent: _Optional[bool] = ..., verdict: _Optional[str] = ..., vip: _Optional[_Union[VipId, _Mapping]] = ..., backend: _Optional[str] = ..., length: _Optional[int] = ..., data: _Optional[bytes] = ..., cpu: _Optional[int] = ..., seq: _Optional[int] = ..., lost: _Optional[int] = ..., end: _Optional[bool] = ..., packets: _Optional[int] = ...) -> None: ...

@@ -134,6 +134,11 @@ class LoadBalancerStub:
                 request_serializer=control_dot_l4lb_dot_v1_dot_l4lb__pb2.SetDrainRequest.SerializeToString,
                 response_deserializer=control_dot_l4lb_dot_v1_dot_l4lb__pb2.NodeState.FromString,
                 _registered_method=True)
+        self.Capture = channel.unary_stream(
+                '/l4lb.v1.LoadBalancer/Capture',
+                request_serializer=control_dot_l4lb_dot_v1_dot_l4lb__pb2.CaptureRequest.SerializeToString,
+                response_deserializer=control_dot_l4lb_dot_v1_dot_l4lb__pb2.CapturedPacket.FromString,
+                _registered_method=True)
 
 
 class LoadBalancerServicer:
@@ -259,6 +264,12 @@ class LoadBalancerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Capture(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LoadBalancerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -361,6 +372,11 @@ def add_LoadBalancerServicer_to_server(servicer, server):
                     servicer.SetDrain,
                     request_deserializer=control_dot_l4lb_dot_v1_dot_l4lb__pb2.SetDrainRequest.FromString,
                     response_serializer=control_dot_l4lb_dot_v1_dot_l4lb__pb2.NodeState.SerializeToString,
+            ),
+            'Capture': grpc.unary_stream_rpc_method_handler(
+                    servicer.Capture,
+                    request_deserializer=control_dot_l4lb_dot_v1_dot_l4lb__pb2.CaptureRequest.FromString,
+                    response_serializer=control_dot_l4lb_dot_v1_dot_l4lb__pb2.CapturedPacket.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -903,6 +919,33 @@ class LoadBalancer:
             '/l4lb.v1.LoadBalancer/SetDrain',
             control_dot_l4lb_dot_v1_dot_l4lb__pb2.SetDrainRequest.SerializeToString,
             control_dot_l4lb_dot_v1_dot_l4lb__pb2.NodeState.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Capture(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/l4lb.v1.LoadBalancer/Capture',
+            control_dot_l4lb_dot_v1_dot_l4lb__pb2.CaptureRequest.SerializeToString,
+            control_dot_l4lb_dot_v1_dot_l4lb__pb2.CapturedPacket.FromString,
             options,
             channel_credentials,
             insecure,

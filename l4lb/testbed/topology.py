@@ -357,14 +357,21 @@ class Testbed:
         if q.returncode:
             raise TestbedError(f"tc qdisc replace dev {ifname} root pfifo in {node.ns}: {q.stderr.strip()}")
 
+    def lb_napi_threaded(self, on: bool) -> None:
+        """Whether the LB's veth runs its NAPI (and so the balancer) in a
+        kernel thread of its own (the default, see the module's notes) or in
+        the sending CPU's softirq (frame generators that outrun a thread:
+        bench.traffic's live frames)."""
+        self._napi_threaded(self.lb, self.lb.ifname, on)
+
     @staticmethod
-    def _napi_threaded(node: Node, ifname: str) -> None:
+    def _napi_threaded(node: Node, ifname: str, on: bool = True) -> None:
         """The interface's NAPI in a kernel thread of its own instead of the
         sending CPU's softirq: on veth, the receiver's work otherwise runs on
         the sender's CPU, inline; a real LB's NIC is served by the LB's own
         cores. (sysfs shows a namespace's devices only once mounted inside it.)"""
-        q = subprocess.run(node.nsenter() + ["unshare", "-m", "sh", "-c",
-                                             f"mount -t sysfs sysfs /sys && echo 1 > /sys/class/net/{ifname}/threaded"],
+        q = subprocess.run(node.nsenter() + ["unshare", "-m", "sh", "-c", "mount -t sysfs sysfs /sys && "
+                                             f"echo {int(on)} > /sys/class/net/{ifname}/threaded"],
                            capture_output=True, text=True)
         if q.returncode:
             raise TestbedError(f"threaded NAPI on {ifname} in {node.ns}: {q.stderr.strip()}")

@@ -9,7 +9,7 @@ pytestmark = pytest.mark.kernel
 
 
 def test_generator_frames_pass_the_lb_and_the_reflector_and_reach_the_backends():
-    res = traffic.run(count=5000, say=lambda m: None)
+    res = traffic.run(count=5000, say=lambda m: None, iperf=(1, 1))
     for part in ("end_to_end", "balancer", "reflector"):
         assert res[part]["sent"] == 5000
     # nothing lost at this size: every frame came back, and every one reached a backend
@@ -17,3 +17,5 @@ def test_generator_frames_pass_the_lb_and_the_reflector_and_reach_the_backends()
     assert res["balancer"]["returned"] == 5000
     assert 5000 <= res["reflector"]["returned"] <= 5010  # plus a stray neighbour message at most
     assert res["ratio"] > 0
+    for case in ("P1", "P4"):  # iperf3 ran both ways
+        assert res["iperf3"][case]["lb_gbps"] > 0 and res["iperf3"][case]["direct_gbps"] > 0

@@ -307,8 +307,10 @@ class LoadBalancerServicer(pb_grpc.LoadBalancerServicer):
         ann = self.announcer
         digests = [pb.VipDigest(id=pb.VipId(address=k.address, port=k.port, protocol=k.protocol), ring=r, backends=b)
                    for k, r, b in vip_digests(self.ctrl)]
+        panic = [str(v.key) for v in self.ctrl.list_vips() if v.effective()[1]]
         return pb.Status(announce_table=ann.table if ann else 0, drained=bool(ann and ann.drained),
-                         announced=ann.announced() if ann else [], digests=digests,interface=s["interface"], attach_mode=s["attach_mode"],
+                         announced=ann.announced() if ann else [], digests=digests, panic=panic,
+                         interface=s["interface"], attach_mode=s["attach_mode"],
                          program_id=s["program_id"], vips=s["vips"], backends=s["backends"],
                          uptime_seconds=s["uptime"], conntrack_used=s["conntrack_used"],
                          capacity=pb.Capacity(max_vips=cap.max_vips, max_backends=cap.max_backends,

@@ -477,6 +477,7 @@ def cmd_status(args) -> int:
             ("connection table", f"{s.conntrack_used} / {s.capacity.conntrack_entries}"),
             ("ring size", str(s.capacity.ring_size)),
             ("kernel memory", f"{s.capacity.kernel_bytes / 2**20:.1f} MiB"), ("uptime", f"{s.uptime_seconds:.0f} s")]
+    rows.append(("VIPs in panic", ", ".join(s.panic) or "none"))
     if s.announce_table:
         rows += [("announce table", str(s.announce_table)), ("drained", "yes" if s.drained else "no"),
                  ("announced", ", ".join(s.announced) or "none")]

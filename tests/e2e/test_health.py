@@ -133,11 +133,13 @@ def test_below_the_panic_threshold_every_backend_serves(bed, lb, listeners):
             finally:
                 close_all(conns)
             assert "enters panic" in bed.lb.log_tail(200)
+            assert list(lb.call("GetStatus", pb.GetStatusRequest()).panic) == [f"{vid.address}:{vid.port}/{vid.protocol}"]
         finally:
             listeners[0].start()
             listeners[1].start()
         wait(lambda: set(states(lb, vid).values()) == {"up"}, 10, "every backend up again")
         assert not lb.call("GetVip", pb.GetVipRequest(id=vid)).panic
+        assert not lb.call("GetStatus", pb.GetStatusRequest()).panic
 
 
 def test_a_restart_invents_no_transition_and_keeps_the_tables(bed, lb, listeners):

@@ -120,16 +120,21 @@ class Demo:
             self.failures.append("interrupted")
         finally:
             if bed is not None:
-                with self.out.status("tearing down"):
-                    t1 = time.monotonic()
-                    bed.close()
-                self.out.print(f"[green]✓[/] tear down: namespaces, processes, pinned maps removed "
-                               f"({time.monotonic() - t1:.1f} s)")
+                self.tear_down(bed, "namespaces, processes, pinned maps")
+        return self.verdict("demo", t0)
+
+    def tear_down(self, bed, what: str) -> None:
+        with self.out.status("tearing down"):
+            t1 = time.monotonic()
+            bed.close()
+        self.out.print(f"[green]✓[/] tear down: {what} removed ({time.monotonic() - t1:.1f} s)")
+
+    def verdict(self, name: str, t0: float) -> int:
         took = time.monotonic() - t0
         if self.failures:
-            self.out.print(f"[red bold]demo FAILED after {took:.0f} s:[/] " + escape("; ".join(self.failures)))
+            self.out.print(f"[red bold]{name} FAILED after {took:.0f} s:[/] " + escape("; ".join(self.failures)))
             return 1
-        self.out.print(f"[green bold]demo passed[/] in {took:.0f} s")
+        self.out.print(f"[green bold]{name} passed[/] in {took:.0f} s")
         return 0
 
     # ---- steps ----------------------------------------------------------------------------

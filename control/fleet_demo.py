@@ -58,17 +58,8 @@ class FleetDemo(Demo):
             for a in self.apis:
                 a.close()
             if fleet is not None:
-                with self.out.status("tearing down"):
-                    t1 = time.monotonic()
-                    fleet.close()
-                self.out.print(f"[green]✓[/] tear down: namespaces, BIRDs, l4lb runs, pinned maps removed "
-                               f"({time.monotonic() - t1:.1f} s)")
-        took = time.monotonic() - t0
-        if self.failures:
-            self.out.print(f"[red bold]fleet demo FAILED after {took:.0f} s:[/] " + escape("; ".join(self.failures)))
-            return 1
-        self.out.print(f"[green bold]fleet demo passed[/] in {took:.0f} s")
-        return 0
+                self.tear_down(fleet, "namespaces, BIRDs, l4lb runs, pinned maps")
+        return self.verdict("fleet demo", t0)
 
     def configure_all(self) -> None:
         f = self.fleet

@@ -20,13 +20,13 @@ from .fleet import Bird, Fleet
 from .common import MTU, SERVICE_PORT, TestbedError, wait_until
 from .hosts import Backend, Client, Conn, UdpFlow
 from .lbproc import Lb, LbLauncher
-from .namespaces import Node, sweep
+from .namespaces import Node, alive, sweep
 from .packets import inet_checksum, ip_source
 from .topology import Options, Testbed
 from .traffic import Traffic
 from .tunnels import DECAP_MODES, backend_commands, ipip_support
 
-__all__ = ["Bird", "DECAP_MODES", "Fleet", "backend_commands", "MTU", "SERVICE_PORT", "Backend", "Client", "Conn", "Lb",
+__all__ = ["Bird", "DECAP_MODES", "Fleet", "alive", "backend_commands", "MTU", "SERVICE_PORT", "Backend", "Client", "Conn", "Lb",
            "LbLauncher", "Node", "Options", "Testbed", "TestbedError", "Traffic", "UdpFlow", "inet_checksum", "ip_source",
            "ipip_support", "sweep",
            "wait_until"]

@@ -44,7 +44,7 @@ _NS_RE = re.compile(rf"^{PREFIX}-([0-9a-f]+)[0-9a-f]-")
 _OWNED_RE = re.compile(rf"^{PREFIX}-?([0-9a-f]+)[0-9a-f](?:$|-)")
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     """pid exists and is not a zombie (an owner killed but not yet reaped is gone)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -77,7 +77,7 @@ def stop_pids(pids: list[int], grace: float = 5.0) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+    while time.monotonic() < deadline and any(alive(p) for p in pids):
         time.sleep(0.05)
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
@@ -116,7 +116,7 @@ def sweep(say: Callable[[str], None] | None = None) -> list[str]:
     if NETNS_DIR.is_dir():
         for ns in sorted(os.listdir(NETNS_DIR)):
             m = _NS_RE.match(ns)
-            if not m or _alive(int(m[1], 16)):
+            if not m or alive(int(m[1], 16)):
                 continue
             pids = ns_pids(ns)
             stop_pids(pids)
@@ -128,7 +128,7 @@ def sweep(say: Callable[[str], None] | None = None) -> list[str]:
             continue
         for d in sorted(os.listdir(root)):
             m = _OWNED_RE.match(d)
-            if m and not _alive(int(m[1], 16)):
+            if m and not alive(int(m[1], 16)):
                 shutil.rmtree(root / d, ignore_errors=True)
                 removed.append(str(root / d))
     if removed and say:

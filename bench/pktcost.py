@@ -44,7 +44,7 @@ import argparse
 import statistics
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 from scapy.layers.inet import ICMP, IP, TCP, UDP
@@ -60,7 +60,7 @@ from l4lb.state import LbState
 from . import ctmap
 from .balancer import (ICMP_RATE_UNLIMITED, IP_OFF, VARY4, WORKTREE, Balancer, Case, Loaded,
                        Measurer, RoundResult, cost_summary, drop_case, eth, tcp, tcp4_frame)
-from .common import (CLIENT4, RESULTS_DIR, VIP4, finish_report, machine, progress, run_command,
+from .common import (CLIENT4, GW_MAC, RESULTS_DIR, VIP4, finish_report, machine, progress, run_command,
                      table, utc_now)
 from .harness import Harness, Vary
 from .ref import Code, RefCode
@@ -89,6 +89,7 @@ TARGETS = {  # docs: performance targets (ratios from one run on one machine)
     "syn / encap": 5.0,
     "pass / drop": 2.0,
     "syn_evict / encap": 5.0,  # the same target, for a table that is full (steady state)
+    "established_fib / established": 1.3,  # next hop from the kernel's FIB / the static gateway
 }
 
 
@@ -112,6 +113,9 @@ def build_cases() -> list[Case]:
     return [
         Case("established", "TCP established (connection-table hit), 4in4", est, "lb", XDP_TX,
              ("tx", "ct_hit"), 20, tcp80, prime=True),
+        Case("established_fib", "TCP established, 4in4, next hop from the kernel's FIB (next_hop "
+             "fib), sent back out of the ingress interface", est, "lb", XDP_TX, ("tx", "ct_hit"), 20,
+             tcp80, prime=True, fib=True),
         Case("syn", "TCP SYN, a new connection-table entry per run, 4in4", syn, "lb", XDP_TX,
              ("tx", "ct_miss", "ct_insert"), 20, tcp80, vary=VARY4),
         Case("syn6", "IPv6 TCP SYN, a new connection-table entry per run, 6in6", syn6, "lb",
@@ -174,12 +178,15 @@ class PktCost(Measurer):
         self.resident_capacity = consts.Capacity(
             max_vips=8, max_backends=64, ct_size=(RESIDENT + repeat + 2048) * self.ncpus)
         self.share = self.capacity.ct_size // self.ncpus
+        fib = "next_hop" in {f.name for f in fields(code.dataplane.RuntimeConfig)}  # older builds: no
         self.cases = [c for c in build_cases() if (full_table or not c.fill_table) and
-                      (not only or c.name in only or c.target != "lb")]
+                      (not only or c.name in only or c.target != "lb") and (fib or not c.fib)]
         names = {c.name for c in self.cases}
 
         def load():
             self.lbs["main"] = Balancer(self.capacity, add_vips, code)
+            if any(c.fib for c in self.cases):
+                self.load_fib(code)
             if not names & {"spread", "syn_resident"}:
                 return
             self.lbs["resident"] = Balancer(self.resident_capacity, add_vips, code)
@@ -198,9 +205,21 @@ class PktCost(Measurer):
             # the established flows' entries, made before the SYN case first takes free entries
             for c in self.cases:
                 if c.prime:
-                    self.direct(c)
+                    self.in_namespace(c, self.direct, c)
 
         self.open(load)
+
+    def load_fib(self, code: Code) -> None:
+        """The balancer of the fib cases: the same VIPs in next_hop fib, and the
+        namespace whose routes send the backends (198.18.2.0/26) via R1 on lb0,
+        the ingress interface: XDP_TX, as the static gateway's packets."""
+        from l4lb.testbed import FibNet  # noqa: PLC0415
+
+        self.fibnet = FibNet()
+        lb = self.lbs["fib"] = Balancer(self.capacity, add_vips, code)
+        lb.dp.write_config(code.dataplane.RuntimeConfig(
+            gateway_mac=GW_MAC, new_flow_rate=0, icmp_rate=ICMP_RATE_UNLIMITED, next_hop="fib"))
+        self.fibnet.node.run(lb.dp.set_tx_ports, [self.fibnet.lb0])
 
     def case(self, name: str) -> Case:
         for c in self.cases:
@@ -233,6 +252,8 @@ def summarize(results: dict[str, list[RoundResult]]) -> dict:
     }
     if "syn_evict" in summary:
         ratios["syn_evict / encap"] = net_and_gross("syn_evict", "encap")
+    if "established_fib" in summary:
+        ratios["established_fib / established"] = net_and_gross("established_fib", "established")
     for name, r in ratios.items():
         r["target"] = TARGETS[name]
     return {"cases": summary, "ratios": ratios}
@@ -423,8 +444,9 @@ def run_ab(against: str, repeat: int, rounds: int, out: Path | None, cpu: int | 
         benches.append(PktCost(repeat, cpu, full_table=full_table, harness=benches[0].harness,
                                code=ref.code, only=only))
         console.print(f"pinned to CPU {benches[0].cpu}; ready in {time.time() - started:.1f} s")
-        results = [{c.name: [] for c in b.cases} for b in benches]
-        cases = benches[0].cases
+        # the cases both builds have (an older one may lack next_hop fib)
+        cases = [c for c in benches[0].cases if c.name in {o.name for o in benches[1].cases}]
+        results = [{c.name: [] for c in cases} for _ in benches]
         with progress(console) as prog:
             task = prog.add_task("measuring", total=rounds * len(cases) * 2)
             for rnd in range(1, rounds + 1):

@@ -311,6 +311,7 @@ class LoadBalancerServicer(pb_grpc.LoadBalancerServicer):
         return pb.Status(announce_table=ann.table if ann else 0, drained=bool(ann and ann.drained),
                          announced=ann.announced() if ann else [], digests=digests, panic=panic,
                          interface=s["interface"], attach_mode=s["attach_mode"],
+                         interfaces=s["interfaces"], next_hop=s["next_hop"],
                          program_id=s["program_id"], vips=s["vips"], backends=s["backends"],
                          uptime_seconds=s["uptime"], conntrack_used=s["conntrack_used"],
                          capacity=pb.Capacity(max_vips=cap.max_vips, max_backends=cap.max_backends,

@@ -75,7 +75,13 @@ def client_for(args):
 
 def add_run(sub) -> None:
     r = sub.add_parser("run", help="load and attach the program, serve gRPC")
-    r.add_argument("--interface", required=True, help="the LB's NIC")
+    r.add_argument("--interface", required=True, action="append",
+                   help="the LB's NIC; repeat it for several (one program and one set of maps on all; "
+                        "the first names the pinned maps and the state)")
+    r.add_argument("--next-hop", choices=sorted(consts.NEXT_HOPS),
+                   help="where encapsulated packets go: gateway (the gateway MAC, XDP_TX) or fib (the "
+                        "kernel's routes and neighbours per packet; needs forwarding on); default: the "
+                        "configuration's next_hop, else the saved state's, else gateway")
     r.add_argument("--config", help="YAML configuration applied at start")
     r.add_argument("--listen", default=DEFAULT_SOCKET,
                    help="unix:PATH, or HOST:PORT with mutual TLS (--tls-cert, --tls-key, --tls-client-ca)")
@@ -472,7 +478,9 @@ def cmd_status(args) -> int:
         s = c.call("GetStatus", pb.GetStatusRequest())
     t = Table(title="l4lb")
     t.add_column("what"), t.add_column("value")
-    rows = [("interface", s.interface), ("attach mode", s.attach_mode), ("program id", str(s.program_id)),
+    rows = [("interface" + ("s" if len(s.interfaces) > 1 else ""), ", ".join(s.interfaces) or s.interface),
+            ("attach mode", s.attach_mode), ("program id", str(s.program_id)),
+            ("next hop", s.next_hop + (" (kernel FIB, per packet)" if s.next_hop == "fib" else "")),
             ("VIPs", f"{s.vips} / {s.capacity.max_vips}"), ("backends", f"{s.backends} / {s.capacity.max_backends}"),
             ("connection table", f"{s.conntrack_used} / {s.capacity.conntrack_entries}"),
             ("ring size", str(s.capacity.ring_size)),

@@ -80,6 +80,12 @@ DEFAULT_UDP_TIMEOUT_S = 30
 DEFAULT_NEW_FLOW_RATE = 125000  # new connection-table entries per CPU per second; 0 = no limit
 DEFAULT_ICMP_RATE = 1000  # generated ICMP messages per CPU per second; 0 = none
 
+# --- next hop of encapsulated packets (lb_config.next_hop, xdp/nexthop.h) -------------
+NEXT_HOP_GATEWAY = 0  # the configured gateway MAC, out of the ingress interface (XDP_TX)
+NEXT_HOP_FIB = 1  # the kernel's FIB (bpf_fib_lookup): next hop MAC and egress interface
+NEXT_HOPS = {"gateway": NEXT_HOP_GATEWAY, "fib": NEXT_HOP_FIB}
+MAX_INTERFACES = 16  # interfaces one `l4lb run` attaches to (tx_ports slots)
+
 # --- map and program names (the registry below lists each map once) ------------
 MAP_VIPS = "vips"
 MAP_VIP_ADDRS = "vip_addrs"
@@ -98,6 +104,8 @@ MAP_CPU_STATE = "cpu_state"
 MAP_CAPTURE_CFG = "capture_cfg"
 MAP_CAPTURE_STATS = "capture_stats"
 MAP_CAPTURE_RING = "capture_ring"
+MAP_TX_PORTS = "tx_ports"  # devmap: slot -> ifindex (XDP_REDIRECT)
+MAP_TX_PORT_SLOTS = "tx_port_slots"  # ifindex -> slot in tx_ports
 MAP_DECAP_ADDRS = "decap_addrs"
 MAP_DECAP_STATS = "decap_stats"
 MAP_PROBE_STATS = "probe_stats"
@@ -129,6 +137,7 @@ class Capacity:
 # reports their memory. tests/kernel/test_registry.py holds the compiled
 # programs to it.
 BPF_F_NO_COMMON_LRU = 1 << 1
+BPF_F_RDONLY_PROG = 1 << 7  # the kernel gives every devmap this flag: programs only redirect through it
 
 
 @dataclass(frozen=True)
@@ -170,6 +179,8 @@ MAPS: tuple[MapSpec, ...] = (
     MapSpec(MAP_CAPTURE_CFG, "array", "__u32", "struct capture_cfg", lambda c: 1),
     MapSpec(MAP_CAPTURE_STATS, "percpu_array", "__u32", "struct capture_stats", lambda c: 1),
     MapSpec(MAP_CAPTURE_RING, "ringbuf", "", "struct capture_rec", lambda c: CAPTURE_RING_BYTES),
+    MapSpec(MAP_TX_PORTS, "devmap", "__u32", "int", lambda c: MAX_INTERFACES, BPF_F_RDONLY_PROG),
+    MapSpec(MAP_TX_PORT_SLOTS, "hash", "__u32", "__u32", lambda c: MAX_INTERFACES),
     MapSpec(MAP_DECAP_ADDRS, "hash", "struct addr_key", "__u32", lambda c: DECAP_MAX_ADDRS,
             program=PROG_DECAP, pinned=False),
     MapSpec(MAP_DECAP_STATS, "percpu_array", "__u32", "struct decap_stats", lambda c: 1,
@@ -204,6 +215,8 @@ def cflags(cap: Capacity) -> list[str]:
         "PROBE_MARK_TAG": PROBE_MARK_TAG,
         "PROBE_MARK_MASK": PROBE_MARK_MASK,
         "CAPTURE_SNAP_MAX": CAPTURE_SNAP_MAX,
+        "NEXT_HOP_GATEWAY": NEXT_HOP_GATEWAY,
+        "NEXT_HOP_FIB": NEXT_HOP_FIB,
     }
     for m in MAPS:
         defs[f"{m.macro}_ENTRIES"] = m.entries(cap)

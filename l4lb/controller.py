@@ -64,7 +64,12 @@ class Controller:
         self.applied: MapImage | None = MapImage()  # what the maps hold; None: read them first
         self.state_file = state_file
         self.interface = interface
+        self.interfaces: list[str] = [interface] if interface else []  # the program's interfaces, first = interface
         self.attach_mode = attach_mode
+        self.attach_modes: dict[str, str] = {}  # interface -> mode, when attached to several
+        # raises ValidationError when the node cannot run with this runtime (next_hop fib
+        # on an interface that does not forward); set by the node
+        self.check_runtime = lambda runtime: None
         self.pin_dir = pin_dir
         self.gateway_ip = ""
         self.source_hash = ""
@@ -89,6 +94,7 @@ class Controller:
         rt["encap_v4"], rt["encap_v6"] = str(runtime.encap_v4), str(runtime.encap_v6)
         return {"version": STATE_VERSION, "capacity": asdict(self.capacity), "runtime": rt,
                 "gateway_ip": gateway_ip, "attach_mode": self.attach_mode,
+                "interfaces": self.interfaces, "attach_modes": self.attach_modes,
                 "source_hash": self.source_hash, "state": model.to_dict()}
 
     def _persist(self, doc: dict) -> None:
@@ -146,17 +152,25 @@ class Controller:
                 raise StateError(f"{state_file}: the saved state has no {k!r} section; move it away to start empty")
         return doc
 
-    def adopt(self, doc: dict) -> None:
-        """Takes over a saved state (with the maps of a previous process, or
-        fresh ones after a reboot) and reconciles the maps to it."""
+    @staticmethod
+    def runtime_of(doc: dict) -> RuntimeConfig:
+        """The runtime section of a saved state."""
         try:
             rt = dict(doc["runtime"])
             rt["encap_v4"] = ipaddress.IPv4Network(rt["encap_v4"])
             rt["encap_v6"] = ipaddress.IPv6Network(rt["encap_v6"])
             runtime = RuntimeConfig(**rt)
             runtime.gateway_mac = parse_mac(runtime.gateway_mac, "saved gateway_mac")
+            if runtime.next_hop not in ("gateway", "fib"):
+                raise ValueError(f"next_hop {runtime.next_hop!r}")
         except (KeyError, TypeError, ValueError) as e:
             raise StateError(f"saved state: the runtime section is malformed ({str(e)[:120]})") from None
+        return runtime
+
+    def adopt(self, doc: dict) -> None:
+        """Takes over a saved state (with the maps of a previous process, or
+        fresh ones after a reboot) and reconciles the maps to it."""
+        runtime = self.runtime_of(doc)
         model = LbModel.from_dict(self.capacity, doc["state"])
         with self.lock:
             self.runtime, self.model = runtime, model
@@ -433,8 +447,12 @@ class Controller:
                 new_rt = RuntimeConfig(**asdict(cfg.runtime))
                 if not cfg.gateway_set:
                     new_rt.gateway_mac = ctx["runtime"].gateway_mac
+                if not cfg.next_hop_set:  # a node-level setting, as `l4lb run --next-hop` made it
+                    new_rt.next_hop = ctx["runtime"].next_hop
                 old, new = asdict(ctx["runtime"]), asdict(new_rt)
                 changed = [k for k in new if new[k] != old[k]]
+                if "next_hop" in changed:
+                    self.check_runtime(new_rt)
                 if changed:
                     ctx["runtime"] = new_rt
                     steps.append(("runtime", changed))
@@ -478,6 +496,8 @@ class Controller:
 
     def set_runtime(self, runtime: RuntimeConfig) -> None:
         def change(_m, ctx):
+            if runtime.next_hop != ctx["runtime"].next_hop:
+                self.check_runtime(runtime)
             ctx["runtime"] = RuntimeConfig(**asdict(runtime))
         self._commit(change)
 
@@ -527,7 +547,11 @@ class Controller:
 
     def status(self) -> dict:
         with self.lock:
-            out = {"interface": self.interface, "attach_mode": self.attach_mode,
+            modes = set(self.attach_modes.values())
+            attach_mode = self.attach_mode if len(modes) < 2 else ", ".join(
+                f"{i} {m}" for i, m in self.attach_modes.items())
+            out = {"interface": self.interface, "attach_mode": attach_mode,
+                   "interfaces": list(self.interfaces), "next_hop": self.runtime.next_hop,
                    "vips": len(self.model.vips), "backends": len(self.model.backends),
                    "uptime": time.monotonic() - self.started,
                    "conntrack_used": self.dp.conntrack_size(), "program_id": 0}

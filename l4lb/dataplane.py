@@ -25,6 +25,7 @@ class RuntimeConfig:
     udp_timeout_s: float = consts.DEFAULT_UDP_TIMEOUT_S
     new_flow_rate: int = consts.DEFAULT_NEW_FLOW_RATE
     icmp_rate: int = consts.DEFAULT_ICMP_RATE
+    next_hop: str = "gateway"  # gateway | fib (consts.NEXT_HOPS; README.md "Next hop")
 
 
 def _words(addr: str) -> list[int]:
@@ -58,6 +59,7 @@ class Dataplane:
         v = t.Leaf()
         ctypes.memmove(v.gw_mac, mac_bytes(cfg.gateway_mac), 6)
         v.configured = 1
+        v.next_hop = consts.NEXT_HOPS[cfg.next_hop]
         v.src4 = _words(str(cfg.encap_v4.network_address))[0]
         v.src4_hostmask = _hostmask_word(cfg.encap_v4)
         for i, w in enumerate(_words(str(cfg.encap_v6.network_address))):
@@ -77,6 +79,33 @@ class Dataplane:
         v.portless_vips = n
         self.portless = n
         self._update(t, t.Key(0), v)
+
+    # ---- interfaces XDP_REDIRECT may send to (next_hop fib) ---------------------------
+    def set_tx_ports(self, ifindexes: list[int]) -> None:
+        """Exactly these interfaces (the ones the program is attached to), in
+        slots 0.., and nothing else: a slot is written before its ifindex
+        points at it, and an ifindex stops pointing at a slot before the slot
+        is cleared."""
+        if len(ifindexes) > consts.MAX_INTERFACES:
+            raise CapacityError(f"{len(ifindexes)} interfaces: at most {consts.MAX_INTERFACES}")
+        ports, slots = self.t[consts.MAP_TX_PORTS], self.t[consts.MAP_TX_PORT_SLOTS]
+        want = {ifx: i for i, ifx in enumerate(ifindexes)}
+        for k in list(slots.keys()):
+            if want.get(int(k.value)) != int(slots[k].value):
+                del slots[k]
+        for ifx, i in want.items():
+            self._update(ports, ports.Key(i), ports.Leaf(ifx))
+            self._update(slots, slots.Key(ifx), slots.Leaf(i))
+        for i in range(len(ifindexes), consts.MAX_INTERFACES):
+            try:
+                del ports[ports.Key(i)]
+            except KeyError:
+                pass
+
+    def tx_ports(self) -> dict[int, int]:
+        """{ifindex: slot} as the maps hold it."""
+        slots = self.t[consts.MAP_TX_PORT_SLOTS]
+        return {int(k.value): int(v.value) for k, v in slots.items()}
 
     # ---- live capture ---------------------------------------------------------------
     def capture_start(self, vip: int, backend: int, verdicts: int, snaplen: int) -> None:

@@ -64,6 +64,22 @@ def resolve_mac(ifname: str, ip: str) -> str:
                           "ping it from the LB once, or give the gateway's MAC")
 
 
+def forwarding_off(ifname: str) -> list[str]:
+    """The sysctls that say no forwarding on ifname (IPv4; IPv6 where the
+    kernel has it): bpf_fib_lookup answers "forwarding disabled" for a
+    packet that came in on such an interface."""
+    off = []
+    for fam in ("ipv4", "ipv6"):
+        path = f"/proc/sys/net/{fam}/conf/{ifname}/forwarding"
+        try:
+            with open(path) as f:
+                if f.read().strip() == "0":
+                    off.append(f"net.{fam}.conf.{ifname}.forwarding")
+        except FileNotFoundError:
+            continue
+    return off
+
+
 def require_bpftool() -> None:
     try:
         subprocess.run(["bpftool", "version"], capture_output=True, check=True)

@@ -1,5 +1,6 @@
 /* balancer.c - the l4lb data plane, read top to bottom as a packet's path:
- * parse -> VIP? -> connection table -> Maglev ring -> encapsulate -> XDP_TX.
+ * parse -> VIP? -> connection table -> Maglev ring -> encapsulate -> next hop
+ * (the gateway, or the kernel's FIB) -> XDP_TX (or XDP_REDIRECT).
  * Anything not for a VIP leaves with XDP_PASS, untouched. docs/dataplane.md lists
  * every verdict and the counter it moves. */
 #include <uapi/linux/bpf.h>
@@ -19,6 +20,7 @@
 #include "parse.h"
 #include "encap.h"
 #include "icmp.h"
+#include "nexthop.h"
 
 /* The clock of UDP expiry and the rate limits: the coarse monotonic clock
  * (jiffy resolution) costs far less than a clocksource read, and these only
@@ -315,6 +317,63 @@ static __always_inline int pick_backend(struct pkt *p, const struct vip_meta *vi
     return 0;
 }
 
+/* The next hop of an encapsulated frame from the kernel's FIB (next_hop
+ * fib): the Ethernet header rewritten from the answer, and the frame sent
+ * back out of the ingress interface (XDP_TX) or out of another interface that
+ * l4lb is attached to (XDP_REDIRECT through tx_ports). Returns the verdict
+ * and moves its counter. (Here and not in nexthop.h: bcc rewrites map calls
+ * in this file only.) */
+static __always_inline int next_hop_fib(struct xdp_md *ctx, const struct pkt *p, __u8 family,
+                                        struct global_stats *gs)
+{
+    void *data = (void *)(long)ctx->data;
+    void *data_end = (void *)(long)ctx->data_end;
+    struct ethhdr *eth = data;
+    struct bpf_fib_lookup fib = {};
+    __u32 egress, *slot;
+    int action;
+
+    if ((void *)(eth + 1) > data_end || fib_params(ctx, p, family, &fib)) {
+        gs->error++;
+        return XDP_DROP;
+    }
+    switch (bpf_fib_lookup(ctx, &fib, sizeof(fib), 0)) {
+    case BPF_FIB_LKUP_RET_SUCCESS:
+        break;
+    case BPF_FIB_LKUP_RET_NO_NEIGH:
+        /* A route, but the next hop's MAC is not known (yet). Up the stack,
+         * addressed to this NIC (encap() wrote the NIC's MAC as source): the
+         * kernel forwards the packet itself, resolving the neighbour and
+         * holding the packet until it answers; the next packets find it. */
+        __builtin_memcpy(eth->h_dest, eth->h_source, 6);
+        gs->fib_no_neigh++;
+        return XDP_PASS;
+    default:
+        /* no route (unreachable, blackhole, prohibit), forwarding off on the
+         * ingress interface, a local destination, too big for the egress
+         * MTU, or a route the helper cannot follow (tunnels, lwt) */
+        gs->fib_drop++;
+        return XDP_DROP;
+    }
+    egress = fib.ifindex;
+    if (egress == ctx->ingress_ifindex) {
+        action = XDP_TX;
+    } else {
+        /* only to an interface l4lb is attached to (user space keeps
+         * tx_port_slots and tx_ports to exactly those) */
+        slot = tx_port_slots.lookup(&egress);
+        action = slot ? tx_ports.redirect_map(*slot, 0) : XDP_DROP;
+        if (action != XDP_REDIRECT) {
+            gs->fib_drop++;
+            return XDP_DROP;
+        }
+        gs->redirect++;
+    }
+    __builtin_memcpy(eth->h_dest, fib.dmac, 6);
+    __builtin_memcpy(eth->h_source, fib.smac, 6);
+    return action;
+}
+
 /* Sends a VIP packet to backend b (index idx): the too-big check,
  * encapsulation, counters. */
 static __always_inline int forward(struct xdp_md *ctx, struct pkt *p, __u32 idx,
@@ -352,6 +411,11 @@ static __always_inline int forward(struct xdp_md *ctx, struct pkt *p, __u32 idx,
     if (action < 0) {
         gs->error++;
         return XDP_DROP;
+    }
+    if (cfg->next_hop == NEXT_HOP_FIB) {
+        action = next_hop_fib(ctx, p, b->family, gs);
+        if (action != XDP_TX && action != XDP_REDIRECT)
+            return action; /* its own counters moved */
     }
     if (p->icmp_error)
         gs->icmp_fwd++;
@@ -532,7 +596,10 @@ int balancer(struct xdp_md *ctx)
     if (!gs || !cfg || !cfg->configured)
         return XDP_PASS;
     action = decide(ctx, &p, cfg, gs);
-    if (cfg->capture) /* off: one test of a word the packet's path has read already */
-        capture(ctx, &p, action, action == XDP_TX);
+    /* off: one test of a word the packet's path has read already; a packet
+     * redirected to another interface is sent as any other: a "tx" copy */
+    if (cfg->capture)
+        capture(ctx, &p, action == XDP_REDIRECT ? XDP_TX : action,
+                action == XDP_TX || action == XDP_REDIRECT);
     return action;
 }

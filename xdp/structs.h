@@ -94,9 +94,10 @@ struct vip_filter {
 
 /* Runtime configuration, one entry, written by user space. */
 struct lb_config {
-    __u8 gw_mac[6];      /* destination MAC of every encapsulated packet */
+    __u8 gw_mac[6];      /* destination MAC of every encapsulated packet (NEXT_HOP_GATEWAY) */
     __u8 configured;     /* 0 until user space wrote this entry: everything passes */
-    __u8 pad0;
+    __u8 next_hop;       /* NEXT_HOP_GATEWAY: to gw_mac, XDP_TX; NEXT_HOP_FIB: the kernel's FIB
+                          * picks the next hop and the interface (xdp/nexthop.h) */
     __be32 src4;         /* outer IPv4 source prefix */
     __be32 src4_hostmask;/* bits of src4 taken from the flow hash; 0: one fixed source */
     __be32 src6[4];      /* outer IPv6 source prefix */
@@ -151,6 +152,9 @@ struct global_stats {
     __u64 ext_header;      /* IPv6 extension headers to a VIP address: dropped */
     __u64 malformed;       /* truncated or inconsistent headers: dropped */
     __u64 error;           /* a helper failed (e.g. no headroom): dropped */
+    __u64 fib_no_neigh;    /* next_hop fib: route found, neighbour not resolved: passed to the stack */
+    __u64 fib_drop;        /* next_hop fib: no usable route, or egress on an interface l4lb is not on */
+    __u64 redirect;        /* next_hop fib: sent out of another interface (XDP_REDIRECT); also in tx */
 };
 
 /* Per-CPU rate-limit windows. */

@@ -262,7 +262,7 @@ class GetStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Status(_message.Message):
-    __slots__ = ("interface", "attach_mode", "program_id", "vips", "backends", "uptime_seconds", "capacity", "conntrack_used", "announce_table", "drained", "announced", "digests", "panic")
+    __slots__ = ("interface", "attach_mode", "program_id", "vips", "backends", "uptime_seconds", "capacity", "conntrack_used", "announce_table", "drained", "announced", "digests", "panic", "next_hop", "interfaces")
     INTERFACE_FIELD_NUMBER: _ClassVar[int]
     ATTACH_MODE_FIELD_NUMBER: _ClassVar[int]
     PROGRAM_ID_FIELD_NUMBER: _ClassVar[int]
@@ -276,6 +276,8 @@ class Status(_message.Message):
     ANNOUNCED_FIELD_NUMBER: _ClassVar[int]
     DIGESTS_FIELD_NUMBER: _ClassVar[int]
     PANIC_FIELD_NUMBER: _ClassVar[int]
+    NEXT_HOP_FIELD_NUMBER: _ClassVar[int]
+    INTERFACES_FIELD_NUMBER: _ClassVar[int]
     interface: str
     attach_mode: str
     program_id: int
@@ -289,7 +291,9 @@ class Status(_message.Message):
     announced: _containers.RepeatedScalarFieldContainer[str]
     digests: _containers.RepeatedCompositeFieldContainer[VipDigest]
     panic: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, interface: _Optional[str] = ..., attach_mode: _Optional[str] = ..., program_id: _Optional[int] = ..., vips: _Optional[int] = ..., backends: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., capacity: _Optional[_Union[Capacity, _Mapping]] = ..., conntrack_used: _Optional[int] = ..., announce_table: _Optional[int] = ..., drained: _Optional[bool] = ..., announced: _Optional[_Iterable[str]] = ..., digests: _Optional[_Iterable[_Union[VipDigest, _Mapping]]] = ..., panic: _Optional[_Iterable[str]] = ...) -> None: ...
+    next_hop: str
+    interfaces: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, interface: _Optional[str] = ..., attach_mode: _Optional[str] = ..., program_id: _Optional[int] = ..., vips: _Optional[int] = ..., backends: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., capacity: _Optional[_Union[Capacity, _Mapping]] = ..., conntrack_used: _Optional[int] = ..., announce_table: _Optional[int] = ..., drained: _Optional[bool] = ..., announced: _Optional[_Iterable[str]] = ..., digests: _Optional[_Iterable[_Union[VipDigest, _Mapping]]] = ..., panic: _Optional[_Iterable[str]] = ..., next_hop: _Optional[str] = ..., interfaces: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class VipDigest(_message.Message):
     __slots__ = ("id", "ring", "backends")

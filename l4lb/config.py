@@ -49,7 +49,7 @@ def _network(value, version: int, what: str):
 
 
 def parse_next_hop(value, what: str) -> str:
-    if value not in consts.NEXT_HOPS:
+    if not isinstance(value, str) or value not in consts.NEXT_HOPS:
         raise ValidationError(f"{what}: {shown(str(value))} is not a next-hop mode "
                               f"(gateway: the gateway MAC; fib: the kernel's routes and neighbours)")
     return value

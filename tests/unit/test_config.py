@@ -43,6 +43,8 @@ def test_documented_example_is_accepted_with_every_value(tmp_path):
     ("gateway_mac: 02:00", "gateway_mac"),
     ("gateway_mac: '01:00:5e:00:00:01'", "multicast"),
     ("mtu: 100", "mtu: 100 is out of range"),
+    ("next_hop: router", "next_hop: 'router' is not a next-hop mode"),
+    ("next_hop: [fib]", "next_hop"),
     ("mtu: '1500'", "mtu"),
     ("encap_source: {ipv4: 'fd00::/64'}", "encap_source.ipv4"),
     ("vips: {}", "vips: expected a list"),
@@ -65,6 +67,12 @@ def test_bad_configuration_names_the_place_and_the_value(tmp_path, doc, where):
         load_config(f)
     msg = str(e.value)
     assert msg.startswith(str(f)) and where in msg and "\n" not in msg
+
+
+def test_next_hop_is_gateway_unless_the_file_says_fib():
+    assert parse_config({}).runtime.next_hop == "gateway" and not parse_config({}).next_hop_set
+    cfg = parse_config({"next_hop": "fib"})
+    assert cfg.runtime.next_hop == "fib" and cfg.next_hop_set
 
 
 def test_yaml_syntax_error_gives_line_and_column(tmp_path):

@@ -85,6 +85,12 @@ NEXT_HOP_GATEWAY = 0  # the configured gateway MAC, out of the ingress interface
 NEXT_HOP_FIB = 1  # the kernel's FIB (bpf_fib_lookup): next hop MAC and egress interface
 NEXT_HOPS = {"gateway": NEXT_HOP_GATEWAY, "fib": NEXT_HOP_FIB}
 MAX_INTERFACES = 16  # interfaces one `l4lb run` attaches to (tx_ports slots)
+# a FIB answer is kept per CPU and backend (fib_hops) until user space bumps lb_config.fib_gen
+# (a route, rule or neighbour changed: l4lb run follows the kernel's netlink events) or, checked
+# every FIB_HOP_USES uses, for FIB_HOP_TTL_NS at most (so that the kernel's changes are followed
+# while no control plane runs: after at most 1 s or 64 packets per CPU and backend, the later)
+FIB_HOP_TTL_NS = 1_000_000_000
+FIB_HOP_USES = 64
 
 # --- map and program names (the registry below lists each map once) ------------
 MAP_VIPS = "vips"
@@ -106,6 +112,7 @@ MAP_CAPTURE_STATS = "capture_stats"
 MAP_CAPTURE_RING = "capture_ring"
 MAP_TX_PORTS = "tx_ports"  # devmap: slot -> ifindex (XDP_REDIRECT)
 MAP_TX_PORT_SLOTS = "tx_port_slots"  # ifindex -> slot in tx_ports
+MAP_FIB_HOPS = "fib_hops"  # backend index -> the FIB's answer, per CPU
 MAP_DECAP_ADDRS = "decap_addrs"
 MAP_DECAP_STATS = "decap_stats"
 MAP_PROBE_STATS = "probe_stats"
@@ -181,6 +188,7 @@ MAPS: tuple[MapSpec, ...] = (
     MapSpec(MAP_CAPTURE_RING, "ringbuf", "", "struct capture_rec", lambda c: CAPTURE_RING_BYTES),
     MapSpec(MAP_TX_PORTS, "devmap", "__u32", "int", lambda c: MAX_INTERFACES, BPF_F_RDONLY_PROG),
     MapSpec(MAP_TX_PORT_SLOTS, "hash", "__u32", "__u32", lambda c: MAX_INTERFACES),
+    MapSpec(MAP_FIB_HOPS, "percpu_array", "__u32", "struct fib_hop", lambda c: c.max_backends + 1),
     MapSpec(MAP_DECAP_ADDRS, "hash", "struct addr_key", "__u32", lambda c: DECAP_MAX_ADDRS,
             program=PROG_DECAP, pinned=False),
     MapSpec(MAP_DECAP_STATS, "percpu_array", "__u32", "struct decap_stats", lambda c: 1,
@@ -217,8 +225,10 @@ def cflags(cap: Capacity) -> list[str]:
         "CAPTURE_SNAP_MAX": CAPTURE_SNAP_MAX,
         "NEXT_HOP_GATEWAY": NEXT_HOP_GATEWAY,
         "NEXT_HOP_FIB": NEXT_HOP_FIB,
+        "FIB_HOP_USES": FIB_HOP_USES,
     }
+    defs_ull = {"FIB_HOP_TTL_NS": FIB_HOP_TTL_NS}
     for m in MAPS:
         defs[f"{m.macro}_ENTRIES"] = m.entries(cap)
         defs[f"{m.macro}_FLAGS"] = m.flags
-    return [f"-D{k}={v}u" for k, v in defs.items()]
+    return [f"-D{k}={v}u" for k, v in defs.items()] + [f"-D{k}={v}ull" for k, v in defs_ull.items()]

@@ -56,7 +56,9 @@ class Dataplane:
         if portless_vips is not None:
             self.portless = portless_vips
         t = self.t[consts.MAP_CONFIG]
+        gen = t[t.Key(0)].fib_gen
         v = t.Leaf()
+        v.fib_gen = (gen + 1) & 0xFFFFFFFF  # a new configuration: no FIB answer kept from before
         ctypes.memmove(v.gw_mac, mac_bytes(cfg.gateway_mac), 6)
         v.configured = 1
         v.next_hop = consts.NEXT_HOPS[cfg.next_hop]
@@ -72,6 +74,15 @@ class Dataplane:
         v.capture = self.capture
         v.udp_timeout_ns = int(cfg.udp_timeout_s * 1e9)
         self._update(t, t.Key(0), v)
+
+    def bump_fib_gen(self) -> int:
+        """A route, rule, address or neighbour changed: the FIB answers kept
+        per CPU (fib_hops) are asked again. Returns the new generation."""
+        t = self.t[consts.MAP_CONFIG]
+        v = t[t.Key(0)]
+        v.fib_gen = (v.fib_gen + 1) & 0xFFFFFFFF
+        self._update(t, t.Key(0), v)
+        return int(v.fib_gen)
 
     def set_portless(self, n: int) -> None:
         t = self.t[consts.MAP_CONFIG]
@@ -237,6 +248,7 @@ class Dataplane:
             for i in range(t.max_entries):
                 self._zero_percpu(t, i)
         self._zero_percpu(self.t[consts.MAP_CPU_STATE], 0)
+        self.bump_fib_gen()
         self._zero_percpu(self.t[consts.MAP_CAPTURE_STATS], 0)
 
     def clear_vip_stats(self, vip_id: int) -> None:

@@ -73,6 +73,7 @@ class LbNode:
         self.checker: HealthChecker | None = None
         self.probe_encap = None  # bpf.TcProgram, once a tunnel probe needs it
         self.announcer: Announcer | None = None
+        self.route_watch: netlink.RouteWatch | None = None  # bumps fib_gen on route/neighbour changes
 
     @property
     def pin_dir(self) -> Path:
@@ -165,6 +166,7 @@ class LbNode:
         node.lock_fd = lock_fd
         node._attach(saved if pinned else None)
         node._detach_left(saved)
+        node.route_watch = netlink.RouteWatch(node._fib_changed)
         node.checker = HealthChecker(ctrl, ensure_tunnel=node._ensure_probe_encap)
         ctrl.health_details = node.checker.details
         if opts.announce_table:
@@ -231,6 +233,11 @@ class LbNode:
                 libbpf.xdp_detach(netlink.ifindex(ifname), mode)
                 log.info("detached from %s (the previous run's interface; not given this time)", ifname)
 
+    def _fib_changed(self) -> None:
+        """next_hop fib: the answers the program keeps per CPU are asked again."""
+        with self.ctrl.lock:
+            self.ctrl.dp.bump_fib_gen()
+
     def resolve_neighbour(self, ip: str) -> str:
         for ifname in self.opts.interfaces[1:]:
             try:
@@ -242,6 +249,8 @@ class LbNode:
     def close(self, detach: bool = False) -> None:
         """Leaves the program attached (traffic flows on), or with detach
         removes it, its pinned maps and the saved state."""
+        if self.route_watch:
+            self.route_watch.stop()
         if self.checker:
             self.checker.stop()
         if self.announcer:

@@ -324,19 +324,44 @@ static __always_inline int pick_backend(struct pkt *p, const struct vip_meta *vi
  * and moves its counter. (Here and not in nexthop.h: bcc rewrites map calls
  * in this file only.) */
 static __always_inline int next_hop_fib(struct xdp_md *ctx, const struct pkt *p, __u8 family,
+                                        __u32 idx, const struct lb_config *cfg,
                                         struct global_stats *gs)
 {
     void *data = (void *)(long)ctx->data;
     void *data_end = (void *)(long)ctx->data_end;
     struct ethhdr *eth = data;
     struct bpf_fib_lookup fib = {};
-    __u32 egress, *slot;
-    int action;
+    struct fib_hop *hop = fib_hops.lookup(&idx);
+    __u32 egress, *slot, s = 0;
+    int action, fresh = 1;
 
-    if ((void *)(eth + 1) > data_end || fib_params(ctx, p, family, &fib)) {
+    if ((void *)(eth + 1) > data_end) {
         gs->error++;
         return XDP_DROP;
     }
+    /* the answer this CPU got for the backend, while no route, rule or
+     * neighbour has changed (fib_gen) and for at most FIB_HOP_TTL_NS (read
+     * every FIB_HOP_USES uses; the clock is a helper call) */
+    if (hop && hop->expires && hop->gen == cfg->fib_gen && hop->ingress == ctx->ingress_ifindex) {
+        if (--hop->uses == 0) {
+            hop->uses = FIB_HOP_USES;
+            fresh = lb_now() < hop->expires;
+        }
+        action = !fresh ? XDP_ABORTED : hop->egress == hop->ingress ? XDP_TX
+                                                                     : tx_ports.redirect_map(hop->slot, 0);
+        if (action == XDP_TX || action == XDP_REDIRECT) {
+            if (action == XDP_REDIRECT)
+                gs->redirect++;
+            __builtin_memcpy(eth->h_dest, hop->dmac, 6);
+            __builtin_memcpy(eth->h_source, hop->smac, 6);
+            return action;
+        }
+    }
+    if (fib_params(ctx, p, family, &fib)) {
+        gs->error++;
+        return XDP_DROP;
+    }
+    gs->fib_lookup++;
     switch (bpf_fib_lookup(ctx, &fib, sizeof(fib), 0)) {
     case BPF_FIB_LKUP_RET_SUCCESS:
         break;
@@ -362,7 +387,9 @@ static __always_inline int next_hop_fib(struct xdp_md *ctx, const struct pkt *p,
         /* only to an interface l4lb is attached to (user space keeps
          * tx_port_slots and tx_ports to exactly those) */
         slot = tx_port_slots.lookup(&egress);
-        action = slot ? tx_ports.redirect_map(*slot, 0) : XDP_DROP;
+        if (slot)
+            s = *slot;
+        action = slot ? tx_ports.redirect_map(s, 0) : XDP_DROP;
         if (action != XDP_REDIRECT) {
             gs->fib_drop++;
             return XDP_DROP;
@@ -371,6 +398,16 @@ static __always_inline int next_hop_fib(struct xdp_md *ctx, const struct pkt *p,
     }
     __builtin_memcpy(eth->h_dest, fib.dmac, 6);
     __builtin_memcpy(eth->h_source, fib.smac, 6);
+    if (hop) { /* only answers that send: a missing neighbour or a route is asked again */
+        __builtin_memcpy(hop->dmac, fib.dmac, 6);
+        __builtin_memcpy(hop->smac, fib.smac, 6);
+        hop->ingress = ctx->ingress_ifindex;
+        hop->egress = egress;
+        hop->slot = s;
+        hop->gen = cfg->fib_gen;
+        hop->uses = FIB_HOP_USES;
+        hop->expires = lb_now() + FIB_HOP_TTL_NS;
+    }
     return action;
 }
 
@@ -413,7 +450,7 @@ static __always_inline int forward(struct xdp_md *ctx, struct pkt *p, __u32 idx,
         return XDP_DROP;
     }
     if (cfg->next_hop == NEXT_HOP_FIB) {
-        action = next_hop_fib(ctx, p, b->family, gs);
+        action = next_hop_fib(ctx, p, b->family, idx, cfg, gs);
         if (action != XDP_TX && action != XDP_REDIRECT)
             return action; /* its own counters moved */
     }

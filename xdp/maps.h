@@ -85,5 +85,7 @@ L4LB_MAP("percpu_array", __u32, struct capture_stats, capture_stats, MAP_CAPTURE
 L4LB_RINGBUF(capture_ring, struct capture_rec, MAP_CAPTURE_RING_ENTRIES);
 /* slot -> ifindex of each interface the program is attached to (next_hop fib: XDP_REDIRECT) */
 L4LB_DEVMAP(tx_ports, MAP_TX_PORTS_ENTRIES);
+/* backend index -> the FIB's answer for it, per CPU (next_hop fib) */
+L4LB_MAP("percpu_array", __u32, struct fib_hop, fib_hops, MAP_FIB_HOPS_ENTRIES, MAP_FIB_HOPS_FLAGS);
 /* ifindex -> its slot in tx_ports; an interface not listed is never sent to */
 L4LB_MAP("hash", __u32, __u32, tx_port_slots, MAP_TX_PORT_SLOTS_ENTRIES, MAP_TX_PORT_SLOTS_FLAGS);

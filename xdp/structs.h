@@ -109,6 +109,27 @@ struct lb_config {
     __u32 capture;       /* 1 while `l4lb capture` runs: packets that capture_cfg selects are
                           * copied to capture_ring; 0 costs one test of this word */
     __u64 udp_timeout_ns;/* a UDP entry older than this re-picks */
+    __u32 fib_gen;       /* next_hop fib: user space bumps it when a route, rule or neighbour
+                          * changes; a fib_hops answer of another generation is asked again */
+    __u32 pad1;
+};
+
+/* A FIB answer kept per CPU and backend (next_hop fib): the next hop of an
+ * encapsulated packet depends on its outer destination (the backend) and the
+ * ingress interface, so the packets of every flow to a backend share one
+ * lookup. Used while gen is lb_config.fib_gen (user space bumps it on every
+ * route, rule or neighbour change) and, checked once every FIB_HOP_USES
+ * uses (a clock read costs as much as the rest of the hit), before expires. */
+struct fib_hop {
+    __u8 dmac[6];      /* the next hop's MAC */
+    __u8 smac[6];      /* the egress interface's MAC */
+    __u32 ingress;     /* the ingress ifindex the answer is for */
+    __u32 egress;      /* the egress ifindex */
+    __u32 slot;        /* egress's slot in tx_ports (egress != ingress) */
+    __u32 gen;         /* lb_config.fib_gen when asked; the entry is empty while expires is 0 */
+    __u32 uses;        /* uses left before the clock is read again */
+    __u32 pad;
+    __u64 expires;     /* coarse-clock ns after which it is asked again */
 };
 
 /* Per-VIP counters (per CPU). */
@@ -155,6 +176,7 @@ struct global_stats {
     __u64 fib_no_neigh;    /* next_hop fib: route found, neighbour not resolved: passed to the stack */
     __u64 fib_drop;        /* next_hop fib: no usable route, or egress on an interface l4lb is not on */
     __u64 redirect;        /* next_hop fib: sent out of another interface (XDP_REDIRECT); also in tx */
+    __u64 fib_lookup;      /* next_hop fib: FIB lookups (the others used a fib_hops answer) */
 };
 
 /* Per-CPU rate-limit windows. */

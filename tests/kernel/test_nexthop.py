@@ -5,11 +5,13 @@ of the thread that runs it, so each packet runs on the namespace's thread
 with lb0 as its ingress interface. Every test compares the whole change of
 the global counters."""
 import ipaddress
+import os
 import random
+import time
 
 import pytest
 
-from l4lb import flowhash, libbpf, maglev
+from l4lb import consts, flowhash, libbpf, maglev
 from l4lb.testbed import FibNet
 from l4lb.testbed.fibnet import (LB0_MAC, LB1_MAC, R1_MAC, R2_MAC, UNREACHABLE, VIA_R1, VIA_R1B,
                                  VIA_R2)
@@ -18,6 +20,7 @@ from lbfixture import CLIENT4, CLIENT6, GW_MAC, LB_MAC, VIP4, VIP6, Flow, mac, m
 pytestmark = pytest.mark.kernel
 
 ENCAP = {"tx": 1, "ct_miss": 1, "ct_insert": 1}
+LOOKED_UP = {**ENCAP, "fib_lookup": 1}  # a fresh flow, encapsulated, its next hop asked
 FLOWS = 1000
 assert LB_MAC == LB0_MAC  # the fixtures' frames are addressed to lb0
 
@@ -25,6 +28,8 @@ assert LB_MAC == LB0_MAC  # the fixtures' frames are addressed to lb0
 @pytest.fixture(scope="module")
 def net():
     with FibNet() as n:
+        # one CPU for the namespace's thread: the answers kept (fib_hops) are per CPU
+        n.node.run(os.sched_setaffinity, 0, {min(os.sched_getaffinity(0))})
         yield n
 
 
@@ -61,7 +66,7 @@ def test_fib_next_hop_on_the_ingress_interface_is_sent_back_with_xdp_tx(fib, net
     pkt = f.packet("S", payload=b"first bytes")
     r, counters = run(fib, net, pkt)
     assert r.verdict_name == "TX"
-    assert counters == ENCAP
+    assert counters == LOOKED_UP
     assert r.data[0:6] == mac(R1_MAC), "destination MAC: the route's next hop, from the neighbour table"
     assert r.data[6:12] == mac(LB0_MAC), "source MAC: the egress interface's"
     # everything after the MACs is what gateway mode makes of the same packet
@@ -79,7 +84,7 @@ def test_fib_next_hop_on_another_attached_interface_is_redirected(fib, net, fam)
     fib.add_vip(vip, 80, "tcp", {backend: 1})
     r, counters = run(fib, net, Flow(src=client, dst=vip).packet("S"))
     assert r.verdict_name == "REDIRECT"
-    assert counters == {**ENCAP, "redirect": 1}
+    assert counters == {**LOOKED_UP, "redirect": 1}
     assert r.data[0:6] == mac(R2_MAC)
     assert r.data[6:12] == mac(LB1_MAC), "source MAC: lb1's, the egress"
 
@@ -90,7 +95,7 @@ def test_egress_on_an_interface_the_program_is_not_on_is_dropped(fib, net):
     fib.add_vip(VIP4, 80, "tcp", {VIA_R2[0]: 1})
     r, counters = run(fib, net, Flow().packet("S"))
     assert r.verdict_name == "DROP"
-    assert counters == {"ct_miss": 1, "ct_insert": 1, "fib_drop": 1}
+    assert counters == {"ct_miss": 1, "ct_insert": 1, "fib_lookup": 1, "fib_drop": 1}
 
 
 @pytest.mark.parametrize("fam", [0, 1], ids=["ipv4", "ipv6"])
@@ -102,7 +107,7 @@ def test_next_hop_without_a_neighbour_entry_passes_up_the_stack_addressed_to_the
     pkt = f.packet("S")
     r, counters = run(fib, net, pkt)
     assert r.verdict_name == "PASS"
-    assert counters == {"ct_miss": 1, "ct_insert": 1, "fib_no_neigh": 1}
+    assert counters == {"ct_miss": 1, "ct_insert": 1, "fib_lookup": 1, "fib_no_neigh": 1}
     assert r.data[0:6] == mac(LB0_MAC), "to this NIC: the kernel takes it and forwards it"
     assert r.data[6:12] == mac(LB0_MAC)
     fib.configure(next_hop="gateway")
@@ -116,7 +121,7 @@ def test_unreachable_backend_is_dropped(fib, net, fam):
     fib.add_vip(vip, 80, "tcp", {UNREACHABLE[fam]: 1})
     r, counters = run(fib, net, Flow(src=client, dst=vip).packet("S"))
     assert r.verdict_name == "DROP"
-    assert counters == {"ct_miss": 1, "ct_insert": 1, "fib_drop": 1}
+    assert counters == {"ct_miss": 1, "ct_insert": 1, "fib_lookup": 1, "fib_drop": 1}
 
 
 def test_ingress_interface_without_forwarding_drops(fib, net):
@@ -124,10 +129,11 @@ def test_ingress_interface_without_forwarding_drops(fib, net):
     net.forwarding("lb0", False)
     r, counters = run(fib, net, Flow().packet("S"))
     assert r.verdict_name == "DROP"
-    assert counters == {"ct_miss": 1, "ct_insert": 1, "fib_drop": 1}
+    assert counters == {"ct_miss": 1, "ct_insert": 1, "fib_lookup": 1, "fib_drop": 1}
     net.forwarding("lb0", True)
     r, counters = run(fib, net, Flow().packet("A"))
-    assert (r.verdict_name, counters) == ("TX", {"tx": 1, "ct_hit": 1})
+    assert (r.verdict_name, counters) == ("TX", {"tx": 1, "ct_hit": 1, "fib_lookup": 1}), \
+        "a drop is not kept: the next packet asks again"
 
 
 def test_gateway_mode_ignores_the_fib(fib, net):
@@ -178,6 +184,43 @@ def test_every_fresh_flow_reaches_the_predicted_backend_through_its_route(fib, n
         assert str(ipaddress.ip_address(outer)) == backend, f
     sent = want_counts.get("TX", 0) + want_counts.get("REDIRECT", 0)
     assert set(want_counts) == {"TX", "REDIRECT", "PASS", "DROP"}, "every route kind was taken"
-    want = {"ct_miss": FLOWS, "ct_insert": FLOWS, "tx": sent, "redirect": want_counts["REDIRECT"],
-            "fib_no_neigh": want_counts["PASS"], "fib_drop": want_counts["DROP"]}
-    assert moved(before, fib.dp.global_stats()) == want
+    # the answers that send are kept: one lookup per such backend; the others ask every time
+    sending = {a for a in backends if route(a)[0] in ("TX", "REDIRECT")}
+    lookups = want_counts["PASS"] + want_counts["DROP"] + len(sending)
+    got = moved(before, fib.dp.global_stats())
+    # and an answer older than FIB_HOP_TTL_NS is asked again, checked every FIB_HOP_USES uses
+    assert lookups <= got.pop("fib_lookup") <= lookups + sent // consts.FIB_HOP_USES
+    assert got == {"ct_miss": FLOWS, "ct_insert": FLOWS, "tx": sent, "redirect": want_counts["REDIRECT"],
+                   "fib_no_neigh": want_counts["PASS"], "fib_drop": want_counts["DROP"]}
+
+
+def test_a_kept_answer_is_used_until_the_generation_changes_or_it_expires(fib, net):
+    """The next hop's MAC changes in the neighbour table: packets keep the kept
+    answer until user space bumps fib_gen (l4lb run does on every netlink
+    event of a route, rule or neighbour), or FIB_HOP_TTL_NS has passed."""
+    fib.add_vip(VIP4, 80, "tcp", {VIA_R1[0]: 1})
+    f = Flow()
+    r, counters = run(fib, net, f.packet("S"))
+    assert (r.data[0:6], counters) == (mac(R1_MAC), LOOKED_UP)
+    new_mac = "02:00:00:00:0f:09"
+    net.ip("neigh", "replace", "198.18.1.2", "lladdr", new_mac, "dev", "lb0", "nud", "permanent")
+    try:
+        r, counters = run(fib, net, f.packet("A"))
+        assert (r.data[0:6], counters) == (mac(R1_MAC), {"tx": 1, "ct_hit": 1}), "the kept answer"
+        fib.dp.bump_fib_gen()
+        r, counters = run(fib, net, f.packet("A"))
+        assert (r.data[0:6], counters) == (mac(new_mac), {"tx": 1, "ct_hit": 1, "fib_lookup": 1})
+        net.ip("neigh", "replace", "198.18.1.2", "lladdr", R1_MAC, "dev", "lb0", "nud", "permanent")
+        r, counters = run(fib, net, f.packet("A"))
+        assert r.data[0:6] == mac(new_mac) and "fib_lookup" not in counters
+        time.sleep(consts.FIB_HOP_TTL_NS / 1e9 + 0.1)
+        for n in range(1, consts.FIB_HOP_USES + 1):  # the clock is read once every FIB_HOP_USES uses
+            r, counters = run(fib, net, f.packet("A"))
+            if "fib_lookup" in counters:
+                break
+            assert r.data[0:6] == mac(new_mac)
+        assert (r.data[0:6], counters) == (mac(R1_MAC), {"tx": 1, "ct_hit": 1, "fib_lookup": 1}), \
+            f"expired: asked again within {consts.FIB_HOP_USES} uses (after {n})"
+        assert n > 1, "not at the first use: the clock waits for FIB_HOP_USES uses"
+    finally:
+        net.ip("neigh", "replace", "198.18.1.2", "lladdr", R1_MAC, "dev", "lb0", "nud", "permanent")

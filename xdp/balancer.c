@@ -398,7 +398,7 @@ static __always_inline int next_hop_fib(struct xdp_md *ctx, const struct pkt *p,
     }
     __builtin_memcpy(eth->h_dest, fib.dmac, 6);
     __builtin_memcpy(eth->h_source, fib.smac, 6);
-    if (hop) { /* only answers that send: a missing neighbour or a route is asked again */
+    if (hop) { /* only answers that send are kept: no neighbour, no route are asked again */
         __builtin_memcpy(hop->dmac, fib.dmac, 6);
         __builtin_memcpy(hop->smac, fib.smac, 6);
         hop->ingress = ctx->ingress_ifindex;

@@ -7,11 +7,12 @@ the global counters."""
 import ipaddress
 import os
 import random
+import threading
 import time
 
 import pytest
 
-from l4lb import consts, flowhash, libbpf, maglev
+from l4lb import consts, flowhash, libbpf, maglev, netlink
 from l4lb.testbed import FibNet
 from l4lb.testbed.fibnet import (LB0_MAC, LB1_MAC, R1_MAC, R2_MAC, UNREACHABLE, VIA_R1, VIA_R1B,
                                  VIA_R2)
@@ -224,3 +225,20 @@ def test_a_kept_answer_is_used_until_the_generation_changes_or_it_expires(fib, n
         assert n > 1, "not at the first use: the clock waits for FIB_HOP_USES uses"
     finally:
         net.ip("neigh", "replace", "198.18.1.2", "lladdr", R1_MAC, "dev", "lb0", "nud", "permanent")
+
+
+def test_route_watch_tells_of_a_route_and_a_neighbour_change(net):
+    """What l4lb run bumps fib_gen with: rtnetlink events of the namespace it
+    was made in."""
+    changed = threading.Event()
+    watch = net.node.run(netlink.RouteWatch, changed.set)
+    try:
+        net.ip("route", "add", "198.18.2.240/28", "via", "198.18.1.2", "dev", "lb0")
+        assert changed.wait(5), "a route added"
+        changed.clear()
+        net.ip("neigh", "replace", "198.18.1.4", "lladdr", "02:00:00:00:0f:0a", "dev", "lb0", "nud", "permanent")
+        assert changed.wait(5), "a neighbour added"
+    finally:
+        watch.stop()
+        net.ip("route", "del", "198.18.2.240/28")
+        net.ip("neigh", "del", "198.18.1.4", "dev", "lb0")

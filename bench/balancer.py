@@ -449,6 +449,8 @@ class Measurer:
         fails: list[str] = []
         lb = self.lb(case) if case.target == "lb" else None
         if case.prime:
+            if case.fib:  # a fresh FIB answer: kept (fib_hops) for the whole timed run
+                lb.dp.bump_fib_gen()
             r = self.direct(case)
             if r.verdict != case.verdict:
                 fails.append(f"priming run: verdict {r.verdict_name}")

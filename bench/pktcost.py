@@ -113,8 +113,8 @@ def build_cases() -> list[Case]:
     return [
         Case("established", "TCP established (connection-table hit), 4in4", est, "lb", XDP_TX,
              ("tx", "ct_hit"), 20, tcp80, prime=True),
-        Case("established_fib", "TCP established, 4in4, next hop from the kernel's FIB (next_hop "
-             "fib), sent back out of the ingress interface", est, "lb", XDP_TX, ("tx", "ct_hit"), 20,
+        Case("established_fib", "TCP established, 4in4, next_hop fib: the FIB's answer kept per "
+             "backend (fib_hops, asked again at each round's start), XDP_TX", est, "lb", XDP_TX, ("tx", "ct_hit"), 20,
              tcp80, prime=True, fib=True),
         Case("syn", "TCP SYN, a new connection-table entry per run, 4in4", syn, "lb", XDP_TX,
              ("tx", "ct_miss", "ct_insert"), 20, tcp80, vary=VARY4),

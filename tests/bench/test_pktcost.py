@@ -17,7 +17,7 @@ from l4lb import libbpf
 pytestmark = pytest.mark.kernel
 
 REPEAT = 1000
-THROUGH_HARNESS = ["established", "syn", "syn6", "syn_resident", "spread", "syn_evict", "udp",
+THROUGH_HARNESS = ["established", "established_fib", "syn", "syn6", "syn_resident", "spread", "syn_evict", "udp",
                    "v6", "v4_in_v6", "pass", "icmp_echo", "encap"]
 ALL_CASES = THROUGH_HARNESS + ["pass_direct", "drop_direct"]
 
@@ -36,9 +36,9 @@ def test_the_cases_are_the_ones_checked_here(bench):
 @pytest.mark.parametrize("name", THROUGH_HARNESS)
 def test_one_run_through_the_harness_equals_a_direct_run(bench, name):
     case = bench.case(name)
-    direct = bench.direct(case)
+    direct = bench.in_namespace(case, bench.direct, case)  # a fib case: in its namespace of routes
     bench.harness.load_frame(case.frame, case.vary, flow=0)  # flow 0: the frame as built
-    through = bench.harness.time(bench.target_fd(case), 1).result
+    through = bench.in_namespace(case, bench.harness.time, bench.target_fd(case), 1).result
     assert direct.verdict == case.verdict
     assert through.verdict == direct.verdict
     assert through.data == direct.data
@@ -156,7 +156,8 @@ def test_report_has_machine_ratios_and_every_round(bench, tmp_path):
     assert saved["settings"]["repeat"] == REPEAT
     assert {c["name"] for c in saved["cases"]} == set(ALL_CASES)
     assert all(len(c["rounds"]) == 1 for c in saved["cases"])
-    assert set(saved["summary"]["ratios"]) >= {"established / encap", "syn / encap", "pass / drop"}
+    assert set(saved["summary"]["ratios"]) >= {"established / encap", "syn / encap", "pass / drop",
+                                               "established_fib / established"}
     text = console.file.getvalue()
     assert "established" in text and "ratios" in text
 

@@ -120,3 +120,22 @@ def test_fib_through_apply_only_with_forwarding_and_kept_over_a_restart(tmp_path
         assert value["next_hop"] == consts.NEXT_HOP_FIB and value["configured"] == 1
     finally:
         s.cleanup()
+
+
+def test_a_restart_without_an_interface_detaches_the_program_from_it(tmp_path):
+    s = Server(tmp_path)
+    try:
+        s.start("--interface", "peer0")
+        prog = xdp_id(s, s.ifname)
+        assert prog and xdp_id(s, "peer0") == prog
+        s.stop()
+        assert xdp_id(s, "peer0") == prog, "a stop leaves the program attached everywhere"
+        s.start()
+        assert xdp_id(s, s.ifname) == prog, "kept where it is still wanted"
+        assert xdp_id(s, "peer0") == "", "gone from the interface left out"
+        with s.client() as c:
+            assert list(c.call("GetStatus", pb.GetStatusRequest()).interfaces) == [s.ifname]
+        assert "detached from peer0" in s.log.read_text()
+    finally:
+        s.cleanup()
+        subprocess.run(["ip", "-n", s.ns, "link", "set", "peer0", "xdp", "off"], capture_output=True)

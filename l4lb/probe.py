@@ -26,6 +26,7 @@ import threading
 import time
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import NamedTuple
 
 from . import consts
@@ -195,6 +196,15 @@ class Prober:
     def results(self) -> dict[Hashable, Status]:
         with self._lock:
             return {k: e.status for k, e in self._entries.items()}
+
+    def cpu_times(self) -> tuple[float, float, float]:
+        """(total, user, system) CPU seconds of the prober's thread so far:
+        every probe, the loop and on_transition run there. The total is the
+        thread's CPU clock (ns resolution), the split the kernel's tick counts."""
+        total = time.clock_gettime(time.pthread_getcpuclockid(self._thread.ident))
+        fields = Path(f"/proc/self/task/{self._thread.native_id}/stat").read_text().rsplit(")", 1)[1].split()
+        tick = os.sysconf("SC_CLK_TCK")
+        return total, int(fields[11]) / tick, int(fields[12]) / tick
 
     def stop(self) -> None:
         if not self._thread.is_alive():

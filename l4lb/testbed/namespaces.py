@@ -224,6 +224,24 @@ class Node:
         hide the BPF filesystem (pinned maps) from `l4lb run`."""
         return ["nsenter", f"--net={NETNS_DIR / self.ns}"]
 
+    def napi_threaded(self, ifname: str, on: bool = True) -> None:
+        """The interface's NAPI in a kernel thread of its own instead of the
+        sending CPU's softirq: on veth, the receiver's work otherwise runs on
+        the sender's CPU, inline; a real host's NIC is served by its own
+        cores. (sysfs shows a namespace's devices only once mounted inside it.)"""
+        q = subprocess.run(self.nsenter() + ["unshare", "-m", "sh", "-c", "mount -t sysfs sysfs /sys && "
+                                             f"echo {int(on)} > /sys/class/net/{ifname}/threaded"],
+                           capture_output=True, text=True)
+        if q.returncode:
+            raise TestbedError(f"threaded NAPI on {ifname} in {self.ns}: {q.stderr.strip()}")
+
+    def gro(self, ifname: str, on: bool = True) -> None:
+        """GRO on a veth end; it also gives that end a NAPI of its own (kernel 5.13+)."""
+        q = subprocess.run(self.nsenter() + ["ethtool", "-K", ifname, "gro", "on" if on else "off"],
+                           capture_output=True, text=True)
+        if q.returncode:
+            raise TestbedError(f"ethtool -K {ifname} gro in {self.ns}: {q.stderr.strip()}")
+
     def link_stats(self, ifname: str) -> dict[str, int]:
         return dict(self.ipr.link("get", index=self.index(ifname))[0].get_attr("IFLA_STATS64"))
 

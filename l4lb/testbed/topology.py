@@ -202,7 +202,7 @@ class Testbed:
         self._wait_routes()
         self.say("waiting for `l4lb run` to serve gRPC")
         self.lb.wait_healthy()
-        self._napi_threaded(self.lb, self.lb.ifname)  # its XDP program is attached: its NAPI exists
+        self.lb.napi_threaded(self.lb.ifname)  # its XDP program is attached: its NAPI exists
         prog = self.lb.program()
         if not prog or prog[1] != consts.PROG_BALANCER:
             raise TestbedError(f"the LB's interface runs {prog}, not the balancer")
@@ -362,19 +362,7 @@ class Testbed:
         kernel thread of its own (the default, see the module's notes) or in
         the sending CPU's softirq (frame generators that outrun a thread:
         bench.traffic's live frames)."""
-        self._napi_threaded(self.lb, self.lb.ifname, on)
-
-    @staticmethod
-    def _napi_threaded(node: Node, ifname: str, on: bool = True) -> None:
-        """The interface's NAPI in a kernel thread of its own instead of the
-        sending CPU's softirq: on veth, the receiver's work otherwise runs on
-        the sender's CPU, inline; a real LB's NIC is served by the LB's own
-        cores. (sysfs shows a namespace's devices only once mounted inside it.)"""
-        q = subprocess.run(node.nsenter() + ["unshare", "-m", "sh", "-c", "mount -t sysfs sysfs /sys && "
-                                             f"echo {int(on)} > /sys/class/net/{ifname}/threaded"],
-                           capture_output=True, text=True)
-        if q.returncode:
-            raise TestbedError(f"threaded NAPI on {ifname} in {node.ns}: {q.stderr.strip()}")
+        self.lb.napi_threaded(self.lb.ifname, on)
 
     def _backend(self, b: Backend) -> None:
         self._veth(self.router, b.role, b, "eth0")

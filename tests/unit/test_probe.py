@@ -328,3 +328,19 @@ def test_stop_ends_the_thread_with_probes_in_flight(server):
         assert not any(t.name == "l4lb-prober" and t.is_alive() for t in threading.enumerate())
     finally:
         s.close()
+
+
+def test_cpu_times_count_the_probers_thread_only(prober, server):
+    """The prober's own CPU: it grows while probes run, and work on another
+    thread of the process does not move it."""
+    total0, user0, system0 = prober.cpu_times()
+    busy_until = time.thread_time() + 0.3
+    while time.thread_time() < busy_until:  # 0.3 s of CPU on this thread
+        pass
+    total1, _, _ = prober.cpu_times()
+    assert total1 - total0 < 0.1
+    prober.set_targets([Target(i, LOCAL, server.tcp_port, interval=0.01, rise=1) for i in range(50)])
+    time.sleep(0.5)
+    total2, user2, system2 = prober.cpu_times()
+    assert total2 > total1
+    assert user2 + system2 >= user0 + system0

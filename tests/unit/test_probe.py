@@ -344,3 +344,49 @@ def test_cpu_times_count_the_probers_thread_only(prober, server):
     total2, user2, system2 = prober.cpu_times()
     assert total2 > total1
     assert user2 + system2 >= user0 + system0
+
+
+class Answerer:
+    """A listener on 127.0.0.1 that answers every connection with the given
+    pieces (a pause between them), then closes, whatever was asked."""
+
+    def __init__(self, pieces):
+        self.sock = socket.socket()
+        self.sock.bind((LOCAL, 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self.pieces = pieces
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with contextlib.suppress(OSError), conn:
+                conn.recv(4096)
+                for piece in self.pieces:
+                    conn.sendall(piece)
+                    time.sleep(0.02)
+
+    def close(self):
+        self.sock.close()
+
+
+@pytest.mark.parametrize("pieces,up,reason", [
+    ([], False, "closed without an answer"),
+    ([b"garbage\r\n"], False, "no HTTP status line: b'garbage\\r\\n'"),
+    ([b"X" * 3000], False, "HTTP status line too long"),
+    ([b"HTTP/1.1 2", b"00 OK\r\n"], True, "HTTP 200"),
+    ([b"HTTP/1.0 204 No Content"], True, "HTTP 204"),  # no line end before the close
+], ids=["closed", "garbage", "too-long", "in-pieces", "no-newline"])
+def test_http_answers_are_judged_as_they_arrive(prober, pieces, up, reason):
+    a = Answerer(pieces)
+    try:
+        prober.set_targets([Target("a", LOCAL, a.port, kind="http", http_codes=frozenset({200, 204}),
+                                   rise=1, fall=1, **FAST)])
+        wait_for(lambda: prober.rec.of("a"))
+        assert prober.rec.of("a")[0] == (up, reason)
+    finally:
+        a.close()

@@ -11,7 +11,7 @@ import grpc
 from l4lb.announce import vip_digests
 from l4lb.config import check_capacity, parse_config_text
 from l4lb.controller import Controller, describe_step
-from l4lb.health import parse_health
+from l4lb.health import VipGone, parse_health
 from l4lb.errors import (AlreadyExistsError, BpfError, CapacityError, L4lbError, NotFoundError,
                          StateError, ValidationError)
 from l4lb.model import VipKey
@@ -249,8 +249,10 @@ class LoadBalancerServicer(pb_grpc.LoadBalancerServicer):
 
     def WatchHealth(self, request, context):
         """Health transitions as they are committed until the client goes or
-        the server stops; with snapshot, every checked backend's state first."""
+        the server stops (or, for one VIP's, the VIP is deleted: NOT_FOUND);
+        with snapshot, every checked backend's state first."""
         feed = _Feed(MAX_QUEUED_EVENTS)
+        gone = False
         listen = feed.put  # one bound method: unwatch_health finds it by identity
         context.add_callback(feed.set)  # the call ended: cancelled, deadline, client gone
         with self._wakers_lock:
@@ -268,14 +270,20 @@ class LoadBalancerServicer(pb_grpc.LoadBalancerServicer):
                     context.send_initial_metadata(())  # the client can tell that the stream is open
                     for event in first:
                         yield event_msg(event)
-                    while (events := feed.take()) is not None:
+                    while not gone and (events := feed.take()) is not None:
                         for event in events:
-                            yield event_msg(event)
+                            if not isinstance(event, VipGone):
+                                yield event_msg(event)
+                            elif key is not None:
+                                gone = True  # a watch of one VIP ends with it
+                                break
                 finally:
                     self.ctrl.unwatch_health(listen)
         finally:
             with self._wakers_lock:
                 self._wakers.discard(feed)
+        if gone:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"VIP {key} was deleted")
         if self.stopping.is_set():
             context.abort(grpc.StatusCode.UNAVAILABLE, "the server is stopping; reconnect when it is back")
         if feed.overflowed:

@@ -24,7 +24,7 @@ from . import bpf, faults, netlink
 from .config import LbConfig
 from .dataplane import Dataplane, RuntimeConfig
 from .errors import AlreadyExistsError, L4lbError, NotFoundError, PersistError, StateError, ValidationError
-from .health import HealthEvent
+from .health import HealthEvent, VipGone
 from .lookup import lookup_flow
 from .model import (VipKey, VipSpec, check_backend_family, parse_address, parse_flags, parse_mac,
                     parse_weight)
@@ -253,6 +253,8 @@ class Controller:
             if ok:
                 work.flip_changed(self.model)
                 self._persist(self._doc(work, ctx["runtime"], ctx["gateway_ip"]))
+                ctx.setdefault("health_events", []).extend(
+                    VipGone(k) for k in sorted(self.model.vips.keys() - work.vips.keys()))
                 runtime_changed = ctx["runtime"] is not self.runtime
                 self.model, self.runtime, self.gateway_ip = work, ctx["runtime"], ctx["gateway_ip"]
                 if runtime_changed:

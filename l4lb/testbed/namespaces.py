@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -241,6 +242,15 @@ class Node:
                            capture_output=True, text=True)
         if q.returncode:
             raise TestbedError(f"ethtool -K {ifname} gro in {self.ns}: {q.stderr.strip()}")
+
+    def qdisc_stats(self, ifname: str) -> dict[str, int]:
+        """The root qdisc's counters on ifname (packets, drops, requeues...)."""
+        q = subprocess.run(self.nsenter() + ["tc", "-s", "-j", "qdisc", "show", "dev", ifname],
+                           capture_output=True, text=True)
+        if q.returncode:
+            raise TestbedError(f"tc -s qdisc show dev {ifname} in {self.ns}: {q.stderr.strip()}")
+        root = next(d for d in json.loads(q.stdout) if d.get("root"))
+        return {k: v for k, v in root.items() if isinstance(v, int)}
 
     def link_stats(self, ifname: str) -> dict[str, int]:
         return dict(self.ipr.link("get", index=self.index(ifname))[0].get_attr("IFLA_STATS64"))

@@ -31,10 +31,15 @@ Choices the veth links force, and why:
   the backend would drop it as corrupt. Checksum offload is therefore off
   (ethtool -K eth0 tx off) on the clients' veths, where such packets start.
 * The router's ends of the LB link and of the backends' links have a pfifo
-  qdisc: the other end, with XDP attached, takes frames through a 256-entry
-  ring, and without a qdisc the router drops what overflows it (counted as
-  tx_dropped), where a NIC would queue; with one, veth holds the queue while
-  the ring is full.
+  qdisc of 10,000 packets: the other end, with XDP attached, takes frames
+  through a 256-entry ring, and without a qdisc the router drops what
+  overflows it (counted as tx_dropped), where a NIC would queue; with one,
+  veth holds the queue while the ring is full. The depth is fq_codel's
+  default limit (this kernel has FIFO qdiscs only): the LB's NAPI thread
+  shares two cores with the clients and servers, and a few milliseconds
+  scheduled out fill 1,000 packets at 2 Gb/s; each overflow is a TCP loss
+  (iperf3 -P 4: thousands of retransmits per run through the LB, against
+  tens with 10,000).
 * The LB's veth has threaded NAPI: its XDP program runs in a kernel thread of
   its own, as a real LB's runs on its own cores, instead of inline on the
   CPU that sent the frame (there, every packet through the LB would cost
@@ -69,6 +74,9 @@ from .namespaces import Node, create_ns, next_tag, ns_pids, remove_ns, stop_pids
 from .tunnels import decapsulate, give_back, resolve_decap, take_decap
 
 log = logging.getLogger("l4lb.testbed")
+
+
+QUEUE_PACKETS = 10_000  # the router's queue towards an XDP end (module docstring)
 
 
 @dataclass
@@ -351,8 +359,10 @@ class Testbed:
         queues in front of its TX ring; a veth has no queue (noqueue) and drops
         what the XDP side's 256-frame ring cannot take at once: a TCP burst,
         thousands of retransmits per iperf3 run. With a qdisc, veth stops the
-        queue while the peer's ring is full (kernel 6.17+): backpressure, as a NIC."""
-        q = subprocess.run(node.nsenter() + ["tc", "qdisc", "replace", "dev", ifname, "root", "pfifo", "limit", "1000"],
+        queue while the peer's ring is full (kernel 6.17+): backpressure, as a
+        NIC. QUEUE_PACKETS deep (module docstring)."""
+        q = subprocess.run(node.nsenter() + ["tc", "qdisc", "replace", "dev", ifname, "root", "pfifo", "limit",
+                                             str(QUEUE_PACKETS)],
                            capture_output=True, text=True)
         if q.returncode:
             raise TestbedError(f"tc qdisc replace dev {ifname} root pfifo in {node.ns}: {q.stderr.strip()}")

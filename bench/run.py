@@ -32,6 +32,7 @@ import importlib.util
 import json
 import platform
 import socket
+import statistics
 import sys
 import time
 import traceback
@@ -41,6 +42,8 @@ from . import common, plots
 from .balancer import Loaded
 from .common import RESULTS_DIR
 
+# retransmits per iperf3 run below which a ratio against direct says nothing (direct alone: 0 - 350)
+RETRANSMITS_NOISE = 50
 PARTS = ("pktcost", "scaling", "controlplane", "quality", "traffic", "prober", "metrics")
 
 MODES = {
@@ -231,6 +234,16 @@ def headlines(results: dict) -> list[dict]:
         elif "ratio" in tr:
             add("traffic", "veth rate, LB / XDP_TX reflector", f"{tr['ratio']:.2f}", ">= 0.5",
                 tr["ratio"] >= 0.5)
+        for streams in (1, 4):
+            case = (tr.get("iperf3") or {}).get(f"P{streams}")
+            if not case:
+                continue
+            add("traffic", f"iperf3 TCP -P {streams}, through the LB / direct (median, min-max)",
+                f"{case['ratio_median']:.2f} ({case['ratio_min']:.2f}-{case['ratio_max']:.2f})", ">= 0.9",
+                case["ratio_median"] >= 0.9)
+            lb, direct = statistics.median(case["lb_retransmits"]), statistics.median(case["direct_retransmits"])
+            add("traffic", f"iperf3 TCP -P {streams}, retransmits per run, LB / direct (median)",
+                f"{lb:g} / {direct:g}", "<= 2x direct or <= 50", lb <= max(2 * direct, RETRANSMITS_NOISE))
     pr = results.get("prober")
     if isinstance(pr, dict) and "rows" in pr:
         for r in pr["rows"]:

@@ -116,6 +116,7 @@ def iperf_ratio(tb, seconds: int = 5, rounds: int = 3, say=print) -> dict:
     try:
         time.sleep(0.5)
         drop0 = tb.router.run(tb.router.link_stats, "lb")["tx_dropped"]
+        qdrop0 = tb.router.qdisc_stats("lb")["drops"]
         for streams in (1, 4):
             runs = {"direct": [], "lb": []}
             for _ in range(rounds):
@@ -133,6 +134,7 @@ def iperf_ratio(tb, seconds: int = 5, rounds: int = 3, say=print) -> dict:
                 f"({case['ratio_min']:.2f}-{case['ratio_max']:.2f}); retransmits LB {case['lb_retransmits']}, "
                 f"direct {case['direct_retransmits']}")
         out["router_to_lb_tx_dropped"] = tb.router.run(tb.router.link_stats, "lb")["tx_dropped"] - drop0
+        out["router_to_lb_queue_drops"] = tb.router.qdisc_stats("lb")["drops"] - qdrop0
     finally:
         stop_popen(server)
     return out

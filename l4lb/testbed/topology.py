@@ -44,6 +44,10 @@ Choices the veth links force, and why:
   its own, as a real LB's runs on its own cores, instead of inline on the
   CPU that sent the frame (there, every packet through the LB would cost
   the sender's CPU the LB's work too: iperf3 0.7x direct instead of >= 0.9x).
+  The threads run SCHED_FIFO (lowest priority), as a NIC's softirq work runs
+  ahead of tasks: as ordinary tasks they would get a fair share of a core
+  beside the clients, the servers and whatever else runs, and iperf3 through
+  the LB would measure that share (0.7 - 0.8x direct on a busy machine).
 * rp_filter is 0 on the backends (an inner packet that came out of a tunnel
   device arrives on a device that is not the route back to the client) and on
   the router (replies from a VIP address come from the backends' side, while
@@ -210,7 +214,7 @@ class Testbed:
         self._wait_routes()
         self.say("waiting for `l4lb run` to serve gRPC")
         self.lb.wait_healthy()
-        self.lb.napi_threaded(self.lb.ifname)  # its XDP program is attached: its NAPI exists
+        self.lb.napi_threaded(self.lb.ifname, realtime=True)  # its XDP program is attached: its NAPI exists
         prog = self.lb.program()
         if not prog or prog[1] != consts.PROG_BALANCER:
             raise TestbedError(f"the LB's interface runs {prog}, not the balancer")
@@ -372,7 +376,7 @@ class Testbed:
         kernel thread of its own (the default, see the module's notes) or in
         the sending CPU's softirq (frame generators that outrun a thread:
         bench.traffic's live frames)."""
-        self.lb.napi_threaded(self.lb.ifname, on)
+        self.lb.napi_threaded(self.lb.ifname, on, realtime=True)
 
     def _backend(self, b: Backend) -> None:
         self._veth(self.router, b.role, b, "eth0")

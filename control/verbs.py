@@ -113,6 +113,9 @@ def add_vip(sub) -> None:
     a.add_argument("vip", help="ADDRESS[:PORT]/PROTOCOL")
     a.add_argument("--backend", action="append", default=[], help="ADDRESS[=WEIGHT], repeatable")
     a.add_argument("--flag", action="append", default=[], choices=sorted(consts.VIP_FLAGS))
+    a.add_argument("--encap", default=consts.DEFAULT_ENCAP, choices=sorted(consts.ENCAPS),
+                   help="how packets reach the backends: IP-in-IP (default) or GUE, to the node-wide "
+                        f"gue_port (default {consts.DEFAULT_GUE_PORT})")
     a.set_defaults(func=cmd_vip_add)
     d = vip.add_parser("del", help="delete a VIP")
     d.add_argument("vip")
@@ -251,7 +254,7 @@ def cmd_run(args) -> int:
 
 
 def _print_vip(v: pb.Vip, counters: bool = False) -> None:
-    t = Table(title=f"{vip_text(v.id)}  flags: {', '.join(v.flags) or '-'}")
+    t = Table(title=f"{vip_text(v.id)}  flags: {', '.join(v.flags) or '-'}  encap: {v.encap or 'ipip'}")
     t.add_column("backend"), t.add_column("weight", justify="right")
     if counters:
         for col in ("packets", "bytes", "new flows"):
@@ -266,7 +269,8 @@ def _print_vip(v: pb.Vip, counters: bool = False) -> None:
 
 
 def cmd_vip_add(args) -> int:
-    req = pb.AddVipRequest(id=parse_vip(args.vip), flags=args.flag, backends=[parse_backend(b) for b in args.backend])
+    req = pb.AddVipRequest(id=parse_vip(args.vip), flags=args.flag, backends=[parse_backend(b) for b in args.backend],
+                           encap=args.encap)
     with client(args) as c:
         _print_vip(c.call("AddVip", req))
     return 0
@@ -283,10 +287,10 @@ def cmd_vip_list(args) -> int:
     with client(args) as c:
         vips = c.call("ListVips", pb.ListVipsRequest()).vips
     t = Table(title="VIPs")
-    for col in ("vip", "flags", "backends", "draining"):
+    for col in ("vip", "flags", "encap", "backends", "draining"):
         t.add_column(col)
     for v in vips:
-        t.add_row(vip_text(v.id), ",".join(v.flags) or "-", str(len(v.backends)),
+        t.add_row(vip_text(v.id), ",".join(v.flags) or "-", v.encap or "ipip", str(len(v.backends)),
                   str(sum(1 for b in v.backends if b.weight == 0)))
     out.print(t)
     return 0

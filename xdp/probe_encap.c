@@ -117,7 +117,7 @@ int probe_encap(struct __sk_buff *skb)
 
         if (in.family != FAMILY_V4) /* IPv6 in IPv4: backends (and the balancer) never take it */
             goto error;
-        write_outer4(&o, cfg, hash, in.tos, inner_len, in.df, b->addr[0]);
+        write_outer4(&o, cfg, hash, in.tos, inner_len, in.df, b->addr[0], PROTO_IPIP);
         if (bpf_skb_adjust_room(skb, sizeof(o), BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4))
             goto error;
         if (bpf_skb_store_bytes(skb, sizeof(struct ethhdr), &o, sizeof(o), 0))

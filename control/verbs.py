@@ -117,6 +117,10 @@ def add_vip(sub) -> None:
                    help="how packets reach the backends: IP-in-IP (default) or GUE, to the node-wide "
                         f"gue_port (default {consts.DEFAULT_GUE_PORT})")
     a.set_defaults(func=cmd_vip_add)
+    e = vip.add_parser("encap", help="change a VIP's encapsulation (its established flows follow at once)")
+    e.add_argument("vip")
+    e.add_argument("encap", choices=sorted(consts.ENCAPS))
+    e.set_defaults(func=cmd_vip_encap)
     d = vip.add_parser("del", help="delete a VIP")
     d.add_argument("vip")
     d.set_defaults(func=cmd_vip_del)
@@ -124,7 +128,7 @@ def add_vip(sub) -> None:
     s = vip.add_parser("show", help="a VIP with its backends and counters")
     s.add_argument("vip")
     s.set_defaults(func=cmd_vip_show)
-    for p in (a, d, s) + tuple(vip.choices[n] for n in ("list",)):
+    for p in (a, e, d, s) + tuple(vip.choices[n] for n in ("list",)):
         add_connection(p)
 
 
@@ -273,6 +277,14 @@ def cmd_vip_add(args) -> int:
                            encap=args.encap)
     with client(args) as c:
         _print_vip(c.call("AddVip", req))
+    return 0
+
+
+def cmd_vip_encap(args) -> int:
+    vid = parse_vip(args.vip)
+    with client(args) as c:
+        flags = list(c.call("GetVip", pb.GetVipRequest(id=vid)).flags)  # ModifyVip takes the whole set
+        _print_vip(c.call("ModifyVip", pb.ModifyVipRequest(id=vid, flags=flags, encap=args.encap)))
     return 0
 
 

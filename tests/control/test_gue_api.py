@@ -159,6 +159,15 @@ def test_cli_adds_a_gue_vip_and_refuses_an_unknown_encapsulation_in_one_line(ser
     assert "encap: gue" in r.stdout
     r = _cli(server, "vip", "add", f"{V4}:8081/tcp", "--encap", "ipinip")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--encap" in r.stderr
+    r = _cli(server, "vip", "encap", f"{V4}:8080/tcp", "vxlan")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "vxlan" in r.stderr
     with server.client() as c:
         assert (V4, 8081, "tcp") not in _list(c)
+        assert _list(c)[(V4, 8080, "tcp")] == ("gue", ())
+        c.call("ModifyVip", pb.ModifyVipRequest(id=pb.VipId(address=V4, port=8080, protocol="tcp"),
+                                                flags=["no_source_port"]))
+    r = _cli(server, "vip", "encap", f"{V4}:8080/tcp", "ipip")
+    assert r.returncode == 0 and "encap: ipip" in r.stdout, r.stderr
+    with server.client() as c:
+        assert _list(c)[(V4, 8080, "tcp")] == ("ipip", ("no_source_port",))  # the flags kept
         c.call("DeleteVip", pb.DeleteVipRequest(id=pb.VipId(address=V4, port=8080, protocol="tcp")))

@@ -49,6 +49,8 @@ BAD_ARGS = [
     ["vip", "add", "198.18.10.10:80/tcp", "--encap", "vxlan"],
     ["vip", "add", "198.18.10.10:80/tcp", "--encap", ""],
     ["vip", "add", "198.18.10.10:80/tcp", "--encap"],
+    ["vip", "encap", "198.18.10.10:80/tcp", "fou"],
+    ["vip", "encap", "198.18.10.10:80/tcp"],
 ]
 
 

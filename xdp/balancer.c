@@ -321,7 +321,8 @@ static __always_inline int pick_backend(struct pkt *p, const struct vip_meta *vi
 static __always_inline int forward(struct xdp_md *ctx, struct pkt *p, __u32 idx,
                                    const struct backend *b, const struct lb_config *cfg,
                                    struct global_stats *gs, __u32 hash, __u32 vflags)
-{    __u64 len = ctx->data_end - ctx->data; /* as received: the bytes vip_stats counts */
+{
+    __u64 len = ctx->data_end - ctx->data; /* as received: the bytes vip_stats counts */
     struct backend_stats *bs;
     int action;
 

@@ -54,7 +54,8 @@ static __always_inline __be32 outer_src4(const struct lb_config *cfg, __u32 hash
 
 /* The outer headers, written in place; shared with the probes' tc program
  * (probe_encap.c), so a probe leaves exactly as client traffic does.
- * inner_len: bytes of the inner IP packet. */
+ * inner_len: bytes after the outer header (the inner IP packet, and for GUE
+ * the UDP header before it); proto: PROTO_IPIP or, for GUE, PROTO_UDP. */
 static __always_inline void write_outer4(struct iphdr *o, const struct lb_config *cfg, __u32 hash,
                                          __u8 tos, __u32 inner_len, __u8 df, __be32 daddr,
                                          __u8 proto)

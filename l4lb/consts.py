@@ -60,7 +60,8 @@ LOCK_ROOT = "/run/l4lb"  # LOCK_ROOT/<interface>.lock: held by the one process t
 # carries the tag, so marks that other software sets pass untouched.
 PROBE_MARK_TAG = 0x4C400000
 PROBE_MARK_MASK = 0xFFF00000
-PROBE_INDEX_MASK = ~PROBE_MARK_MASK & 0xFFFFFFFF  # up to 1M backends
+PROBE_MARK_GUE = 1 << 19  # the probe leaves in GUE (a probe for a VIP with encap: gue), else IP-in-IP
+PROBE_INDEX_MASK = PROBE_MARK_GUE - 1  # up to 512K backends
 PROBE_TC_PRIO = 0xC4  # the egress filter's priority and handle, so detach finds exactly ours
 PROBE_TC_HANDLE = 0x4C4
 DEFAULT_PROBE_INTERVAL_S = 2.0
@@ -219,6 +220,8 @@ def cflags(cap: Capacity) -> list[str]:
         "VIP_FILTER_MULT": VIP_FILTER_MULT,
         "PROBE_MARK_TAG": PROBE_MARK_TAG,
         "PROBE_MARK_MASK": PROBE_MARK_MASK,
+        "PROBE_MARK_GUE": PROBE_MARK_GUE,
+        "PROBE_INDEX_MASK": PROBE_INDEX_MASK,
         "CAPTURE_SNAP_MAX": CAPTURE_SNAP_MAX,
     }
     for m in MAPS:

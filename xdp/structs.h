@@ -180,6 +180,7 @@ struct probe_stats {
     __u64 pass;        /* no probe mark: left to the next filter, untouched */
     __u64 no_backend;  /* the mark names an index with no valid backend: dropped */
     __u64 error;       /* not IP, IPv6 to an IPv4 backend, no configuration, or a helper failed: dropped */
+    __u64 gue;         /* of encap4 + encap6: sent in GUE (the mark's PROBE_MARK_GUE) */
 };
 
 /* What `l4lb capture` selects (one entry, read only while lb_config.capture is set). */

@@ -2,8 +2,11 @@
 VIPs with encap: gue, to backends that take the GUE off (the XDP decap
 program; the kernel's fou ports on ipip/ip6tnl devices where the kernel has
 them), in 4in4, 4in6 and 6in6; and the control: a backend that does not take
-GUE on that port never sees the connection."""
+GUE on that port never sees the connection. Health probes through the tunnel
+travel in GUE too."""
 from __future__ import annotations
+
+import time
 
 import pytest
 
@@ -82,3 +85,44 @@ def test_a_backend_without_gue_on_that_port_gets_nothing(bed, lb):
     finally:
         for b in bed.backends:
             decap.set_endpoints(b.program, (b.addr4, b.addr6))
+
+
+def _wait(cond, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def test_tunnel_health_probes_of_a_gue_vip_travel_in_gue(bed, lb):
+    """The probes go as the VIP's packets do: in GUE. A backend that stops taking GUE
+    is found down while it still takes IP-in-IP; back up when it takes GUE again."""
+    if bed.decap != "xdp":
+        pytest.skip("the test changes the XDP decap programs' GUE port")
+    vip = bed.vip4(5)
+    check = pb.HealthCheck(kind="tcp", port=80, interval=0.3, timeout=0.2, rise=2, fall=2, via="tunnel")
+    b1 = bed.backends[0]
+
+    def health():
+        return {canonical(b.address): (b.health, b.last_result)
+                for b in lb.call("GetVip", pb.GetVipRequest(id=vid)).backends}
+
+    with lb.vip(vip, {b.addr4: 1 for b in bed.backends}, encap="gue") as vid:
+        lb.call("SetHealthCheck", pb.SetHealthCheckRequest(id=vid, health=check))
+        try:
+            # the first tunnel check loads the probes' tc program (seconds)
+            _wait(lambda: {v for v in health().values()} == {("up", "connected")}, 30, "every backend up")
+            gue0 = {b.role: b.gue_total() for b in bed.backends}
+            _wait(lambda: all(b.gue_total() > gue0[b.role] + 2 for b in bed.backends), 10,
+                  "probes arriving in GUE at every backend")
+            try:
+                decap.set_endpoints(b1.program, (b1.addr4, b1.addr6), gue_port=None)
+                _wait(lambda: health()[b1.addr4][0] == "down", 10, "b1 down without GUE")
+                assert all(health()[b.addr4][0] == "up" for b in bed.backends[1:])
+            finally:
+                decap.set_endpoints(b1.program, (b1.addr4, b1.addr6))
+            _wait(lambda: health()[b1.addr4][0] == "up", 10, "b1 up with GUE again")
+        finally:
+            lb.call("SetHealthCheck", pb.SetHealthCheckRequest(id=vid, health=pb.HealthCheck(kind="none")))

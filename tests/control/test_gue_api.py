@@ -171,3 +171,24 @@ def test_cli_adds_a_gue_vip_and_refuses_an_unknown_encapsulation_in_one_line(ser
     with server.client() as c:
         assert _list(c)[(V4, 8080, "tcp")] == ("ipip", ("no_source_port",))  # the flags kept
         c.call("DeleteVip", pb.DeleteVipRequest(id=pb.VipId(address=V4, port=8080, protocol="tcp")))
+
+
+def test_the_status_digest_tells_nodes_with_another_encapsulation_apart(server):  # noqa: F811
+    vid = pb.VipId(address=V4, port=9000, protocol="tcp")
+
+    def digest():
+        with server.client() as c:
+            d = [x for x in c.call("GetStatus", pb.GetStatusRequest()).digests if x.id.port == 9000]
+        return d[0].ring, d[0].backends
+
+    with server.client() as c:
+        c.call("AddVip", pb.AddVipRequest(id=vid, backends=[pb.Backend(address="198.18.2.1", weight=1)]))
+        ipip = digest()
+        c.call("ModifyVip", pb.ModifyVipRequest(id=vid, encap="gue"))
+        gue = digest()
+        c.call("ModifyVip", pb.ModifyVipRequest(id=vid, encap="ipip"))
+        again = digest()
+        c.call("DeleteVip", pb.DeleteVipRequest(id=vid))
+    assert gue[0] == ipip[0]  # the same table: new flows reach the same backends
+    assert gue[1] != ipip[1]  # but not in the same packets
+    assert again == ipip

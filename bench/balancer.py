@@ -77,6 +77,7 @@ class Case:
     vary: Vary | None = None    # every run a new flow (new connection-table entry)
     fill_table: bool = False    # the table is full before timing: every insert evicts
     resident: bool = False      # on the balancer whose table holds a resident population
+    encap: str = "ipip"         # the VIP's encapsulation: a build without GUE leaves "gue" cases out
 
 
 def drop_case(frame: bytes) -> Case:

@@ -85,7 +85,7 @@ def health_from_msg(m: pb.HealthCheck, what: str = "health"):
 def vip_msg(v, stats: dict | None = None, probes: dict | None = None) -> pb.Vip:
     weights, panic = v.effective()
     msg = pb.Vip(id=pb.VipId(address=v.key.address, port=v.key.port, protocol=v.key.protocol),
-                 flags=sorted(v.flags), vip_id=v.vip_id, panic=panic)
+                 flags=sorted(v.flags), vip_id=v.vip_id, panic=panic, encap=v.encap)
     add = msg.backends.add
     counts = (stats or {}).get("backends", {})
     if not v.health:
@@ -171,7 +171,8 @@ class LoadBalancerServicer(pb_grpc.LoadBalancerServicer):
     @rpc
     def AddVip(self, request, context):
         key = vip_key(request.id if request.HasField("id") else None)
-        v = self.ctrl.add_vip(key, list(request.flags), [(b.address, b.weight) for b in request.backends])
+        v = self.ctrl.add_vip(key, list(request.flags), [(b.address, b.weight) for b in request.backends],
+                              request.encap)
         return vip_msg(v)
 
     @rpc
@@ -193,7 +194,7 @@ class LoadBalancerServicer(pb_grpc.LoadBalancerServicer):
     @rpc
     def ModifyVip(self, request, context):
         key = vip_key(request.id if request.HasField("id") else None)
-        return vip_msg(self.ctrl.modify_vip(key, list(request.flags)))
+        return vip_msg(self.ctrl.modify_vip(key, list(request.flags), request.encap))
 
     @rpc
     def AddBackends(self, request, context):

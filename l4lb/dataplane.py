@@ -25,6 +25,7 @@ class RuntimeConfig:
     udp_timeout_s: float = consts.DEFAULT_UDP_TIMEOUT_S
     new_flow_rate: int = consts.DEFAULT_NEW_FLOW_RATE
     icmp_rate: int = consts.DEFAULT_ICMP_RATE
+    gue_port: int = consts.DEFAULT_GUE_PORT  # UDP destination port of GUE VIPs' packets
 
 
 def _words(addr: str) -> list[int]:
@@ -69,6 +70,7 @@ class Dataplane:
         v.portless_vips = self.portless
         v.capture = self.capture
         v.udp_timeout_ns = int(cfg.udp_timeout_s * 1e9)
+        v.gue_port = int.from_bytes(cfg.gue_port.to_bytes(2, "big"), "little")  # __be16
         self._update(t, t.Key(0), v)
 
     def set_portless(self, n: int) -> None:

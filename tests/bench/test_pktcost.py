@@ -18,7 +18,7 @@ pytestmark = pytest.mark.kernel
 
 REPEAT = 1000
 THROUGH_HARNESS = ["established", "syn", "syn6", "syn_resident", "spread", "syn_evict", "udp",
-                   "v6", "v4_in_v6", "pass", "icmp_echo", "encap"]
+                   "v6", "v4_in_v6", "gue", "gue6", "pass", "icmp_echo", "encap"]
 ALL_CASES = THROUGH_HARNESS + ["pass_direct", "drop_direct"]
 
 
@@ -156,7 +156,8 @@ def test_report_has_machine_ratios_and_every_round(bench, tmp_path):
     assert saved["settings"]["repeat"] == REPEAT
     assert {c["name"] for c in saved["cases"]} == set(ALL_CASES)
     assert all(len(c["rounds"]) == 1 for c in saved["cases"])
-    assert set(saved["summary"]["ratios"]) >= {"established / encap", "syn / encap", "pass / drop"}
+    assert set(saved["summary"]["ratios"]) >= {"established / encap", "syn / encap", "pass / drop",
+                                               "gue / established", "gue6 / v6"}
     text = console.file.getvalue()
     assert "established" in text and "ratios" in text
 
@@ -167,8 +168,9 @@ def test_against_another_commit_times_both_builds_through_one_harness(tmp_path):
     out = tmp_path / "ab.json"
     console = Console(file=io.StringIO(), width=160)
     report = run_ab("b82801c", REPEAT, 1, out, console=console, full_table=False,
-                    only=frozenset({"established", "syn", "syn6"}))
+                    only=frozenset({"established", "syn", "syn6", "gue"}))
     assert report["ok"], report["failures"]
+    assert "gue" not in report["ab"]  # a build before GUE has no GUE case to compare
     saved = json.loads(out.read_text())
     assert saved["settings"]["old_commit"].startswith("b82801c")
     assert {"established", "syn", "syn6", "encap"} <= set(saved["ab"])

@@ -10,7 +10,8 @@ Parts, in this order (each also runs alone as python -m bench.<part>):
   scaling       how that cost grows with backends, VIPs, a full connection table
   controlplane  Maglev builds, ring pushes, RPC latency, RPC return to first packet
   quality       Maglev balance and disruption, beside the Maglev paper
-  traffic       veth forwarding rate, LB against an XDP_TX reflector (bench/traffic.py,
+  traffic       veth forwarding rate and new connections per second, LB against an
+                XDP_TX reflector (bench/traffic.py,
                 when it is there; a part that is missing is recorded as skipped)
   prober        the health prober's CPU for 1 to 4096 targets, and in the namespace testbed
                 the time from a backend's server stopping (starting) to the table without
@@ -234,6 +235,11 @@ def headlines(results: dict) -> list[dict]:
         elif "ratio" in tr:
             add("traffic", "veth rate, LB / XDP_TX reflector", f"{tr['ratio']:.2f}", ">= 0.5",
                 tr["ratio"] >= 0.5)
+        if "connections" in tr:
+            c = tr["connections"]
+            add("traffic", "new connections (SYNs of new flows) per second, LB / XDP_TX reflector",
+                f"{c['ratio']:.2f} ({c['balancer']['returned_pps'] / 1e6:.2f} / "
+                f"{c['reflector']['returned_pps'] / 1e6:.2f} M/s)", "", None)
         for streams in (1, 4):
             case = (tr.get("iperf3") or {}).get(f"P{streams}")
             if not case:

@@ -79,6 +79,7 @@ class Case:
     resident: bool = False      # on the balancer whose table holds a resident population
     fib: bool = False           # on the balancer in next_hop fib, run in a namespace of routes
                                 # (l4lb.testbed.FibNet) with its lb0 as the ingress interface
+    encap: str = "ipip"         # the VIP's encapsulation: a build without GUE leaves "gue" cases out
 
 
 def drop_case(frame: bytes) -> Case:

@@ -4,7 +4,11 @@
  * the kernel hands out recycled pages that still hold what the receiver (the
  * LB, which encapsulates in place) made of them. Each run moves the TCP
  * source port along a cycle of FLOWS flows: many flows, each seen again and
- * again. */
+ * again. Built with NEW_FLOWS instead, every run is a flow never seen
+ * before (a stream of new connections when the frame is a SYN): the source
+ * port takes the run number's low 16 bits and the last byte of the source
+ * address (198.18.0.1-250) the next ones, 16 million flows before one comes
+ * back; the IP checksum follows the address (RFC 1624). */
 #include <uapi/linux/bpf.h>
 #include <linux/if_ether.h>
 #include <linux/ip.h>
@@ -35,7 +39,22 @@ int gen(struct xdp_md *ctx)
     for (int i = 0; i < FRAME_LEN / 8; i++)
         out->w[i] = f->w[i];
     /* the TCP checksum is left as it is: XDP forwards without checking it */
+#ifdef NEW_FLOWS
+    {
+        struct iphdr *ip = data + sizeof(struct ethhdr);
+        __u16 old = bpf_ntohs(((__be16 *)&ip->saddr)[1]);
+        __u16 new = (old & 0xff00) | (1 + ((*n >> 16) % 250));
+        __u32 sum = (__u16)~bpf_ntohs(ip->check) + (__u16)~old + new;
+
+        sum = (sum & 0xffff) + (sum >> 16);
+        sum = (sum & 0xffff) + (sum >> 16);
+        ((__be16 *)&ip->saddr)[1] = bpf_htons(new);
+        ip->check = bpf_htons(~sum);
+        tcp->source = bpf_htons(*n & 0xffff);
+    }
+#else
     tcp->source = bpf_htons(10000 + (*n % FLOWS));
+#endif
     *n += 1;
     return XDP_TX;
 }

@@ -77,6 +77,8 @@ DEFAULT_OUT = RESULTS_DIR / "pktcost.json"
 CLIENT6 = "fd00:198:18::5"
 VIP4_TO_V6 = "198.18.10.11"   # TCP :80, IPv6 backends (4in6)
 VIP6 = "fd00:198:18:10::10"   # TCP :80, IPv6 backends (6in6)
+VIP4_GUE = "198.18.10.13"     # TCP :80, IPv4 backends, encap: gue
+VIP6_GUE = "fd00:198:18:10::13"  # TCP :80, IPv6 backends, encap: gue
 NOT_A_VIP = "198.18.1.1"      # the LB's own link address: XDP_PASS
 VIP_RESIDENT = "198.18.10.12"  # TCP :80, IPv4 backends: the resident flows' VIP
 CLIENT_RESIDENT = "198.18.0.7"  # the resident flows come from 198.18.0.7-10, other ports
@@ -90,6 +92,8 @@ TARGETS = {  # docs: performance targets (ratios from one run on one machine)
     "pass / drop": 2.0,
     "syn_evict / encap": 5.0,  # the same target, for a table that is full (steady state)
     "established_fib / established": 1.3,  # next hop from the kernel's FIB / the static gateway
+    "gue / established": 1.1,  # GUE against IP-in-IP, established TCP, 4in4
+    "gue6 / v6": 1.1,          # the same, 6in6
 }
 
 
@@ -109,6 +113,8 @@ def build_cases() -> list[Case]:
                  Raw(bytes(range(56))))
     syn6 = bytes(eth() / IPv6(src=CLIENT6, dst=VIP6, hlim=64) / tcp("S", 40010))
     spread = tcp4_frame(CLIENT_RESIDENT, VIP_RESIDENT, "A", 1000)
+    gue = tcp4_frame(CLIENT4, VIP4_GUE, "A", 40001)
+    gue6 = bytes(eth() / IPv6(src=CLIENT6, dst=VIP6_GUE, hlim=64) / tcp("A", 40003))
     tcp80 = VipKey(VIP4, 80, "tcp")
     return [
         Case("established", "TCP established (connection-table hit), 4in4", est, "lb", XDP_TX,
@@ -134,6 +140,10 @@ def build_cases() -> list[Case]:
              ("tx", "ct_hit"), 40, VipKey(VIP6, 80, "tcp"), prime=True),
         Case("v4_in_v6", "IPv4 VIP, IPv6 backend, TCP established, 4in6", v4in6, "lb", XDP_TX,
              ("tx", "ct_hit"), 40, VipKey(VIP4_TO_V6, 80, "tcp"), prime=True),
+        Case("gue", "TCP established (connection-table hit), GUE 4in4", gue, "lb", XDP_TX,
+             ("tx", "ct_hit"), 28, VipKey(VIP4_GUE, 80, "tcp"), prime=True, encap="gue"),
+        Case("gue6", "IPv6 TCP established, GUE 6in6", gue6, "lb", XDP_TX,
+             ("tx", "ct_hit"), 48, VipKey(VIP6_GUE, 80, "tcp"), prime=True, encap="gue"),
         Case("pass", "packet for no VIP (XDP_PASS)", passing, "lb", XDP_PASS, ("pass",)),
         Case("icmp_echo", "ICMP echo request to a VIP, answered", echo, "lb", XDP_TX,
              ("icmp_echo",)),
@@ -145,15 +155,17 @@ def build_cases() -> list[Case]:
 
 
 def add_vips(state: LbState) -> None:
-    def add(address, port, proto, backends):
+    def add(address, port, proto, backends, encap="ipip"):
         state.add_vip(VipSpec(VipKey.parse(address, port, proto), frozenset(),
-                              {b: 1 for b in backends}))
+                              {b: 1 for b in backends}, encap))
 
     add(VIP4, 80, "tcp", BACKENDS4)
     add(VIP4, 53, "udp", BACKENDS4)
     add(VIP6, 80, "tcp", BACKENDS6)
     add(VIP4_TO_V6, 80, "tcp", BACKENDS6)
     add(VIP_RESIDENT, 80, "tcp", BACKENDS4)
+    add(VIP4_GUE, 80, "tcp", BACKENDS4, "gue")
+    add(VIP6_GUE, 80, "tcp", BACKENDS6, "gue")
 
 
 class PktCost(Measurer):
@@ -179,8 +191,10 @@ class PktCost(Measurer):
             max_vips=8, max_backends=64, ct_size=(RESIDENT + repeat + 2048) * self.ncpus)
         self.share = self.capacity.ct_size // self.ncpus
         fib = "next_hop" in {f.name for f in fields(code.dataplane.RuntimeConfig)}  # older builds: no
+        encaps = getattr(code.consts, "ENCAPS", {"ipip": 0})  # builds before GUE: IP-in-IP only
         self.cases = [c for c in build_cases() if (full_table or not c.fill_table) and
-                      (not only or c.name in only or c.target != "lb") and (fib or not c.fib)]
+                      (not only or c.name in only or c.target != "lb") and c.encap in encaps and
+                      (fib or not c.fib)]
         names = {c.name for c in self.cases}
 
         def load():
@@ -254,6 +268,9 @@ def summarize(results: dict[str, list[RoundResult]]) -> dict:
         ratios["syn_evict / encap"] = net_and_gross("syn_evict", "encap")
     if "established_fib" in summary:
         ratios["established_fib / established"] = net_and_gross("established_fib", "established")
+    for gue, ipip in (("gue", "established"), ("gue6", "v6")):  # measured in the same rounds
+        if gue in summary and ipip in summary:
+            ratios[f"{gue} / {ipip}"] = net_and_gross(gue, ipip)
     for name, r in ratios.items():
         r["target"] = TARGETS[name]
     return {"cases": summary, "ratios": ratios}
@@ -444,9 +461,11 @@ def run_ab(against: str, repeat: int, rounds: int, out: Path | None, cpu: int | 
         benches.append(PktCost(repeat, cpu, full_table=full_table, harness=benches[0].harness,
                                code=ref.code, only=only))
         console.print(f"pinned to CPU {benches[0].cpu}; ready in {time.time() - started:.1f} s")
-        # the cases both builds have (an older one may lack next_hop fib)
-        cases = [c for c in benches[0].cases if c.name in {o.name for o in benches[1].cases}]
-        results = [{c.name: [] for c in cases} for _ in benches]
+        results = [{c.name: [] for c in b.cases} for b in benches]
+        # the cases both builds have (one without GUE has no GUE cases, one without
+        # next_hop fib no fib case)
+        cases = [c for c in benches[0].cases if c.name in results[1]]
+        results[0] = {c.name: results[0][c.name] for c in cases}
         with progress(console) as prog:
             task = prog.add_task("measuring", total=rounds * len(cases) * 2)
             for rnd in range(1, rounds + 1):

@@ -10,7 +10,8 @@ Parts, in this order (each also runs alone as python -m bench.<part>):
   scaling       how that cost grows with backends, VIPs, a full connection table
   controlplane  Maglev builds, ring pushes, RPC latency, RPC return to first packet
   quality       Maglev balance and disruption, beside the Maglev paper
-  traffic       veth forwarding rate, LB against an XDP_TX reflector (bench/traffic.py,
+  traffic       veth forwarding rate and new connections per second, LB against an
+                XDP_TX reflector (bench/traffic.py,
                 when it is there; a part that is missing is recorded as skipped)
   prober        the health prober's CPU for 1 to 4096 targets, and in the namespace testbed
                 the time from a backend's server stopping (starting) to the table without
@@ -32,6 +33,7 @@ import importlib.util
 import json
 import platform
 import socket
+import statistics
 import sys
 import time
 import traceback
@@ -41,6 +43,8 @@ from . import common, plots
 from .balancer import Loaded
 from .common import RESULTS_DIR
 
+# retransmits per iperf3 run below which a ratio against direct says nothing (direct alone: 0 - 350)
+RETRANSMITS_NOISE = 50
 PARTS = ("pktcost", "scaling", "controlplane", "quality", "traffic", "prober", "metrics")
 
 MODES = {
@@ -231,6 +235,21 @@ def headlines(results: dict) -> list[dict]:
         elif "ratio" in tr:
             add("traffic", "veth rate, LB / XDP_TX reflector", f"{tr['ratio']:.2f}", ">= 0.5",
                 tr["ratio"] >= 0.5)
+        if "connections" in tr:
+            c = tr["connections"]
+            add("traffic", "new connections (SYNs of new flows) per second, LB / XDP_TX reflector",
+                f"{c['ratio']:.2f} ({c['balancer']['returned_pps'] / 1e6:.2f} / "
+                f"{c['reflector']['returned_pps'] / 1e6:.2f} M/s)", "", None)
+        for streams in (1, 4):
+            case = (tr.get("iperf3") or {}).get(f"P{streams}")
+            if not case:
+                continue
+            add("traffic", f"iperf3 TCP -P {streams}, through the LB / direct (median, min-max)",
+                f"{case['ratio_median']:.2f} ({case['ratio_min']:.2f}-{case['ratio_max']:.2f})", ">= 0.9",
+                case["ratio_median"] >= 0.9)
+            lb, direct = statistics.median(case["lb_retransmits"]), statistics.median(case["direct_retransmits"])
+            add("traffic", f"iperf3 TCP -P {streams}, retransmits per run, LB / direct (median)",
+                f"{lb:g} / {direct:g}", "<= 2x direct or <= 50", lb <= max(2 * direct, RETRANSMITS_NOISE))
     pr = results.get("prober")
     if isinstance(pr, dict) and "rows" in pr:
         for r in pr["rows"]:

@@ -6,12 +6,19 @@ The generator is a BPF program run with BPF_PROG_TEST_RUN in live-frames mode
 frame really leaves that veth and arrives at the LB's, where the balancer
 (or the reflector) sends it back with XDP_TX.
 
-Two measurements:
+Three measurements:
 - LB against reflector: a sink program on the router's end counts and drops
   what comes back, so the rate is the LB's (or the reflector's), per second of
   generation. On veth the receiver's NAPI runs on the generating CPU, so the
   rate is that of the whole chain (generator, LB, sink) on one CPU; the ratio
   compares the LB with the reflector in the same chain.
+- New connections against reflector: the same with a generator that makes every
+  frame a TCP SYN of a flow never seen before (bench/gen.c with NEW_FLOWS), so
+  the LB takes a Maglev pick and writes a connection-table entry for every frame:
+  connections per second, as a ratio to the reflector's rate on the same frames.
+  The LB runs with new_flow_rate 0 (no limit), or the limit would serve most of
+  them by Maglev alone; the LB's ct_insert counter must move by exactly the
+  frames that came back.
 - End to end: with the router forwarding the tunnelled packets, the rate at
   which the backends receive them (decapsulated by their XDP program).
 The kernel's pktgen would do the generating where the module exists; this
@@ -50,9 +57,9 @@ def _attach(node, ifname: str, fd: int, replace_id: int | None = None) -> None:
     """Attaches (or swaps in) an XDP program natively inside node's namespace."""
     node.run(lambda: libbpf.xdp_attach(netlink.ifindex(ifname), fd, "native", replace_id))
 
-def _frame(src_mac: str, dst_mac: str, vip: str) -> bytes:
+def _frame(src_mac: str, dst_mac: str, vip: str, flags: str = "A") -> bytes:
     pkt = Ether(src=src_mac, dst=dst_mac) / IP(src="198.18.0.1", dst=vip, ttl=64) / \
-        TCP(sport=10000, dport=80, flags="A", seq=1, ack=1)
+        TCP(sport=10000, dport=80, flags=flags, seq=1, ack=1 if "A" in flags else 0)
     raw = bytes(pkt)
     return raw + bytes(max(0, FRAME_LEN - len(raw)))
 
@@ -61,6 +68,11 @@ def _returned(tb, sink) -> int:
     if sink is None:
         return percpu_sum(tb.router_program.table("decap_stats"))["pass"]
     return sum(sink.table("sink_count")[sink.table("sink_count").Key(0)])
+
+
+def _ct_inserts(tb) -> int:
+    with Client(tb.lb.grpc_address) as c:
+        return c.call("GetStats", pb.GetStatsRequest()).counters["ct_insert"]
 
 
 def _backends_received(tb) -> int:
@@ -116,6 +128,7 @@ def iperf_ratio(tb, seconds: int = 5, rounds: int = 3, say=print) -> dict:
     try:
         time.sleep(0.5)
         drop0 = tb.router.run(tb.router.link_stats, "lb")["tx_dropped"]
+        qdrop0 = tb.router.qdisc_stats("lb")["drops"]
         for streams in (1, 4):
             runs = {"direct": [], "lb": []}
             for _ in range(rounds):
@@ -133,6 +146,7 @@ def iperf_ratio(tb, seconds: int = 5, rounds: int = 3, say=print) -> dict:
                 f"({case['ratio_min']:.2f}-{case['ratio_max']:.2f}); retransmits LB {case['lb_retransmits']}, "
                 f"direct {case['direct_retransmits']}")
         out["router_to_lb_tx_dropped"] = tb.router.run(tb.router.link_stats, "lb")["tx_dropped"] - drop0
+        out["router_to_lb_queue_drops"] = tb.router.qdisc_stats("lb")["drops"] - qdrop0
     finally:
         stop_popen(server)
     return out
@@ -145,15 +159,21 @@ def run(quick: bool = False, count: int | None = None, say=print, iperf: tuple[i
     with Testbed(decap="xdp", clients=1, backends=3, vips=1, progress=lambda m: None,
                  launcher=launcher()) as tb:
         vip = tb.vip4(0)
+        backends = ", ".join(f"{{address: {b.addr4}}}" for b in tb.backends)
         with Client(tb.lb.grpc_address) as c:
-            c.call("AddVip", pb.AddVipRequest(
-                id=pb.VipId(address=vip, port=80, protocol="tcp"),
-                backends=[pb.Backend(address=b.addr4, weight=1) for b in tb.backends]))
+            # the testbed's own settings, no new-flow limit, and the VIP
+            c.call("Apply", pb.ApplyRequest(config_yaml=tb.lb.config.read_text() + (
+                "new_flow_rate: 0\n"
+                f"vips: [{{address: {vip}, port: 80, protocol: tcp, backends: [{backends}]}}]\n")))
         lb_mac = tb.lb.run(lambda: tb.lb.ipr.link("get", index=tb.lb.index(tb.lb.ifname))[0].get_attr("IFLA_ADDRESS"))
         frame = _frame(tb.gateway_mac, lb_mac, vip)
+        syn = _frame(tb.gateway_mac, lb_mac, vip, "S")
         gen = load_program("gen.c", "gen", [f"-DFLOWS={FLOWS}"])
         t = gen.table("gen_frame")
         t[t.Key(0)] = t.Leaf.from_buffer_copy(frame[:FRAME_LEN])
+        gen_syn = load_program("gen.c", "gen", ["-DNEW_FLOWS"])
+        t = gen_syn.table("gen_frame")
+        t[t.Key(0)] = t.Leaf.from_buffer_copy(syn[:FRAME_LEN])
         refl = load_program("reflector.c", "reflect")
         sink = load_program("sink.c", "sink")
         router_id = tb.router.run(netlink.xdp_program, "lb")[0]
@@ -168,11 +188,17 @@ def run(quick: bool = False, count: int | None = None, say=print, iperf: tuple[i
             try:
                 say(f"  traffic: balancer, {count} frames ...")
                 out["balancer"] = _measure(tb, gen, frame, count, sink)
+                say(f"  traffic: balancer, {count} new connections (SYNs) ...")
+                inserts = _ct_inserts(tb)
+                conn = {"balancer": _measure(tb, gen_syn, syn, count, sink)}
+                conn["balancer"]["ct_insert"] = _ct_inserts(tb) - inserts
                 prog_id = tb.lb.detach()
                 _attach(tb.lb, tb.lb.ifname, refl.fd)
                 try:
                     say(f"  traffic: XDP_TX reflector, {count} frames ...")
                     out["reflector"] = _measure(tb, gen, frame, count, sink)
+                    say(f"  traffic: XDP_TX reflector, {count} SYNs of new flows ...")
+                    conn["reflector"] = _measure(tb, gen_syn, syn, count, sink)
                 finally:
                     tb.lb.run(lambda: libbpf.xdp_detach(netlink.ifindex(tb.lb.ifname), "native"))
                     tb.lb.attach(prog_id)
@@ -180,16 +206,21 @@ def run(quick: bool = False, count: int | None = None, say=print, iperf: tuple[i
                 sink_id = tb.router.run(netlink.xdp_program, "lb")[0]
                 _attach(tb.router, "lb", tb.router_program.fd, sink_id)
         finally:
-            for p in (gen, refl, sink):
+            for p in (gen, gen_syn, refl, sink):
                 p.close()
         say("  traffic: iperf3 through the LB and straight to a backend ...")
         tb.lb_napi_threaded(True)
         seconds, rounds = iperf or ((2, 2) if quick else (5, 3))
         out["iperf3"] = iperf_ratio(tb, seconds, rounds, say)
     out["ratio"] = out["balancer"]["returned_pps"] / out["reflector"]["returned_pps"]
+    conn["ratio"] = conn["balancer"]["returned_pps"] / conn["reflector"]["returned_pps"]
+    out["connections"] = conn
     say(f"  traffic: balancer {out['balancer']['returned_pps'] / 1e6:.2f} Mpps, reflector "
         f"{out['reflector']['returned_pps'] / 1e6:.2f} Mpps, ratio {out['ratio']:.2f} "
         f"; end to end the backends received {out['end_to_end']['backends_pps'] / 1e6:.2f} Mpps")
+    say(f"  traffic: new connections: balancer {conn['balancer']['returned_pps'] / 1e6:.2f} M/s, "
+        f"reflector {conn['reflector']['returned_pps'] / 1e6:.2f} Mpps, ratio {conn['ratio']:.2f} "
+        f"({conn['balancer']['ct_insert']} entries written for {conn['balancer']['returned']} SYNs)")
     return out
 
 

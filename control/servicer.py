@@ -11,7 +11,7 @@ import grpc
 from l4lb.announce import vip_digests
 from l4lb.config import check_capacity, parse_config_text
 from l4lb.controller import Controller, describe_step
-from l4lb.health import parse_health
+from l4lb.health import VipGone, parse_health
 from l4lb.errors import (AlreadyExistsError, BpfError, CapacityError, L4lbError, NotFoundError,
                          StateError, ValidationError)
 from l4lb.model import VipKey
@@ -85,7 +85,7 @@ def health_from_msg(m: pb.HealthCheck, what: str = "health"):
 def vip_msg(v, stats: dict | None = None, probes: dict | None = None) -> pb.Vip:
     weights, panic = v.effective()
     msg = pb.Vip(id=pb.VipId(address=v.key.address, port=v.key.port, protocol=v.key.protocol),
-                 flags=sorted(v.flags), vip_id=v.vip_id, panic=panic)
+                 flags=sorted(v.flags), vip_id=v.vip_id, panic=panic, encap=v.encap)
     add = msg.backends.add
     counts = (stats or {}).get("backends", {})
     if not v.health:
@@ -171,7 +171,8 @@ class LoadBalancerServicer(pb_grpc.LoadBalancerServicer):
     @rpc
     def AddVip(self, request, context):
         key = vip_key(request.id if request.HasField("id") else None)
-        v = self.ctrl.add_vip(key, list(request.flags), [(b.address, b.weight) for b in request.backends])
+        v = self.ctrl.add_vip(key, list(request.flags), [(b.address, b.weight) for b in request.backends],
+                              request.encap)
         return vip_msg(v)
 
     @rpc
@@ -193,7 +194,7 @@ class LoadBalancerServicer(pb_grpc.LoadBalancerServicer):
     @rpc
     def ModifyVip(self, request, context):
         key = vip_key(request.id if request.HasField("id") else None)
-        return vip_msg(self.ctrl.modify_vip(key, list(request.flags)))
+        return vip_msg(self.ctrl.modify_vip(key, list(request.flags), request.encap))
 
     @rpc
     def AddBackends(self, request, context):
@@ -249,8 +250,10 @@ class LoadBalancerServicer(pb_grpc.LoadBalancerServicer):
 
     def WatchHealth(self, request, context):
         """Health transitions as they are committed until the client goes or
-        the server stops; with snapshot, every checked backend's state first."""
+        the server stops (or, for one VIP's, the VIP is deleted: NOT_FOUND);
+        with snapshot, every checked backend's state first."""
         feed = _Feed(MAX_QUEUED_EVENTS)
+        gone = False
         listen = feed.put  # one bound method: unwatch_health finds it by identity
         context.add_callback(feed.set)  # the call ended: cancelled, deadline, client gone
         with self._wakers_lock:
@@ -268,14 +271,20 @@ class LoadBalancerServicer(pb_grpc.LoadBalancerServicer):
                     context.send_initial_metadata(())  # the client can tell that the stream is open
                     for event in first:
                         yield event_msg(event)
-                    while (events := feed.take()) is not None:
+                    while not gone and (events := feed.take()) is not None:
                         for event in events:
-                            yield event_msg(event)
+                            if not isinstance(event, VipGone):
+                                yield event_msg(event)
+                            elif key is not None:
+                                gone = True  # a watch of one VIP ends with it
+                                break
                 finally:
                     self.ctrl.unwatch_health(listen)
         finally:
             with self._wakers_lock:
                 self._wakers.discard(feed)
+        if gone:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"VIP {key} was deleted")
         if self.stopping.is_set():
             context.abort(grpc.StatusCode.UNAVAILABLE, "the server is stopping; reconnect when it is back")
         if feed.overflowed:

@@ -13,10 +13,11 @@ from . import consts
 from .dataplane import RuntimeConfig
 from .errors import ConfigError, ValidationError, shown
 from .health import HealthCheck, parse_health
-from .model import VipKey, VipSpec, parse_backends, parse_flags, parse_mac
+from .model import VipKey, VipSpec, parse_backends, parse_encap, parse_flags, parse_gue_port, parse_mac
 
-TOP_KEYS = {"gateway_mac", "next_hop", "encap_source", "mtu", "udp_timeout", "new_flow_rate", "icmp_rate", "vips"}
-VIP_KEYS = {"address", "port", "protocol", "flags", "backends", "health"}
+TOP_KEYS = {"gateway_mac", "next_hop", "encap_source", "mtu", "udp_timeout", "new_flow_rate", "icmp_rate",
+            "gue_port", "vips"}
+VIP_KEYS = {"address", "port", "protocol", "flags", "encap", "backends", "health"}
 MIN_MTU, MAX_MTU = 1280, 9216
 
 
@@ -95,6 +96,8 @@ def _parse(doc) -> LbConfig:
         rt.new_flow_rate = _int(doc["new_flow_rate"], "new_flow_rate", 0, 100_000_000)
     if "icmp_rate" in doc:
         rt.icmp_rate = _int(doc["icmp_rate"], "icmp_rate", 0, 1_000_000)
+    if "gue_port" in doc:
+        rt.gue_port = parse_gue_port(doc["gue_port"], "gue_port")
     vips = doc.get("vips")
     vips = [] if vips is None else vips
     if not isinstance(vips, list):
@@ -119,7 +122,8 @@ def _parse(doc) -> LbConfig:
         if not isinstance(backends, list):
             raise ValidationError(f"{w}.backends: expected a list of {{address, weight}}")
         spec = VipSpec(key, parse_flags(v.get("flags"), f"{w}.flags"),
-                       parse_backends(key, backends, f"{w}.backends"))
+                       parse_backends(key, backends, f"{w}.backends"),
+                       parse_encap(v.get("encap"), f"{w}.encap"))
         cfg.health[key] = parse_health(v.get("health"), f"{w}.health")
         cfg.vips.append(spec)
     return cfg

@@ -36,6 +36,11 @@ VIP_F_NO_CONNTRACK = 1 << 1  # Maglev alone: never read or write the connection 
 VIP_F_CLIENT_AFFINITY = 1 << 2
 VIP_FLAGS = {"no_source_port": VIP_F_NO_SPORT, "no_conntrack": VIP_F_NO_CONNTRACK,
              "client_affinity": VIP_F_CLIENT_AFFINITY}
+# the VIP's encapsulation, a field of its own (`encap`), kept in the same flags word
+# so that an established packet learns it from the lookup it makes anyway
+VIP_F_GUE = 1 << 3  # GUE (variant 1: the inner IP packet right after a UDP header); clear: IP-in-IP
+ENCAPS = {"ipip": 0, "gue": VIP_F_GUE}
+DEFAULT_ENCAP = "ipip"
 
 # --- backend flags (backend.flags) ---------------------------------------------
 BACKEND_F_VALID = 1 << 0  # slot holds a live backend (0: free or removed)
@@ -55,7 +60,8 @@ LOCK_ROOT = "/run/l4lb"  # LOCK_ROOT/<interface>.lock: held by the one process t
 # carries the tag, so marks that other software sets pass untouched.
 PROBE_MARK_TAG = 0x4C400000
 PROBE_MARK_MASK = 0xFFF00000
-PROBE_INDEX_MASK = ~PROBE_MARK_MASK & 0xFFFFFFFF  # up to 1M backends
+PROBE_MARK_GUE = 1 << 19  # the probe leaves in GUE (a probe for a VIP with encap: gue), else IP-in-IP
+PROBE_INDEX_MASK = PROBE_MARK_GUE - 1  # up to 512K backends
 PROBE_TC_PRIO = 0xC4  # the egress filter's priority and handle, so detach finds exactly ours
 PROBE_TC_HANDLE = 0x4C4
 DEFAULT_PROBE_INTERVAL_S = 2.0
@@ -71,6 +77,14 @@ PROTOCOLS = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}
 # --- encapsulation overhead ---------------------------------------------------------
 IPV4_HDR = 20
 IPV6_HDR = 40
+UDP_HDR = 8  # GUE's outer UDP header, on top of the outer IP header
+
+# --- GUE (xdp/encap.h write_gue, xdp/decap.c) ------------------------------------------
+DEFAULT_GUE_PORT = 6080  # UDP destination port of GUE packets, node-wide (`gue_port`)
+# the source port: GUE_SPORT_BASE | (flow hash & GUE_SPORT_MASK), 49152-65535, so that a
+# backend's NIC spreads the flows of one LB over its queues (RSS)
+GUE_SPORT_BASE = 0xC000
+GUE_SPORT_MASK = 0x3FFF
 
 # --- runtime defaults (config map) ------------------------------------------
 DEFAULT_ENCAP_V4 = "198.18.20.0/24"  # outer source prefix of IPv4 tunnels
@@ -215,6 +229,9 @@ def cflags(cap: Capacity) -> list[str]:
         "VIP_F_NO_SPORT": VIP_F_NO_SPORT,
         "VIP_F_NO_CONNTRACK": VIP_F_NO_CONNTRACK,
         "VIP_F_CLIENT_AFFINITY": VIP_F_CLIENT_AFFINITY,
+        "VIP_F_GUE": VIP_F_GUE,
+        "GUE_SPORT_BASE": GUE_SPORT_BASE,
+        "GUE_SPORT_MASK": GUE_SPORT_MASK,
         "BACKEND_F_VALID": BACKEND_F_VALID,
         "FAMILY_V4": FAMILY_V4,
         "FAMILY_V6": FAMILY_V6,
@@ -222,6 +239,8 @@ def cflags(cap: Capacity) -> list[str]:
         "VIP_FILTER_MULT": VIP_FILTER_MULT,
         "PROBE_MARK_TAG": PROBE_MARK_TAG,
         "PROBE_MARK_MASK": PROBE_MARK_MASK,
+        "PROBE_MARK_GUE": PROBE_MARK_GUE,
+        "PROBE_INDEX_MASK": PROBE_INDEX_MASK,
         "CAPTURE_SNAP_MAX": CAPTURE_SNAP_MAX,
         "NEXT_HOP_GATEWAY": NEXT_HOP_GATEWAY,
         "NEXT_HOP_FIB": NEXT_HOP_FIB,

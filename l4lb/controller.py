@@ -24,10 +24,10 @@ from . import bpf, faults, netlink
 from .config import LbConfig
 from .dataplane import Dataplane, RuntimeConfig
 from .errors import AlreadyExistsError, L4lbError, NotFoundError, PersistError, StateError, ValidationError
-from .health import HealthEvent
+from .health import HealthEvent, VipGone
 from .lookup import lookup_flow
-from .model import (VipKey, VipSpec, check_backend_family, parse_address, parse_flags, parse_mac,
-                    parse_weight)
+from .model import (VipKey, VipSpec, check_backend_family, parse_address, parse_encap, parse_flags,
+                    parse_gue_port, parse_mac, parse_weight)
 from .state import LbModel, MapImage, sync
 
 STATE_VERSION = 1
@@ -163,6 +163,7 @@ class Controller:
             runtime.gateway_mac = parse_mac(runtime.gateway_mac, "saved gateway_mac")
             if runtime.next_hop not in ("gateway", "fib"):
                 raise ValueError(f"next_hop {runtime.next_hop!r}")
+            runtime.gue_port = parse_gue_port(runtime.gue_port, "saved gue_port")
         except (KeyError, TypeError, ValueError) as e:
             raise StateError(f"saved state: the runtime section is malformed ({str(e)[:120]})") from None
         return runtime
@@ -267,6 +268,8 @@ class Controller:
             if ok:
                 work.flip_changed(self.model)
                 self._persist(self._doc(work, ctx["runtime"], ctx["gateway_ip"]))
+                ctx.setdefault("health_events", []).extend(
+                    VipGone(k) for k in sorted(self.model.vips.keys() - work.vips.keys()))
                 runtime_changed = ctx["runtime"] is not self.runtime
                 self.model, self.runtime, self.gateway_ip = work, ctx["runtime"], ctx["gateway_ip"]
                 if runtime_changed:
@@ -284,8 +287,8 @@ class Controller:
                     log.error("health watcher: %s", e)
 
     # ---- VIPs --------------------------------------------------------------------------
-    def add_vip(self, key: VipKey, flags, backends: list[tuple[str, int]]):
-        spec = VipSpec(key, parse_flags(list(flags)), parse_backend_map(key, backends))
+    def add_vip(self, key: VipKey, flags, backends: list[tuple[str, int]], encap: str = ""):
+        spec = VipSpec(key, parse_flags(list(flags)), parse_backend_map(key, backends), parse_encap(encap))
         return self._commit(lambda m, _: m.add_vip(spec).clone())
 
     def delete_vip(self, key: VipKey) -> None:
@@ -299,11 +302,15 @@ class Controller:
         with self.lock:
             return sorted((v.clone() for v in self.model.vips.values()), key=lambda v: v.key)
 
-    def modify_vip(self, key: VipKey, flags):
+    def modify_vip(self, key: VipKey, flags, encap: str = ""):
+        """The VIP's complete new set of flags; its encapsulation too, unless encap is empty."""
         flags = parse_flags(list(flags))
+        encap = parse_encap(encap) if encap else ""
 
         def change(m, _):
             m.set_flags(key, flags)
+            if encap:
+                m.set_encap(key, encap)
             return m.get(key).clone()
         return self._commit(change)
 
@@ -427,7 +434,7 @@ class Controller:
         rates) equal the configuration's, as one change: all of it, or nothing.
         Returns the steps; dry_run computes and validates them, changing nothing."""
         def change(m, ctx):
-            current = {k: (v.flags, dict(v.backends)) for k, v in m.vips.items()}
+            current = {k: (v.flags, dict(v.backends), v.encap) for k, v in m.vips.items()}
             steps = plan(current, cfg)
             for kind, obj in steps:
                 if kind == "delete":
@@ -436,6 +443,8 @@ class Controller:
                     m.add_vip(obj)
                 elif kind == "flags":
                     m.set_flags(obj.key, obj.flags)
+                elif kind == "encap":
+                    m.set_encap(obj.key, obj.encap)
                 elif kind == "backends":
                     m.set_backends(obj.key, dict(obj.backends))
             for spec in cfg.vips:
@@ -605,13 +614,14 @@ def describe_step(kind: str, obj) -> str:
         return f"deleted {obj}"
     if kind == "runtime":
         return "set " + ", ".join(obj)
-    return {"add": "added", "flags": "changed flags of", "backends": "changed backends of",
+    return {"add": "added", "flags": "changed flags of", "encap": "changed the encapsulation of",
+            "backends": "changed backends of",
             "health": "changed the health check of"}[kind] + f" {obj.key}"
 
 
 def plan(current: dict, cfg: LbConfig) -> list[tuple[str, object]]:
     """The steps, in order, from the current VIPs ({VipKey: (flags, {addr:
-    weight})}) to a configuration's."""
+    weight}, encap)}) to a configuration's."""
     want = {v.key: v for v in cfg.vips}
     steps: list[tuple[str, object]] = []
     for key in current:
@@ -621,9 +631,11 @@ def plan(current: dict, cfg: LbConfig) -> list[tuple[str, object]]:
         if key not in current:
             steps.append(("add", spec))
             continue
-        flags, backends = current[key]
+        flags, backends, encap = current[key]
         if set(flags) != set(spec.flags):
             steps.append(("flags", spec))
+        if encap != spec.encap:
+            steps.append(("encap", spec))
         if backends != spec.backends:
             steps.append(("backends", spec))
     return steps

@@ -26,6 +26,7 @@ class RuntimeConfig:
     new_flow_rate: int = consts.DEFAULT_NEW_FLOW_RATE
     icmp_rate: int = consts.DEFAULT_ICMP_RATE
     next_hop: str = "gateway"  # gateway | fib (consts.NEXT_HOPS; README.md "Next hop")
+    gue_port: int = consts.DEFAULT_GUE_PORT  # UDP destination port of GUE VIPs' packets
 
 
 def _words(addr: str) -> list[int]:
@@ -73,6 +74,7 @@ class Dataplane:
         v.portless_vips = self.portless
         v.capture = self.capture
         v.udp_timeout_ns = int(cfg.udp_timeout_s * 1e9)
+        v.gue_port = int.from_bytes(cfg.gue_port.to_bytes(2, "big"), "little")  # __be16
         self._update(t, t.Key(0), v)
 
     def bump_fib_gen(self) -> int:

@@ -131,6 +131,14 @@ class HealthEvent:
     snapshot: bool = False
 
 
+@dataclass(frozen=True)
+class VipGone:
+    """Told to the watchers of a VIP that a commit deleted: no transition of
+    it will follow, so a watch of that VIP alone ends."""
+
+    vip: object  # model.VipKey
+
+
 def effective_weights(backends: dict[str, int], down: frozenset[str],
                       check: HealthCheck | None) -> tuple[dict[str, int], bool]:
     """The weights the ring is built from, and whether the VIP is in panic."""

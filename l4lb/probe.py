@@ -26,6 +26,7 @@ import threading
 import time
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import NamedTuple
 
 from . import consts
@@ -38,11 +39,12 @@ _LINGER_RST = struct.pack("ii", 1, 0)  # close with a RST: no TIME_WAIT per prob
 _MAX_STATUS_LINE = 1024
 
 
-def probe_mark(backend_index: int) -> int:
-    """The socket mark that makes the tc program send a probe to this backend."""
+def probe_mark(backend_index: int, gue: bool = False) -> int:
+    """The socket mark that makes the tc program send a probe to this backend,
+    in GUE (as a VIP with encap: gue sends its packets) or in IP-in-IP."""
     if not 0 < backend_index <= consts.PROBE_INDEX_MASK:
         raise ValueError(f"backend index {backend_index}: 1..{consts.PROBE_INDEX_MASK}")
-    return consts.PROBE_MARK_TAG | backend_index
+    return consts.PROBE_MARK_TAG | (consts.PROBE_MARK_GUE if gue else 0) | backend_index
 
 
 @dataclass(frozen=True)
@@ -109,25 +111,21 @@ class Status(NamedTuple):
     probes: int = 0  # probes completed since the target arrived
 
 
-class ProbeFailed(Exception):
-    """A probe's failure, with the reason it reports."""
-
-
 class _Entry:
-    """A target and its probing: where it stands in the wheel, its TCP probe
-    in flight (socket, fd, start), or its HTTP probe's task."""
+    """A target and its probing: where it stands in the wheel and its probe
+    in flight (socket, fd, start; for HTTP, the answer read so far)."""
 
-    __slots__ = ("target", "status", "due", "slot", "deadline", "sock", "fd", "start", "task", "gen")
+    __slots__ = ("target", "status", "due", "slot", "deadline", "sock", "fd", "start", "answer", "gen")
 
     def __init__(self, target: Target, status: Status):
         self.target, self.status = target, status
         self.due = 0.0  # loop time of the next probe
         self.slot = -1  # the wheel slot of the next probe; -1: none scheduled
         self.deadline = -1  # the wheel slot where the TCP probe in flight times out
-        self.sock: socket.socket | None = None  # the TCP probe in flight
+        self.sock: socket.socket | None = None  # the probe in flight
         self.fd = -1
         self.start = 0.0
-        self.task: asyncio.Task | None = None  # the HTTP probe in flight
+        self.answer: bytes | None = None  # HTTP: None while connecting, then what came back so far
         self.gen = 0  # bumped when the target changes: a late result of the old one is dropped
 
 
@@ -144,13 +142,13 @@ class Prober:
 
     One timer wheel drives every target: slot n (TICK seconds each) lists the
     targets whose next probe starts then and the TCP probes that time out
-    then, and the loop has one timer, for the earliest slot. TCP connects are
-    plain non-blocking sockets in an epoll set of the prober's own, whose fd
+    then, and the loop has one timer, for the earliest slot. Every probe is a
+    plain non-blocking socket in an epoll set of the prober's own, whose fd
     the loop watches: no task, future, transport or timer handle per probe,
     and no system call a probe does not need (the socket is made
     non-blocking when created; closing it leaves the epoll set; SO_ERROR is
-    read only when the connect failed). HTTP probes are asyncio tasks,
-    started by the wheel."""
+    read only when the connect failed). An HTTP probe, once connected, sends
+    its request and waits in the same set for the status line."""
 
     def __init__(self, on_transition: Callable[[Hashable, bool, str, float], None]):
         self._on_transition = on_transition
@@ -196,6 +194,15 @@ class Prober:
         with self._lock:
             return {k: e.status for k, e in self._entries.items()}
 
+    def cpu_times(self) -> tuple[float, float, float]:
+        """(total, user, system) CPU seconds of the prober's thread so far:
+        every probe, the loop and on_transition run there. The total is the
+        thread's CPU clock (ns resolution), the split the kernel's tick counts."""
+        total = time.clock_gettime(time.pthread_getcpuclockid(self._thread.ident))
+        fields = Path(f"/proc/self/task/{self._thread.native_id}/stat").read_text().rsplit(")", 1)[1].split()
+        tick = os.sysconf("SC_CLK_TCK")
+        return total, int(fields[11]) / tick, int(fields[12]) / tick
+
     def stop(self) -> None:
         if not self._thread.is_alive():
             return
@@ -226,25 +233,14 @@ class Prober:
             self._timer.cancel()
         for e in self._entries.values():
             self._cancel(e)
-
-        async def drain():
-            me = asyncio.current_task()
-            tasks = [t for t in asyncio.all_tasks() if t is not me]
-            await asyncio.gather(*tasks, return_exceptions=True)  # sockets close in the probes' finally
-            await asyncio.sleep(0)  # and aborted transports in their connection_lost, called soon
-            self._loop.stop()
-
-        self._loop.create_task(drain())
+        self._loop.stop()
 
     def _cancel(self, e: _Entry) -> None:
         e.slot = -1  # a start still listed in the wheel is skipped
         if e.sock is not None:
             del self._inflight[e.fd]
             e.sock.close()
-            e.sock, e.fd, e.deadline = None, -1, -1
-        if e.task:
-            e.task.cancel()
-            e.task = None
+            e.sock, e.fd, e.deadline, e.answer = None, -1, -1, None
 
     def _apply(self, new: dict[Hashable, Target]) -> None:
         now = self._loop.time()
@@ -316,9 +312,6 @@ class Prober:
     def _launch(self, e: _Entry) -> None:
         e.slot = -1
         t = e.target
-        if t.kind != "tcp":
-            e.task = self._loop.create_task(self._http_probe(e, e.gen))
-            return
         start = self._loop.time()
         try:
             sock = socket.socket(t.family, _SOCK_TYPE)
@@ -352,34 +345,78 @@ class Prober:
             expiries.append(e)
 
     def _connected(self) -> None:
-        """The epoll set says some connects finished (or failed)."""
+        """The epoll set says some probes moved: a connect finished (or
+        failed), or an HTTP answer arrived."""
         now = self._loop.time()
         inflight = self._inflight
         for fd, events in self._epoll.poll(0):
-            e = inflight.pop(fd, None)
+            e = inflight.get(fd)
             if e is None:
                 continue
             sock = e.sock
-            if events & _FAILED:
+            if e.answer is not None:
+                verdict = self._http_read(e)
+                if verdict is None:
+                    continue  # more to come
+                ok, reason = verdict
+            elif events & _FAILED:
                 err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
                 ok, reason = False, os.strerror(err) if err else "connection failed"
+            elif e.target.kind != "tcp":
+                verdict = self._http_send(e)
+                if verdict is None:
+                    continue  # the request is out: the answer comes through the same set
+                ok, reason = verdict
             else:
                 ok, reason = True, "connected"
+            del inflight[fd]
             sock.close()  # a RST (SO_LINGER 0); the fd leaves the epoll set with it
-            e.sock, e.fd, e.deadline = None, -1, -1
+            e.sock, e.fd, e.deadline, e.answer = None, -1, -1, None
             self._finish(e, e.gen, ok, reason, now - e.start)
+
+    def _http_send(self, e: _Entry) -> tuple[bool, str] | None:
+        """Connected: the request goes out whole (a few hundred bytes into an
+        empty send buffer), then the socket waits for the answer. None, or
+        the probe's verdict when sending failed."""
+        request = e.target.request()
+        try:
+            sent = e.sock.send(request)
+        except OSError as err:
+            return False, _why(err)
+        if sent != len(request):
+            return False, "the request did not fit the send buffer"
+        e.answer = b""
+        self._epoll.modify(e.fd, select.EPOLLIN)
+        return None
+
+    def _http_read(self, e: _Entry) -> tuple[bool, str] | None:
+        """What arrived of the answer; the verdict once the status line is
+        whole (or the server closed, or sent too much without one), else None."""
+        try:
+            data = e.sock.recv(_MAX_STATUS_LINE)
+        except BlockingIOError:
+            return None
+        except OSError as err:
+            return False, _why(err)
+        e.answer += data
+        line, newline, _ = e.answer.partition(b"\n")
+        if not newline:
+            if len(e.answer) >= _MAX_STATUS_LINE:
+                return False, "HTTP status line too long"
+            if data:
+                return None
+        return _http_verdict(e.target, line + newline)
 
     def _expire(self, e: _Entry) -> None:
         del self._inflight[e.fd]
         e.sock.close()
-        e.sock, e.fd, e.deadline = None, -1, -1
+        e.sock, e.fd, e.deadline, e.answer = None, -1, -1, None
         self._finish(e, e.gen, False, _timed_out(e.target), self._loop.time() - e.start)
 
     def _finish(self, e: _Entry, gen: int, ok: bool, reason: str, latency: float) -> None:
         """A probe's result: counted, and the target's next probe scheduled."""
         if self._stopping or gen != e.gen or self._entries.get(e.target.key) is not e:
             return  # the target changed or left while this probe ran
-        e.task = None
         self._record(e, ok, reason, latency)
         # the next probe keeps the target's place in the interval (no drift, no bunching)
         due = e.due + e.target.interval
@@ -406,43 +443,16 @@ class Prober:
             except Exception:  # noqa: BLE001  a caller's bug must not stop the probes
                 log.exception("on_transition for %r failed", t.key)
 
-    async def _http_probe(self, e: _Entry, gen: int) -> None:
-        t = e.target
-        start = self._loop.time()
-        try:
-            reason = await asyncio.wait_for(self._http(t), t.timeout)
-            ok = True
-        except asyncio.TimeoutError:
-            ok, reason = False, _timed_out(t)
-        except ProbeFailed as err:
-            ok, reason = False, str(err)
-        except OSError as err:  # asyncio words connect errors its own way: give the system's
-            ok, reason = False, os.strerror(err.errno) if err.errno else str(err)
-        self._finish(e, gen, ok, reason, self._loop.time() - start)
 
-    async def _http(self, t: Target) -> str:
-        """One HTTP probe: connect, GET, read the status line. Returns why it
-        succeeded; raises ProbeFailed or OSError."""
-        sock = _probe_socket(t)
-        try:
-            await self._loop.sock_connect(sock, (t.address, t.port))
-            reader, writer = await asyncio.open_connection(sock=sock, limit=_MAX_STATUS_LINE)
-            try:
-                writer.write(t.request())
-                line = await reader.readline()
-            except ValueError as err:  # a status line longer than the limit
-                raise ProbeFailed("HTTP status line too long") from err
-            finally:
-                writer.transport.abort()  # RST, as for TCP probes
-        finally:
-            sock.close()
-        parts = line.split(None, 2)
-        if not line or len(parts) < 2 or not parts[0].startswith(b"HTTP/") or not parts[1].isdigit():
-            raise ProbeFailed(f"no HTTP status line: {line[:60]!r}" if line else "closed without an answer")
-        code = int(parts[1])
-        if code not in t.http_codes:
-            raise ProbeFailed(f"HTTP {code}, expected {', '.join(map(str, sorted(t.http_codes)))}")
-        return f"HTTP {code}"
+def _http_verdict(t: Target, line: bytes) -> tuple[bool, str]:
+    """The probe's verdict on the answer's status line (b"" if none came)."""
+    parts = line.split(None, 2)
+    if not line or len(parts) < 2 or not parts[0].startswith(b"HTTP/") or not parts[1].isdigit():
+        return False, f"no HTTP status line: {line[:60]!r}" if line else "closed without an answer"
+    code = int(parts[1])
+    if code not in t.http_codes:
+        return False, f"HTTP {code}, expected {', '.join(map(str, sorted(t.http_codes)))}"
+    return True, f"HTTP {code}"
 
 
 def _why(err: OSError) -> str:
@@ -453,17 +463,4 @@ def _timed_out(t: Target) -> str:
     return f"no answer within {t.timeout:g} s"
 
 
-def _probe_socket(t: Target) -> socket.socket:
-    sock = socket.socket(t.family, socket.SOCK_STREAM)
-    try:
-        sock.setblocking(False)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
-        if t.mark:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, t.mark)
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
-__all__ = ["KINDS", "STATES", "ProbeFailed", "Prober", "Status", "Target", "probe_mark"]
+__all__ = ["KINDS", "STATES", "Prober", "Status", "Target", "probe_mark"]

@@ -184,11 +184,11 @@ static __always_inline void flow4_of(const struct pkt *p, struct flow4_key *k)
 /* An established flow: its connection-table entry says where it goes, as
  * long as the VIP is still the one that made the entry (same generation),
  * the backend is still the one it named and the VIP still lists it, and a
- * UDP entry has not expired. Returns 0 with the backend (and its index), VIP
- * and hash. */
+ * UDP entry has not expired. Returns 0 with the backend (and its index), VIP,
+ * the VIP's flags (its encapsulation) and hash. */
 static __always_inline int ct_lookup(struct pkt *p, const struct lb_config *cfg,
                                      struct global_stats *gs, struct backend **out,
-                                     __u32 *bidx, __u32 *vip_id, __u32 *hash)
+                                     __u32 *bidx, __u32 *vip_id, __u32 *vflags, __u32 *hash)
 {
     struct ct_entry *e;
     struct vip_info *vi;
@@ -226,6 +226,7 @@ static __always_inline int ct_lookup(struct pkt *p, const struct lb_config *cfg,
     *out = b;
     *bidx = idx;
     *vip_id = vid;
+    *vflags = vi->flags;
     *hash = e->hash;
     return 0;
 stale:
@@ -246,14 +247,13 @@ static __always_inline void count_new_flow(__u32 vip_id, __u32 idx)
         bs->new_flows++;
 }
 
-/* Too big to send towards b once encapsulated, and not to be fragmented:
- * the client gets ICMP instead (forward), and no connection starts. */
+/* Too big to send towards b once encapsulated (IP-in-IP or GUE, as the
+ * VIP's flags say), and not to be fragmented: the client gets ICMP instead
+ * (forward), and no connection starts. */
 static __always_inline int too_big_for(const struct pkt *p, const struct backend *b,
-                                       const struct lb_config *cfg)
+                                       const struct lb_config *cfg, __u32 vip_flags)
 {
-    __u32 overhead = b->family == FAMILY_V4 ? sizeof(struct iphdr) : sizeof(struct ipv6hdr);
-
-    return p->ip_len + overhead > cfg->mtu && p->df && !p->icmp_error;
+    return p->ip_len + encap_overhead(b, vip_flags) > cfg->mtu && p->df && !p->icmp_error;
 }
 
 /* A fresh Maglev pick, remembered unless the flow or the rate limit says
@@ -277,7 +277,8 @@ static __always_inline int pick_backend(struct pkt *p, const struct vip_meta *vi
     /* an ICMP error, a RST or a packet answered "too big" never creates an
      * entry; neither do no-conntrack VIPs */
     if ((vip->flags & VIP_F_NO_CONNTRACK) || p->icmp_error ||
-        (p->flow.proto == PROTO_TCP && (p->tcp_flags & TCP_FLAG_RST)) || too_big_for(p, b, cfg))
+        (p->flow.proto == PROTO_TCP && (p->tcp_flags & TCP_FLAG_RST)) ||
+        too_big_for(p, b, cfg, vip->flags))
         return 0;
     vi = vip_info.lookup(&vid);
     if (!vi)
@@ -412,19 +413,18 @@ static __always_inline int next_hop_fib(struct xdp_md *ctx, const struct pkt *p,
 }
 
 /* Sends a VIP packet to backend b (index idx): the too-big check,
- * encapsulation, counters. */
+ * encapsulation (vflags: the VIP's flags, which name it), counters. */
 static __always_inline int forward(struct xdp_md *ctx, struct pkt *p, __u32 idx,
                                    const struct backend *b, const struct lb_config *cfg,
-                                   struct global_stats *gs, __u32 hash)
+                                   struct global_stats *gs, __u32 hash, __u32 vflags)
 {
-    __u32 overhead = b->family == FAMILY_V4 ? sizeof(struct iphdr) : sizeof(struct ipv6hdr);
     __u64 len = ctx->data_end - ctx->data; /* as received: the bytes vip_stats counts */
     struct backend_stats *bs;
     int action;
 
-    if (too_big_for(p, b, cfg)) {
+    if (too_big_for(p, b, cfg, vflags)) {
         /* too big once encapsulated and may not be fragmented: tell the client */
-        __u32 mtu = cfg->mtu - overhead;
+        __u32 mtu = cfg->mtu - encap_overhead(b, vflags);
 
         if (!icmp_allowed(cfg)) {
             gs->icmp_limited++;
@@ -444,7 +444,7 @@ static __always_inline int forward(struct xdp_md *ctx, struct pkt *p, __u32 idx,
     }
     if (cfg->capture)
         capture(ctx, p, XDP_TX, 0); /* as received: encapsulation rewrites it in place */
-    action = encap(ctx, p, b, cfg, hash);
+    action = encap(ctx, p, b, cfg, hash, vflags);
     if (action < 0) {
         gs->error++;
         return XDP_DROP;
@@ -484,14 +484,14 @@ static __always_inline int balance(struct xdp_md *ctx, struct pkt *p, const stru
               (p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
     struct vip_meta *vip;
     struct backend *b;
-    __u32 vip_id, hash, idx;
+    __u32 vip_id, vflags, hash, idx;
 
     /* a SYN always takes a fresh pick: a reused 5-tuple is a new connection */
-    if (!syn && !ct_lookup(p, cfg, gs, &b, &idx, &vip_id, &hash)) {
+    if (!syn && !ct_lookup(p, cfg, gs, &b, &idx, &vip_id, &vflags, &hash)) {
         p->vip = vip_id + 1;
         p->backend = idx;
         count_vip(ctx, vip_id);
-        return forward(ctx, p, idx, b, cfg, gs, hash);
+        return forward(ctx, p, idx, b, cfg, gs, hash, vflags);
     }
     vip = find_vip(p, cfg);
     if (!vip) {
@@ -507,7 +507,7 @@ static __always_inline int balance(struct xdp_md *ctx, struct pkt *p, const stru
         return XDP_DROP;
     }
     p->backend = idx;
-    return forward(ctx, p, idx, b, cfg, gs, hash);
+    return forward(ctx, p, idx, b, cfg, gs, hash, vip->flags);
 }
 
 /* ICMP to a VIP address: echo requests are answered here; errors about a

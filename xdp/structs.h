@@ -109,9 +109,10 @@ struct lb_config {
     __u32 capture;       /* 1 while `l4lb capture` runs: packets that capture_cfg selects are
                           * copied to capture_ring; 0 costs one test of this word */
     __u64 udp_timeout_ns;/* a UDP entry older than this re-picks */
+    __be16 gue_port;     /* UDP destination port of GUE packets (VIPs with VIP_F_GUE) */
+    __u16 pad1;
     __u32 fib_gen;       /* next_hop fib: user space bumps it when a route, rule or neighbour
                           * changes; a fib_hops answer of another generation is asked again */
-    __u32 pad1;
 };
 
 /* A FIB answer kept per CPU and backend (next_hop fib): the next hop of an
@@ -193,6 +194,7 @@ struct decap_stats {
     __u64 decap6;      /* outer IPv6 removed */
     __u64 pass;        /* not a tunnel packet for this host */
     __u64 malformed;   /* truncated tunnel packet: dropped */
+    __u64 gue;         /* of decap4 + decap6: GUE packets (outer UDP header removed too) */
 };
 
 /* Probe encapsulation counters (per CPU), tc egress on the LB's interface. */
@@ -202,6 +204,7 @@ struct probe_stats {
     __u64 pass;        /* no probe mark: left to the next filter, untouched */
     __u64 no_backend;  /* the mark names an index with no valid backend: dropped */
     __u64 error;       /* not IP, IPv6 to an IPv4 backend, no configuration, or a helper failed: dropped */
+    __u64 gue;         /* of encap4 + encap6: sent in GUE (the mark's PROBE_MARK_GUE) */
 };
 
 /* What `l4lb capture` selects (one entry, read only while lb_config.capture is set). */

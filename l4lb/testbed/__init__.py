@@ -26,9 +26,9 @@ from .namespaces import Node, alive, sweep
 from .packets import inet_checksum, ip_source
 from .topology import Options, Testbed
 from .traffic import Traffic
-from .tunnels import DECAP_MODES, backend_commands, ipip_support
+from .tunnels import DECAP_MODES, backend_commands, fou_support, ipip_support
 
 __all__ = ["Bird", "DECAP_MODES", "FibNet", "Fleet", "alive", "backend_commands", "MTU", "SERVICE_PORT", "Backend", "Client", "Conn", "Lb",
            "LbLauncher", "Node", "Options", "Testbed", "TestbedError", "Traffic", "UdpFlow", "inet_checksum", "ip_source",
-           "ipip_support", "sweep",
+           "fou_support", "ipip_support", "sweep",
            "wait_until"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -93,6 +94,20 @@ def stop_popen(p: subprocess.Popen, timeout: float = 5.0) -> None:
     except subprocess.TimeoutExpired:
         p.kill()
         p.wait()
+
+
+def napi_threads(ifname: str) -> list[int]:
+    """The pids of ifname's NAPI threads (named napi/<ifname>-<napi id>)."""
+    prefix, pids = f"napi/{ifname}-", []
+    for p in os.listdir("/proc"):
+        if not p.isdigit():
+            continue
+        try:
+            if Path(f"/proc/{p}/comm").read_text().startswith(prefix):
+                pids.append(int(p))
+        except OSError:
+            continue
+    return pids
 
 
 def create_ns(ns: str) -> None:
@@ -223,6 +238,41 @@ class Node:
         the network namespace: `ip netns exec` would also remount /sys and so
         hide the BPF filesystem (pinned maps) from `l4lb run`."""
         return ["nsenter", f"--net={NETNS_DIR / self.ns}"]
+
+    def napi_threaded(self, ifname: str, on: bool = True, realtime: bool = False) -> None:
+        """The interface's NAPI in a kernel thread of its own instead of the
+        sending CPU's softirq: on veth, the receiver's work otherwise runs on
+        the sender's CPU, inline; a real host's NIC is served by its own
+        cores. (sysfs shows a namespace's devices only once mounted inside it.)
+        realtime: the threads run SCHED_FIFO at the lowest priority, ahead of
+        every ordinary task, as softirq work runs ahead of tasks on a real host."""
+        q = subprocess.run(self.nsenter() + ["unshare", "-m", "sh", "-c", "mount -t sysfs sysfs /sys && "
+                                             f"echo {int(on)} > /sys/class/net/{ifname}/threaded"],
+                           capture_output=True, text=True)
+        if q.returncode:
+            raise TestbedError(f"threaded NAPI on {ifname} in {self.ns}: {q.stderr.strip()}")
+        if on and realtime:
+            threads = napi_threads(ifname)
+            if not threads:
+                raise TestbedError(f"no NAPI thread of {ifname} in {self.ns}")
+            for pid in threads:
+                os.sched_setscheduler(pid, os.SCHED_FIFO, os.sched_param(1))
+
+    def gro(self, ifname: str, on: bool = True) -> None:
+        """GRO on a veth end; it also gives that end a NAPI of its own (kernel 5.13+)."""
+        q = subprocess.run(self.nsenter() + ["ethtool", "-K", ifname, "gro", "on" if on else "off"],
+                           capture_output=True, text=True)
+        if q.returncode:
+            raise TestbedError(f"ethtool -K {ifname} gro in {self.ns}: {q.stderr.strip()}")
+
+    def qdisc_stats(self, ifname: str) -> dict[str, int]:
+        """The root qdisc's counters on ifname (packets, drops, requeues...)."""
+        q = subprocess.run(self.nsenter() + ["tc", "-s", "-j", "qdisc", "show", "dev", ifname],
+                           capture_output=True, text=True)
+        if q.returncode:
+            raise TestbedError(f"tc -s qdisc show dev {ifname} in {self.ns}: {q.stderr.strip()}")
+        root = next(d for d in json.loads(q.stdout) if d.get("root"))
+        return {k: v for k, v in root.items() if isinstance(v, int)}
 
     def link_stats(self, ifname: str) -> dict[str, int]:
         return dict(self.ipr.link("get", index=self.index(ifname))[0].get_attr("IFLA_STATS64"))

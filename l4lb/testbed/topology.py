@@ -31,14 +31,23 @@ Choices the veth links force, and why:
   the backend would drop it as corrupt. Checksum offload is therefore off
   (ethtool -K eth0 tx off) on the clients' veths, where such packets start.
 * The router's ends of the LB link and of the backends' links have a pfifo
-  qdisc: the other end, with XDP attached, takes frames through a 256-entry
-  ring, and without a qdisc the router drops what overflows it (counted as
-  tx_dropped), where a NIC would queue; with one, veth holds the queue while
-  the ring is full.
+  qdisc of 10,000 packets: the other end, with XDP attached, takes frames
+  through a 256-entry ring, and without a qdisc the router drops what
+  overflows it (counted as tx_dropped), where a NIC would queue; with one,
+  veth holds the queue while the ring is full. The depth is fq_codel's
+  default limit (this kernel has FIFO qdiscs only): the LB's NAPI thread
+  shares two cores with the clients and servers, and a few milliseconds
+  scheduled out fill 1,000 packets at 2 Gb/s; each overflow is a TCP loss
+  (iperf3 -P 4: thousands of retransmits per run through the LB, against
+  tens with 10,000).
 * The LB's veth has threaded NAPI: its XDP program runs in a kernel thread of
   its own, as a real LB's runs on its own cores, instead of inline on the
   CPU that sent the frame (there, every packet through the LB would cost
   the sender's CPU the LB's work too: iperf3 0.7x direct instead of >= 0.9x).
+  The threads run SCHED_FIFO (lowest priority), as a NIC's softirq work runs
+  ahead of tasks: as ordinary tasks they would get a fair share of a core
+  beside the clients, the servers and whatever else runs, and iperf3 through
+  the LB would measure that share (0.7 - 0.8x direct on a busy machine).
 * rp_filter is 0 on the backends (an inner packet that came out of a tunnel
   device arrives on a device that is not the route back to the client) and on
   the router (replies from a VIP address come from the backends' side, while
@@ -69,6 +78,9 @@ from .namespaces import Node, create_ns, next_tag, ns_pids, remove_ns, stop_pids
 from .tunnels import decapsulate, give_back, resolve_decap, take_decap
 
 log = logging.getLogger("l4lb.testbed")
+
+
+QUEUE_PACKETS = 10_000  # the router's queue towards an XDP end (module docstring)
 
 
 @dataclass
@@ -202,7 +214,7 @@ class Testbed:
         self._wait_routes()
         self.say("waiting for `l4lb run` to serve gRPC")
         self.lb.wait_healthy()
-        self._napi_threaded(self.lb, self.lb.ifname)  # its XDP program is attached: its NAPI exists
+        self.lb.napi_threaded(self.lb.ifname, realtime=True)  # its XDP program is attached: its NAPI exists
         prog = self.lb.program()
         if not prog or prog[1] != consts.PROG_BALANCER:
             raise TestbedError(f"the LB's interface runs {prog}, not the balancer")
@@ -351,8 +363,10 @@ class Testbed:
         queues in front of its TX ring; a veth has no queue (noqueue) and drops
         what the XDP side's 256-frame ring cannot take at once: a TCP burst,
         thousands of retransmits per iperf3 run. With a qdisc, veth stops the
-        queue while the peer's ring is full (kernel 6.17+): backpressure, as a NIC."""
-        q = subprocess.run(node.nsenter() + ["tc", "qdisc", "replace", "dev", ifname, "root", "pfifo", "limit", "1000"],
+        queue while the peer's ring is full (kernel 6.17+): backpressure, as a
+        NIC. QUEUE_PACKETS deep (module docstring)."""
+        q = subprocess.run(node.nsenter() + ["tc", "qdisc", "replace", "dev", ifname, "root", "pfifo", "limit",
+                                             str(QUEUE_PACKETS)],
                            capture_output=True, text=True)
         if q.returncode:
             raise TestbedError(f"tc qdisc replace dev {ifname} root pfifo in {node.ns}: {q.stderr.strip()}")
@@ -362,19 +376,7 @@ class Testbed:
         kernel thread of its own (the default, see the module's notes) or in
         the sending CPU's softirq (frame generators that outrun a thread:
         bench.traffic's live frames)."""
-        self._napi_threaded(self.lb, self.lb.ifname, on)
-
-    @staticmethod
-    def _napi_threaded(node: Node, ifname: str, on: bool = True) -> None:
-        """The interface's NAPI in a kernel thread of its own instead of the
-        sending CPU's softirq: on veth, the receiver's work otherwise runs on
-        the sender's CPU, inline; a real LB's NIC is served by the LB's own
-        cores. (sysfs shows a namespace's devices only once mounted inside it.)"""
-        q = subprocess.run(node.nsenter() + ["unshare", "-m", "sh", "-c", "mount -t sysfs sysfs /sys && "
-                                             f"echo {int(on)} > /sys/class/net/{ifname}/threaded"],
-                           capture_output=True, text=True)
-        if q.returncode:
-            raise TestbedError(f"threaded NAPI on {ifname} in {node.ns}: {q.stderr.strip()}")
+        self.lb.napi_threaded(self.lb.ifname, on, realtime=True)
 
     def _backend(self, b: Backend) -> None:
         self._veth(self.router, b.role, b, "eth0")

@@ -17,8 +17,8 @@ from l4lb import libbpf
 pytestmark = pytest.mark.kernel
 
 REPEAT = 1000
-THROUGH_HARNESS = ["established", "established_fib", "syn", "syn6", "syn_resident", "spread", "syn_evict", "udp",
-                   "v6", "v4_in_v6", "pass", "icmp_echo", "encap"]
+THROUGH_HARNESS = ["established", "established_fib", "syn", "syn6", "syn_resident", "spread", "syn_evict",
+                   "udp", "v6", "v4_in_v6", "gue", "gue6", "pass", "icmp_echo", "encap"]
 ALL_CASES = THROUGH_HARNESS + ["pass_direct", "drop_direct"]
 
 
@@ -157,6 +157,7 @@ def test_report_has_machine_ratios_and_every_round(bench, tmp_path):
     assert {c["name"] for c in saved["cases"]} == set(ALL_CASES)
     assert all(len(c["rounds"]) == 1 for c in saved["cases"])
     assert set(saved["summary"]["ratios"]) >= {"established / encap", "syn / encap", "pass / drop",
+                                               "gue / established", "gue6 / v6",
                                                "established_fib / established"}
     text = console.file.getvalue()
     assert "established" in text and "ratios" in text
@@ -168,8 +169,9 @@ def test_against_another_commit_times_both_builds_through_one_harness(tmp_path):
     out = tmp_path / "ab.json"
     console = Console(file=io.StringIO(), width=160)
     report = run_ab("b82801c", REPEAT, 1, out, console=console, full_table=False,
-                    only=frozenset({"established", "syn", "syn6"}))
+                    only=frozenset({"established", "syn", "syn6", "gue"}))
     assert report["ok"], report["failures"]
+    assert "gue" not in report["ab"]  # a build before GUE has no GUE case to compare
     saved = json.loads(out.read_text())
     assert saved["settings"]["old_commit"].startswith("b82801c")
     assert {"established", "syn", "syn6", "encap"} <= set(saved["ab"])

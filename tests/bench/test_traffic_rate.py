@@ -1,6 +1,7 @@
-"""The traffic-rate benchmark's generator and its two measurements, small:
+"""The traffic-rate benchmark's generator and its measurements, small:
 every frame generated comes back through the LB (and the reflector) and, end
-to end, reaches the backends."""
+to end, reaches the backends; every SYN of the new-connections stream makes a
+connection-table entry."""
 import pytest
 
 from bench import traffic
@@ -17,5 +18,12 @@ def test_generator_frames_pass_the_lb_and_the_reflector_and_reach_the_backends()
     assert res["balancer"]["returned"] == 5000
     assert 5000 <= res["reflector"]["returned"] <= 5010  # plus a stray neighbour message at most
     assert res["ratio"] > 0
+    # new connections: every SYN came back, each a new flow with its own entry
+    conn = res["connections"]
+    assert conn["balancer"]["sent"] == conn["reflector"]["sent"] == 5000
+    assert conn["balancer"]["returned"] == 5000
+    assert conn["balancer"]["ct_insert"] == 5000
+    assert 5000 <= conn["reflector"]["returned"] <= 5010
+    assert conn["ratio"] > 0
     for case in ("P1", "P4"):  # iperf3 ran both ways
         assert res["iperf3"][case]["lb_gbps"] > 0 and res["iperf3"][case]["direct_gbps"] > 0

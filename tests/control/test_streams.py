@@ -185,3 +185,26 @@ def test_health_watches_take_stream_slots_free_them_and_end_at_sigterm(tmp_path)
                 assert "stopping" in e.value.details()
     finally:
         s.cleanup()
+
+
+def test_a_watch_of_a_vip_ends_when_the_vip_is_deleted(server):  # noqa: F811
+    """A watch of one VIP ends with NOT_FOUND once a commit deletes it; a
+    watch of every VIP goes on."""
+    vid = pb.VipId(address="198.18.10.171", port=80, protocol="tcp")
+    with Client(f"unix:{server.sock}") as c:
+        c.call("AddVip", pb.AddVipRequest(id=vid, backends=[pb.Backend(address="198.18.2.171", weight=1)]))
+        one = c.stub.WatchHealth(pb.WatchHealthRequest(id=vid), timeout=60)
+        every = c.stub.WatchHealth(pb.WatchHealthRequest(), timeout=60)
+        one.initial_metadata()  # both are registered
+        every.initial_metadata()
+        try:
+            c.call("DeleteVip", pb.DeleteVipRequest(id=vid))
+            with pytest.raises(grpc.RpcError) as e:
+                next(one)
+            assert e.value.code() == grpc.StatusCode.NOT_FOUND
+            assert e.value.details() == "VIP 198.18.10.171:80/tcp was deleted"
+            time.sleep(0.5)
+            assert not every.done()
+        finally:
+            one.cancel()
+            every.cancel()

@@ -79,11 +79,14 @@ def test_iperf3_parallel_tcp_and_udp_work_through_a_client_affinity_group(bed, l
 
 def test_a_tcp_burst_through_the_lb_loses_no_frame_on_the_lb_link(bed, lb, iperf_servers):
     """Eight iperf3 streams at full speed: the router's end of the LB link
-    queues (pfifo) instead of dropping what the LB's ring cannot take at once
-    (without it: thousands of drops and retransmits per run)."""
+    queues instead of dropping what the LB's ring cannot take at once
+    (without a qdisc: thousands of drops and retransmits per run), and its
+    queue is deep enough for the LB's NAPI thread to be scheduled out a
+    while on a shared CPU (with 1,000 packets: thousands of drops)."""
     vip = iperf_servers
     backends = {b.addr4: 1 for b in bed.backends}
     before = bed.router.run(bed.router.link_stats, "lb")
+    queued = bed.router.qdisc_stats("lb")
     with lb.vip(vip, backends, port=0, protocol="tcp", flags=["client_affinity"]), \
             lb.vip(vip, backends, port=0, protocol="udp", flags=["client_affinity"]):
         doc = _iperf(bed.clients[0], vip, "-P", "8", "-t", "4")
@@ -91,3 +94,4 @@ def test_a_tcp_burst_through_the_lb_loses_no_frame_on_the_lb_link(bed, lb, iperf
     assert doc["end"]["sum_received"]["bytes"] > 0
     assert after["tx_packets"] - before["tx_packets"] > 10_000  # the burst went this way
     assert after["tx_dropped"] - before["tx_dropped"] == 0
+    assert bed.router.qdisc_stats("lb")["drops"] - queued["drops"] == 0

@@ -309,6 +309,15 @@ def test_probe_marks_carry_the_tag_and_the_index():
             probe_mark(bad)
 
 
+def test_a_gue_probe_mark_sets_a_bit_outside_the_index_and_the_tag():
+    gue = probe_mark(7, gue=True)
+    assert gue == consts.PROBE_MARK_TAG | consts.PROBE_MARK_GUE | 7
+    assert gue & consts.PROBE_MARK_MASK == consts.PROBE_MARK_TAG  # still a probe
+    assert gue & consts.PROBE_INDEX_MASK == 7  # still backend 7
+    assert consts.PROBE_MARK_GUE & (consts.PROBE_MARK_MASK | consts.PROBE_INDEX_MASK) == 0
+    assert probe_mark(consts.PROBE_INDEX_MASK, gue=True) & consts.PROBE_INDEX_MASK == consts.PROBE_INDEX_MASK
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="SO_MARK needs CAP_NET_ADMIN")
 def test_a_marked_probe_connects(prober, server):
     prober.set_targets([Target("m", LOCAL, server.tcp_port, mark=probe_mark(3), rise=1, **FAST)])
@@ -328,3 +337,65 @@ def test_stop_ends_the_thread_with_probes_in_flight(server):
         assert not any(t.name == "l4lb-prober" and t.is_alive() for t in threading.enumerate())
     finally:
         s.close()
+
+
+def test_cpu_times_count_the_probers_thread_only(prober, server):
+    """The prober's own CPU: it grows while probes run, and work on another
+    thread of the process does not move it."""
+    total0, user0, system0 = prober.cpu_times()
+    busy_until = time.thread_time() + 0.3
+    while time.thread_time() < busy_until:  # 0.3 s of CPU on this thread
+        pass
+    total1, _, _ = prober.cpu_times()
+    assert total1 - total0 < 0.1
+    prober.set_targets([Target(i, LOCAL, server.tcp_port, interval=0.01, rise=1) for i in range(50)])
+    time.sleep(0.5)
+    total2, user2, system2 = prober.cpu_times()
+    assert total2 > total1
+    assert user2 + system2 >= user0 + system0
+
+
+class Answerer:
+    """A listener on 127.0.0.1 that answers every connection with the given
+    pieces (a pause between them), then closes, whatever was asked."""
+
+    def __init__(self, pieces):
+        self.sock = socket.socket()
+        self.sock.bind((LOCAL, 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self.pieces = pieces
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with contextlib.suppress(OSError), conn:
+                conn.recv(4096)
+                for piece in self.pieces:
+                    conn.sendall(piece)
+                    time.sleep(0.02)
+
+    def close(self):
+        self.sock.close()
+
+
+@pytest.mark.parametrize("pieces,up,reason", [
+    ([], False, "closed without an answer"),
+    ([b"garbage\r\n"], False, "no HTTP status line: b'garbage\\r\\n'"),
+    ([b"X" * 3000], False, "HTTP status line too long"),
+    ([b"HTTP/1.1 2", b"00 OK\r\n"], True, "HTTP 200"),
+    ([b"HTTP/1.0 204 No Content"], True, "HTTP 204"),  # no line end before the close
+], ids=["closed", "garbage", "too-long", "in-pieces", "no-newline"])
+def test_http_answers_are_judged_as_they_arrive(prober, pieces, up, reason):
+    a = Answerer(pieces)
+    try:
+        prober.set_targets([Target("a", LOCAL, a.port, kind="http", http_codes=frozenset({200, 204}),
+                                   rise=1, fall=1, **FAST)])
+        wait_for(lambda: prober.rec.of("a"))
+        assert prober.rec.of("a")[0] == (up, reason)
+    finally:
+        a.close()

@@ -412,6 +412,22 @@ static __always_inline int next_hop_fib(struct xdp_md *ctx, const struct pkt *p,
     return action;
 }
 
+/* An encapsulated packet sent to backend idx: tx, ICMP errors forwarded,
+ * and the backend's packets and bytes (len: the frame as received). */
+static __always_inline void count_sent(const struct pkt *p, struct global_stats *gs, __u32 idx,
+                                       __u64 len)
+{
+    struct backend_stats *bs = backend_stats.lookup(&idx);
+
+    if (p->icmp_error)
+        gs->icmp_fwd++;
+    gs->tx++;
+    if (bs) {
+        bs->packets++;
+        bs->bytes += len;
+    }
+}
+
 /* Sends a VIP packet to backend b (index idx): the too-big check,
  * encapsulation (vflags: the VIP's flags, which name it), counters. */
 static __always_inline int forward(struct xdp_md *ctx, struct pkt *p, __u32 idx,
@@ -419,7 +435,6 @@ static __always_inline int forward(struct xdp_md *ctx, struct pkt *p, __u32 idx,
                                    struct global_stats *gs, __u32 hash, __u32 vflags)
 {
     __u64 len = ctx->data_end - ctx->data; /* as received: the bytes vip_stats counts */
-    struct backend_stats *bs;
     int action;
 
     if (too_big_for(p, b, cfg, vflags)) {
@@ -450,18 +465,14 @@ static __always_inline int forward(struct xdp_md *ctx, struct pkt *p, __u32 idx,
         return XDP_DROP;
     }
     if (cfg->next_hop == NEXT_HOP_FIB) {
-        action = next_hop_fib(ctx, p, b->family, idx, cfg, gs);
-        if (action != XDP_TX && action != XDP_REDIRECT)
-            return action; /* its own counters moved */
+        /* the next hop is asked once, in balancer(), whichever path got here:
+         * one copy of that code, out of the way of the paths inlined here */
+        p->fib_pending = 1;
+        p->outer_family = b->family;
+        p->rx_len = len;
+        return action;
     }
-    if (p->icmp_error)
-        gs->icmp_fwd++;
-    gs->tx++;
-    bs = backend_stats.lookup(&idx);
-    if (bs) {
-        bs->packets++;
-        bs->bytes += len;
-    }
+    count_sent(p, gs, idx, len);
     return action;
 }
 
@@ -633,6 +644,11 @@ int balancer(struct xdp_md *ctx)
     if (!gs || !cfg || !cfg->configured)
         return XDP_PASS;
     action = decide(ctx, &p, cfg, gs);
+    if (p.fib_pending) { /* next_hop fib: an encapsulated packet's next hop */
+        action = next_hop_fib(ctx, &p, p.outer_family, p.backend, cfg, gs);
+        if (action == XDP_TX || action == XDP_REDIRECT)
+            count_sent(&p, gs, p.backend, p.rx_len);
+    }
     /* off: one test of a word the packet's path has read already; a packet
      * redirected to another interface is sent as any other: a "tx" copy */
     if (cfg->capture)

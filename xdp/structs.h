@@ -248,4 +248,8 @@ struct pkt {
     __u8 icmp_error;      /* the packet is an ICMP error about a VIP flow */
     __u32 vip;            /* vip_id + 1 once the VIP is known (capture filters); 0: none */
     __u32 backend;        /* the backend index once chosen; 0: none */
+    __u32 rx_len;         /* the frame's length as received (the bytes backend_stats counts) */
+    __u8 fib_pending;     /* next_hop fib: encapsulated, the next hop still to ask (balancer()) */
+    __u8 outer_family;    /* FAMILY_V4 or FAMILY_V6: the outer header's, once encapsulated */
+    __u16 pad;
 };

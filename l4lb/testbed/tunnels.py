@@ -144,6 +144,7 @@ def take_decap():
     else:
         decap.set_endpoints(prog, ())
     prog.ifname = prog.attach_mode = None
+    prog.attached.clear()  # where it was went with its testbed's namespaces
     return prog
 
 

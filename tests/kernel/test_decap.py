@@ -232,3 +232,37 @@ def test_gue_to_an_address_without_a_gue_port_passes_untouched(decap):
 def test_gue_with_a_truncated_inner_header_is_dropped(decap, pkt):
     verdict, _, counted = decap.run(pkt)
     assert verdict == "DROP" and counted == {"malformed": 1}
+
+
+def test_a_pooled_decap_program_forgets_the_interfaces_of_a_namespace_gone():
+    """The testbed hands loaded decap programs from one testbed to the next.
+    One that was on an interface of a namespace since removed (the program
+    left it with the namespace) is taken again, attached and detached in
+    another: detach takes it off there, and does not look for the old one."""
+    from l4lb import netlink  # noqa: PLC0415
+    from l4lb.testbed.common import PREFIX  # noqa: PLC0415
+    from l4lb.testbed.namespaces import Node, create_ns, next_tag, remove_ns  # noqa: PLC0415
+    from l4lb.testbed.tunnels import give_back, take_decap  # noqa: PLC0415
+
+    tag = next_tag()
+    prog = take_decap()
+    try:
+        for role in ("gone", "here"):
+            ns = f"{PREFIX}-{tag}-{role}"
+            create_ns(ns)
+            node = Node(role, ns)
+            try:
+                node.ipr.link("add", ifname=f"d{role}", kind="veth", peer={"ifname": f"p{role}"})
+                for ifname in (f"d{role}", f"p{role}"):
+                    node.ipr.link("set", index=node.index(ifname), state="up")
+                node.run(prog.attach, f"d{role}", "native")
+                if role == "here":
+                    node.run(prog.detach)
+                    assert node.run(netlink.xdp_program, f"d{role}") is None
+            finally:
+                node.close()
+                remove_ns(ns)
+            give_back(prog)
+            prog = take_decap()
+    finally:
+        give_back(prog)

@@ -165,8 +165,9 @@ class Balancer:
         if setup is not None:
             setup(self.state)
         self.dp.set_portless(self.lbstate.portless)
-        self.conntrack = self.prog.table(code.consts.MAP_CONNTRACK)
-        self.conntrack6 = self.prog.table(code.consts.MAP_CONNTRACK6)
+        # each build's own view of its tables (a hash map, or an array of buckets)
+        self.conntrack = self.dp.conntrack_table(code.consts.FAMILY_V4)
+        self.conntrack6 = self.dp.conntrack_table(code.consts.FAMILY_V6)
 
     def stats(self, vip: VipKey | None) -> tuple[dict[str, int], int]:
         packets = 0

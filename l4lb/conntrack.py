@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import ctypes
 
-import mmh3
 import numpy as np
 
 from . import consts, libbpf
@@ -39,11 +38,18 @@ def bucket2(h: int, buckets: int) -> int:
 
 
 def key_hash(raw: bytes) -> int:
-    """The flow hash of a key's bytes (flow4_key, or flow_key with its family
-    left out): xdp/hash.h flow_hash over the whole 5-tuple."""
-    if len(raw) == 40:
-        raw = raw[:37] + b"\0\0\0"
-    return mmh3.hash(raw, consts.FLOW_HASH_SEED, signed=False)
+    """xdp/conntrack.h ct_key_hash of a key's bytes (flow4_key or flow_key):
+    FNV-1a over its little-endian 32-bit words, then murmur's finalizer."""
+    h = 0x811C9DC5
+    for i in range(0, len(raw), 4):
+        h = ((h ^ int.from_bytes(raw[i:i + 4], "little")) * 0x01000193) & _MASK32
+    h ^= len(raw) // 4
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & _MASK32
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & _MASK32
+    h ^= h >> 16
+    return h
 
 
 class CtTable:

@@ -203,8 +203,7 @@ static __always_inline const __u32 *ct_key_of(const struct pkt *p, struct flow4_
 /* An established flow: its connection-table entry says where it goes, as
  * long as the VIP is still the one that made the entry (same generation),
  * the backend is still the one it named and the VIP still lists it, and a
- * UDP entry has not expired. `fh` is the hash of the whole 5-tuple (it names
- * the flow's buckets). Returns 0 with the backend (and its index), VIP and
+ * UDP entry has not expired. `fh` names the flow's buckets (ct_key_hash). Returns 0 with the backend (and its index), VIP and
  * hash. */
 static __always_inline int ct_lookup(struct pkt *p, const struct lb_config *cfg,
                                      struct global_stats *gs, __u32 fh, struct backend **out,
@@ -409,9 +408,10 @@ static __always_inline int balance(struct xdp_md *ctx, struct pkt *p, const stru
     struct vip_meta *vip;
     struct backend *b;
     __u32 vip_id, hash, idx;
-    /* the whole 5-tuple's hash: the flow's connection-table buckets, and the
-     * backend pick of a VIP that hashes every field */
-    __u32 fh = flow_hash(&p->flow, p->flow.sport, p->flow.dport, p->flow.proto);
+    struct flow4_key k4;
+    /* the hash that names the flow's connection-table buckets */
+    __u32 fh = p->flow.family == FAMILY_V4 ? ct_key_hash(ct_key_of(p, &k4), CT_KEY4_WORDS)
+                                           : ct_key_hash((const __u32 *)&p->flow, CT_KEY6_WORDS);
 
     /* a SYN always takes a fresh pick: a reused 5-tuple is a new connection */
     if (!syn && !ct_lookup(p, cfg, gs, fh, &b, &idx, &vip_id, &hash)) {
@@ -428,8 +428,7 @@ static __always_inline int balance(struct xdp_md *ctx, struct pkt *p, const stru
     vip_id = vip->vip_id;
     p->vip = vip_id + 1;
     count_vip(ctx, vip_id);
-    hash = (vip->flags & (VIP_F_NO_SPORT | VIP_F_CLIENT_AFFINITY)) ? vip_flow_hash(&p->flow, vip->flags)
-                                                                   : fh;
+    hash = vip_flow_hash(&p->flow, vip->flags);
     if (pick_backend(p, vip, cfg, gs, hash, fh, &b, &idx)) {
         gs->no_backend++;
         return XDP_DROP;

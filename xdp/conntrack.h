@@ -3,8 +3,7 @@
  * CPUs. Finding and writing an entry calls no helper: the verifier inlines an
  * array lookup, and the rest is loads, compares and stores.
  *
- * Where a flow lives: its 5-tuple's hash (flow_hash, all fields) names two
- * buckets; the flow goes to the first bucket while it has an empty way, else
+ * Where a flow lives: its key's hash (ct_key_hash) names two buckets; the flow goes to the first bucket while it has an empty way, else
  * to the second. The data plane never empties a way (user space deletes by
  * clearing the backend and keeping the key), so a first bucket with an empty
  * way proves that the flow is not in its second bucket: most lookups read one
@@ -34,6 +33,20 @@
 #define CT_KEY4_WORDS (sizeof(struct flow4_key) / 4)
 #define CT_KEY6_WORDS (sizeof(struct flow_key) / 4)
 #define ct_barrier() asm volatile("" ::: "memory")
+
+/* The hash that names a flow's buckets: FNV-1a over the key's 32-bit words,
+ * then murmur's finalizer (one multiply a word: every established packet
+ * computes it; l4lb/conntrack.py computes the same). */
+static __always_inline __u32 ct_key_hash(const __u32 *k, __u32 words)
+{
+    __u32 h = 0x811c9dc5u;
+
+#pragma unroll
+    for (int i = 0; i < CT_KEY6_WORDS; i++)
+        if (i < words)
+            h = (h ^ k[i]) * 0x01000193u;
+    return murmur_final(h, words);
+}
 
 /* The two buckets of a flow hash: (h * buckets) >> 32, for the second bucket
  * after a murmur-style mix with CT_SEED2 (l4lb/conntrack.py computes the same). */

@@ -86,12 +86,11 @@ struct ct_entry {
                         * a TCP entry's is written at most once per CT_REFRESH_NS */
 };
 
-/* One way of the connection table: a flow and its entry. An IPv4 way fills
- * one cache line, so that a hit in a bucket's first way reads one line. */
+/* One way of the connection table: a flow and its entry (IPv4: 48 bytes, so
+ * that a hit in a bucket's first way, the most common, reads one line). */
 struct ct_way4 {
     struct flow4_key key;
     struct ct_entry e;
-    __u64 pad[2];
 };
 
 struct ct_way6 {

@@ -1,7 +1,7 @@
 """Where a SYN's time goes: the same SYN path with its connection-table bucket
 in cache and out of it, for the working tree and another commit, interleaved.
 
-    .venv/bin/python -m bench.syncache --against b82801c [--rounds 5] [--runs 20000]
+    .venv/bin/python -m bench.syncache --against b82801c [--rounds 5] [--runs 20000] [--ct-size N]
 
 "hot": the SYNs of 1,000 flows over and over (each SYN takes a fresh pick and
 writes its flow's entry again, in a bucket or node that is in cache); "new":
@@ -31,11 +31,12 @@ def main(argv=None) -> int:
     ap.add_argument("--against", default="b82801c")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--runs", type=int, default=20_000)
+    ap.add_argument("--ct-size", type=int, default=CT_SIZE, help="flows the tables are sized for")
     args = ap.parse_args(argv)
     pin_to_cpu(None)
     ref = RefCode(args.against)
     harness = Harness()
-    cap = consts.Capacity(max_vips=8, max_backends=64, ct_size=CT_SIZE)
+    cap = consts.Capacity(max_vips=8, max_backends=64, ct_size=args.ct_size)
     lbs = {"working tree": Balancer(cap, add_vips, worktree()), args.against: Balancer(cap, add_vips, ref.code)}
     syn = tcp4_frame(CLIENT4, VIP4, "S", 40000)
     out = {(name, kind): [] for name in lbs for kind in ("hot", "new")}

@@ -63,10 +63,10 @@ def delete_keys(table, keys: bytes) -> int:
 
 def flow_keys(table, frame: bytes, vary: Vary, first: int, n: int,
               newest_first: bool = True) -> bytes:
-    """Connection-table keys of the flows the harness makes from `frame` with
-    flow numbers first .. first+n-1 (IPv4 or IPv6 TCP/UDP frames; with vary.wrap
-    the numbers cycle), packed in the map's key layout (taken from the compiled
-    program)."""
+    """Connection-table keys of the flows the harness makes from `frame` in n
+    runs from flow number `first` (vary.numbers(): first, first + stride, ...,
+    cycling with vary.wrap; IPv4 or IPv6 TCP/UDP frames), packed in the map's key
+    layout (taken from the compiled program)."""
     pkt = Ether(frame)
     if IP in pkt:
         ip, alen, src_in_ip, hdr_len = pkt[IP], 4, 12, pkt[IP].ihl * 4
@@ -92,8 +92,7 @@ def flow_keys(table, frame: bytes, vary: Vary, first: int, n: int,
     if hasattr(key_t, "family"):
         base[key_t.family.offset] = 4 if alen == 4 else 6
 
-    flows = np.arange(first, first + n, dtype=np.uint64)
-    flows = flows % vary.wrap if vary.wrap else flows & 0xFFFFFFFF
+    flows = vary.numbers(first, n)
     sport = ((l4.sport + (flows & 0xFFFF)) & 0xFFFF).astype(np.uint16)
     a = key_t.src.offset + (vary.addr_off - src_off)
     word = int.from_bytes(frame[vary.addr_off:vary.addr_off + 2], "big")

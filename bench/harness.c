@@ -14,7 +14,11 @@
  *   3. optionally give the flow a new identity (TCP/UDP source port, then a
  *      16-bit word of the source address), so that every run is a new flow,
  *      with the checksums updated; the flow numbers may cycle through a fixed set
- *      of flows (`wrap`), so that every run hits another of a resident population;
+ *      of flows (`wrap`), so that every run hits another of a resident population,
+ *      `stride` apart: a stride coprime with `wrap` visits every flow once per
+ *      cycle, and a large one visits them in an order unrelated to the order
+ *      they were made in (real traffic does not visit flows in the order the
+ *      table allocated their entries);
  * and then tail-calls the program under test (slot 0 of `target`).
  * Programs that move the tail (bpf_xdp_adjust_tail) or change bytes past
  * COPY_MAX are out of its reach; the benchmark's checks (the head moves
@@ -39,7 +43,9 @@ struct harness_state {
     __u16 ipcsum_off;   /* offset of the IPv4 header checksum; 0: none (IPv6) */
     __u16 l4csum_off;   /* offset of the TCP/UDP checksum; 0: none */
     __u32 flow;         /* the next run's flow number: sport += low 16 bits, address += high 16 */
-    __u32 wrap;         /* flow numbers run 0 .. wrap-1 and start again (flows that stay resident); 0: never */
+    __u32 wrap;         /* flow numbers stay in 0 .. wrap-1 (flows that stay resident); 0: any u32 */
+    __u32 stride;       /* added to the flow number after each run (modulo wrap); < wrap when set */
+    __u32 pad;
     __u64 runs;         /* runs through the harness */
     __u64 moved;        /* runs that found the head moved by the previous run and moved it back */
     __s64 moved_bytes;  /* the sum of those moves: 20 per run after a 4in4 encapsulation */
@@ -129,10 +135,11 @@ int harness(struct xdp_md *ctx)
     }
 
     if (s->sport_off) {
-        __u32 flow = s->flow++;
+        __u32 flow = s->flow;
 
-        if (s->flow == s->wrap)
-            s->flow = 0;
+        s->flow = flow + s->stride;
+        if (s->wrap && s->flow >= s->wrap)
+            s->flow -= s->wrap;
 
         if (bump16(data, data_end, s->sport_off, flow & 0xffff, 0, s->l4csum_off, 0))
             goto bad;

@@ -8,9 +8,12 @@ output. See harness.c for what it does on every run."""
 from __future__ import annotations
 
 import ctypes
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from l4lb import libbpf
 from l4lb.bpf import Program, compile_program
@@ -30,21 +33,49 @@ def load_program(source: str, fn_name: str, cflags: list[str] | None = None) -> 
 class Vary:
     """Byte offsets in the frame of what the harness changes to make every run a new flow:
     the source port gets the flow number's low 16 bits, the source address's last
-    16-bit word its high 16 bits; the checksums that cover them are updated. With
-    `wrap`, flow numbers cycle through 0 .. wrap-1 (a resident population of flows)."""
+    16-bit word its high 16 bits; the checksums that cover them are updated. After each
+    run the flow number grows by `stride`; with `wrap`, modulo wrap (a resident
+    population of flows, visited in the order that stride gives: see cycled())."""
 
     sport_off: int
     addr_off: int = 0
     ipcsum_off: int = 0
     l4csum_off: int = 0
     wrap: int = 0
+    stride: int = 1
+
+    def __post_init__(self):
+        if self.wrap and not (0 < self.stride < self.wrap or self.stride == self.wrap == 1):
+            raise ValueError(f"stride {self.stride}: give 1 .. wrap-1 (wrap {self.wrap})")
+        if self.wrap and math.gcd(self.stride, self.wrap) != 1:
+            raise ValueError(f"stride {self.stride} shares a factor with wrap {self.wrap}: "
+                             "some flows would never be visited")
 
     def after(self, flow: int, runs: int) -> int:
         """The flow number after `runs` runs from `flow`."""
-        return (flow + runs) % self.wrap if self.wrap else (flow + runs) & 0xFFFFFFFF
+        n = flow + runs * self.stride
+        return n % self.wrap if self.wrap else n & 0xFFFFFFFF
 
-    def cycled(self, wrap: int) -> "Vary":
-        return Vary(self.sport_off, self.addr_off, self.ipcsum_off, self.l4csum_off, wrap)
+    def numbers(self, first: int, n: int) -> "np.ndarray":
+        """The flow numbers of n runs from `first`, in the order the harness makes them."""
+        flows = np.uint64(first) + np.arange(n, dtype=np.uint64) * np.uint64(self.stride)
+        return flows % np.uint64(self.wrap) if self.wrap else flows & np.uint64(0xFFFFFFFF)
+
+    def cycled(self, wrap: int, scattered: bool = True) -> "Vary":
+        """The same offsets, the flow numbers cycling through 0 .. wrap-1. scattered: in an
+        order unrelated to the numbers' own, a stride near wrap * 0.618 (the golden ratio's
+        fraction, which keeps any few consecutive visits far apart in the population) and
+        coprime with wrap, so that every flow is visited once per cycle. A table that
+        allocates entries in the order flows are made (the kernel's LRU hash takes its
+        nodes off a free list) would otherwise be read in memory order, prefetched, which
+        real traffic, the packets of many flows interleaved, never does."""
+        stride = 1
+        if scattered and wrap > 2:
+            stride = round(wrap * (math.sqrt(5) - 1) / 2)
+            while math.gcd(stride, wrap) != 1:
+                stride += 1
+        return Vary(self.sport_off, self.addr_off, self.ipcsum_off, self.l4csum_off, wrap,
+                    stride)
 
     def apply(self, frame: bytes, flow: int) -> bytes:
         """The frame as the harness leaves it for flow number `flow` (for checks)."""
@@ -142,6 +173,7 @@ class Harness:
                 v.ipcsum_off, v.l4csum_off = vary.ipcsum_off, vary.l4csum_off
                 v.flow = vary.after(flow, 0)
                 v.wrap = vary.wrap
+                v.stride = vary.stride
             ctypes.memmove(v.bytes, frame, copy_len)
             values[cpu] = v
         t[t.Key(0)] = values

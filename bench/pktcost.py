@@ -37,7 +37,18 @@ that every round finds again: `syn` inserts into free entries, handed out in
 the order of the first fill after loading (each round's flows are deleted
 newest first, see ctmap.py); `syn_evict` runs on a second balancer whose table
 was filled once and stays full, so every insert evicts (a long-running LB
-under a flood of new flows)."""
+under a flood of new flows).
+
+The populated cases run on a third balancer whose table holds RESIDENT flows,
+made once by their SYNs in flow-number order. `spread` visits them in another
+order: each run's flow number is the previous one plus a stride near 0.618 x
+RESIDENT, modulo RESIDENT (coprime with it, so a cycle visits every flow once;
+harness.c). Real traffic interleaves the packets of many flows, so no table
+reads its entries in the order it allocated them; a table that takes its
+entries off a free list in order (the kernel's LRU hash) would, with flows
+visited in the order they were made, be read sequentially and prefetched.
+`syn_resident` makes flows never seen: each table puts their entries where it
+puts any new flow's (the LRU hash: the next node of its free list)."""
 from __future__ import annotations
 
 import argparse

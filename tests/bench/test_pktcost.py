@@ -115,9 +115,22 @@ def test_spread_hits_a_different_resident_flow_on_every_run(bench):
     assert ctmap.count(ct) == RESIDENT
     r = bench.measure(case)
     assert r.failures == [] and r.counters == {"tx": REPEAT, "ct_hit": REPEAT}
-    assert r.harness_counts["flow"] == REPEAT and ctmap.count(ct) == RESIDENT
-    # the numbers wrap: the last flows of the population, then the first ones again
-    assert case.vary.after(RESIDENT - 2, 3) == 1
+    assert r.harness_counts["flow"] == case.vary.after(0, REPEAT) and ctmap.count(ct) == RESIDENT
+
+
+def test_spread_visits_every_resident_flow_once_per_cycle_in_an_order_unlike_their_making(bench):
+    case = bench.case("spread")
+    visits = case.vary.numbers(0, RESIDENT)
+    assert sorted(visits.tolist()) == list(range(RESIDENT))
+    # consecutive visits are far apart in the order the flows were made (and their
+    # entries allocated): no table reads its entries in memory order
+    gaps = abs(visits[1:].astype(int) - visits[:-1].astype(int))
+    assert gaps.min() > RESIDENT // 4
+    # the harness makes the same sequence: after a cycle it is back at the first flow
+    assert case.vary.after(0, RESIDENT) == 0
+    bench.harness.load_frame(case.frame, case.vary, flow=0)
+    bench.harness.time(bench.harness.drop.fd, 3)
+    assert bench.harness.counts().flow == case.vary.after(0, 3) == int(visits[3])
 
 
 def test_syn_into_the_full_table_evicts_instead_of_growing(bench):

@@ -29,8 +29,8 @@ EVICT_SLACK = 16  # entries a full LRU table may gain or lose: evictions come in
 # verdict paths of balancer.c: every path moves exactly one of these counters
 VERDICT_COUNTERS = {
     "TX": ("tx", "too_big", "icmp_echo"),
-    "PASS": ("pass",),
-    "DROP": ("no_backend", "icmp_limited", "error", "fragment", "ext_header", "malformed"),
+    "PASS": ("pass", "fib_no_neigh"),
+    "DROP": ("no_backend", "icmp_limited", "error", "fragment", "ext_header", "malformed", "fib_drop"),
 }
 
 
@@ -79,6 +79,9 @@ class Case:
     resident: bool = False      # on the balancer whose table holds a resident population
     may_move: tuple[str, ...] = ()  # counters that may move by any amount (recorded): a table of
                                     # buckets gives up a flow, rarely, when a new flow's buckets are full
+    fib: bool = False           # on the balancer in next_hop fib, run in a namespace of routes
+                                # (l4lb.testbed.FibNet) with its lb0 as the ingress interface
+    encap: str = "ipip"         # the VIP's encapsulation: a build without GUE leaves "gue" cases out
 
 
 def seed_frame(case: Case) -> bytes:
@@ -239,6 +242,8 @@ class Measurer:
         self.next_flow = 0
         self._affinity, self.cpu = pin_to_cpu(cpu)
         self.ncpus = possible_cpus()
+        self.fibnet = None  # FibNet of the fib cases: made after pin_to_cpu, its thread inherits the CPU
+        self.ifindex = 0  # the ingress interface of direct runs (the fib cases': lb0)
 
     def open(self, load) -> None:
         """Loads the harness (unless given) and then calls load(); closes all on failure."""
@@ -255,12 +260,16 @@ class Measurer:
             for lb in {id(lb): lb for lb in self.lbs.values()}.values():
                 lb.close()
         self.lbs = {}
+        if self.fibnet is not None:
+            self.fibnet.close()
+            self.fibnet = None
         if self.harness is not None and self._own_harness:
             self.harness.close()
         os.sched_setaffinity(0, self._affinity)
 
     def lb(self, case: Case) -> Balancer:
-        return self.lbs["full" if case.fill_table else "resident" if case.resident else "main"]
+        return self.lbs["full" if case.fill_table else "resident" if case.resident else
+                        "fib" if case.fib else "main"]
 
     def target_fd(self, case: Case) -> int:
         if case.target == "lb":
@@ -269,7 +278,8 @@ class Measurer:
 
     def direct(self, case: Case, frame: bytes | None = None) -> libbpf.RunResult:
         """One run of the program under test on the frame, without the harness."""
-        return libbpf.run(self.target_fd(case), frame if frame is not None else case.frame)
+        return libbpf.run(self.target_fd(case), frame if frame is not None else case.frame,
+                          ifindex=self.ifindex)
 
     def through_harness(self, case: Case, repeat: int = 1) -> libbpf.RunResult:
         """`repeat` untimed runs through the harness (new flows if the case varies them)."""
@@ -339,8 +349,9 @@ class Measurer:
                 fails.append(f"counter {k}: moved by {v}, expected {want}")
         if case.vip and p1 - p0 != repeat:
             fails.append(f"VIP {case.vip} packets: moved by {p1 - p0}, expected {repeat}")
-        res.verdicts = {name: sum(delta[c] for c in cs)
-                        for name, cs in VERDICT_COUNTERS.items() if sum(delta[c] for c in cs)}
+        # .get: an older build (bench.ref) may not have every counter
+        res.verdicts = {name: sum(delta.get(c, 0) for c in cs)
+                        for name, cs in VERDICT_COUNTERS.items() if sum(delta.get(c, 0) for c in cs)}
         res.verdict_source = "balancer counters"
 
     def prove_verdicts(self, res: RoundResult, case: Case, fails: list[str]) -> None:
@@ -444,13 +455,32 @@ class Measurer:
         return res
 
     # ---- one case, one round ------------------------------------------------------------------
+    def in_namespace(self, case: Case, fn, *args):
+        """fn(*args) where the case runs: a fib case on the FibNet's thread (the FIB
+        the program asks is that of the running thread's namespace), from lb0."""
+        if not case.fib:
+            return fn(*args)
+
+        def inside():
+            self.ifindex = self.harness.ifindex = self.fibnet.lb0
+            try:
+                return fn(*args)
+            finally:
+                self.ifindex = self.harness.ifindex = 0
+        return self.fibnet.node.run(inside)
+
     def measure(self, case: Case, round_no: int = 1) -> RoundResult:
+        return self.in_namespace(case, self._measure, case, round_no)
+
+    def _measure(self, case: Case, round_no: int = 1) -> RoundResult:
         if case.vary and case.vary.wrap:
             return self.measure_spread(case, round_no)
         repeat = self.repeat
         fails: list[str] = []
         lb = self.lb(case) if case.target == "lb" else None
         if case.prime:
+            if case.fib:  # a fresh FIB answer: kept (fib_hops) for the whole timed run
+                lb.dp.bump_fib_gen()
             r = self.direct(case)
             if r.verdict != case.verdict:
                 fails.append(f"priming run: verdict {r.verdict_name}")

@@ -119,9 +119,10 @@ class Timing:
     result: libbpf.RunResult
 
 
-def time_run(prog_fd: int, frame: bytes, repeat: int) -> Timing:
+def time_run(prog_fd: int, frame: bytes, repeat: int, ifindex: int = 0) -> Timing:
+    """ifindex: the ingress interface the program sees (0: the loopback device)."""
     t0 = time.perf_counter_ns()
-    r = libbpf.run(prog_fd, frame, repeat=repeat)
+    r = libbpf.run(prog_fd, frame, repeat=repeat, ifindex=ifindex)
     t1 = time.perf_counter_ns()
     return Timing(r.duration_ns, (t1 - t0) / repeat, r)
 
@@ -137,6 +138,7 @@ class Harness:
         self._target = self.prog.table("target")
         self.frame = b""
         self.vary: Vary | None = None
+        self.ifindex = 0  # the ingress interface of the timed runs (0: the loopback device)
 
     @property
     def fd(self) -> int:
@@ -193,7 +195,7 @@ class Harness:
 
     def time(self, target_fd: int, repeat: int) -> Timing:
         self.set_target(target_fd)
-        return time_run(self.fd, self.frame, repeat)
+        return time_run(self.fd, self.frame, repeat, self.ifindex)
 
     def close(self) -> None:
         for p in (self.prog, self.drop, self.encap):

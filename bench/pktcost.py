@@ -55,7 +55,7 @@ import argparse
 import statistics
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 from scapy.layers.inet import ICMP, IP, TCP, UDP
@@ -71,7 +71,7 @@ from l4lb.state import LbState
 from . import ctmap
 from .balancer import (ICMP_RATE_UNLIMITED, IP_OFF, VARY4, WORKTREE, Balancer, Case, Loaded,
                        Measurer, RoundResult, cost_summary, drop_case, eth, tcp, tcp4_frame)
-from .common import (CLIENT4, RESULTS_DIR, VIP4, finish_report, machine, progress, run_command,
+from .common import (CLIENT4, GW_MAC, RESULTS_DIR, VIP4, finish_report, machine, progress, run_command,
                      table, utc_now)
 from .harness import Harness, Vary
 from .ref import Code, RefCode
@@ -88,6 +88,8 @@ DEFAULT_OUT = RESULTS_DIR / "pktcost.json"
 CLIENT6 = "fd00:198:18::5"
 VIP4_TO_V6 = "198.18.10.11"   # TCP :80, IPv6 backends (4in6)
 VIP6 = "fd00:198:18:10::10"   # TCP :80, IPv6 backends (6in6)
+VIP4_GUE = "198.18.10.13"     # TCP :80, IPv4 backends, encap: gue
+VIP6_GUE = "fd00:198:18:10::13"  # TCP :80, IPv6 backends, encap: gue
 NOT_A_VIP = "198.18.1.1"      # the LB's own link address: XDP_PASS
 VIP_RESIDENT = "198.18.10.12"  # TCP :80, IPv4 backends: the resident flows' VIP
 CLIENT_RESIDENT = "198.18.0.7"  # the resident flows come from 198.18.0.7-10, other ports
@@ -100,6 +102,9 @@ TARGETS = {  # docs: performance targets (ratios from one run on one machine)
     "syn / encap": 5.0,
     "pass / drop": 2.0,
     "syn_evict / encap": 5.0,  # the same target, for a table that is full (steady state)
+    "established_fib / established": 1.3,  # next hop from the kernel's FIB / the static gateway
+    "gue / established": 1.1,  # GUE against IP-in-IP, established TCP, 4in4
+    "gue6 / v6": 1.1,          # the same, 6in6
 }
 
 
@@ -119,10 +124,15 @@ def build_cases() -> list[Case]:
                  Raw(bytes(range(56))))
     syn6 = bytes(eth() / IPv6(src=CLIENT6, dst=VIP6, hlim=64) / tcp("S", 40010))
     spread = tcp4_frame(CLIENT_RESIDENT, VIP_RESIDENT, "A", 1000)
+    gue = tcp4_frame(CLIENT4, VIP4_GUE, "A", 40001)
+    gue6 = bytes(eth() / IPv6(src=CLIENT6, dst=VIP6_GUE, hlim=64) / tcp("A", 40003))
     tcp80 = VipKey(VIP4, 80, "tcp")
     return [
         Case("established", "TCP established (connection-table hit), 4in4", est, "lb", XDP_TX,
              ("tx", "ct_hit"), 20, tcp80, prime=True),
+        Case("established_fib", "TCP established, 4in4, next_hop fib: the FIB's answer kept per "
+             "backend (fib_hops, asked again at each round's start), XDP_TX", est, "lb", XDP_TX, ("tx", "ct_hit"), 20,
+             tcp80, prime=True, fib=True),
         Case("syn", "TCP SYN, a new connection-table entry per run, 4in4", syn, "lb", XDP_TX,
              ("tx", "ct_miss", "ct_insert"), 20, tcp80, vary=VARY4, may_move=("ct_evict",)),
         Case("syn6", "IPv6 TCP SYN, a new connection-table entry per run, 6in6", syn6, "lb",
@@ -143,6 +153,10 @@ def build_cases() -> list[Case]:
              ("tx", "ct_hit"), 40, VipKey(VIP6, 80, "tcp"), prime=True),
         Case("v4_in_v6", "IPv4 VIP, IPv6 backend, TCP established, 4in6", v4in6, "lb", XDP_TX,
              ("tx", "ct_hit"), 40, VipKey(VIP4_TO_V6, 80, "tcp"), prime=True),
+        Case("gue", "TCP established (connection-table hit), GUE 4in4", gue, "lb", XDP_TX,
+             ("tx", "ct_hit"), 28, VipKey(VIP4_GUE, 80, "tcp"), prime=True, encap="gue"),
+        Case("gue6", "IPv6 TCP established, GUE 6in6", gue6, "lb", XDP_TX,
+             ("tx", "ct_hit"), 48, VipKey(VIP6_GUE, 80, "tcp"), prime=True, encap="gue"),
         Case("pass", "packet for no VIP (XDP_PASS)", passing, "lb", XDP_PASS, ("pass",)),
         Case("icmp_echo", "ICMP echo request to a VIP, answered", echo, "lb", XDP_TX,
              ("icmp_echo",)),
@@ -154,15 +168,17 @@ def build_cases() -> list[Case]:
 
 
 def add_vips(state: LbState) -> None:
-    def add(address, port, proto, backends):
+    def add(address, port, proto, backends, encap="ipip"):
         state.add_vip(VipSpec(VipKey.parse(address, port, proto), frozenset(),
-                              {b: 1 for b in backends}))
+                              {b: 1 for b in backends}, encap))
 
     add(VIP4, 80, "tcp", BACKENDS4)
     add(VIP4, 53, "udp", BACKENDS4)
     add(VIP6, 80, "tcp", BACKENDS6)
     add(VIP4_TO_V6, 80, "tcp", BACKENDS6)
     add(VIP_RESIDENT, 80, "tcp", BACKENDS4)
+    add(VIP4_GUE, 80, "tcp", BACKENDS4, "gue")
+    add(VIP6_GUE, 80, "tcp", BACKENDS6, "gue")
 
 
 class PktCost(Measurer):
@@ -187,12 +203,17 @@ class PktCost(Measurer):
         self.resident_capacity = consts.Capacity(
             max_vips=8, max_backends=64, ct_size=(RESIDENT + repeat + 2048) * self.ncpus)
         self.share = self.capacity.ct_size // self.ncpus
+        fib = "next_hop" in {f.name for f in fields(code.dataplane.RuntimeConfig)}  # older builds: no
+        encaps = getattr(code.consts, "ENCAPS", {"ipip": 0})  # builds before GUE: IP-in-IP only
         self.cases = [c for c in build_cases() if (full_table or not c.fill_table) and
-                      (not only or c.name in only or c.target != "lb")]
+                      (not only or c.name in only or c.target != "lb") and c.encap in encaps and
+                      (fib or not c.fib)]
         names = {c.name for c in self.cases}
 
         def load():
             self.lbs["main"] = Balancer(self.capacity, add_vips, code)
+            if any(c.fib for c in self.cases):
+                self.load_fib(code)
             if not names & {"spread", "syn_resident"}:
                 return
             self.lbs["resident"] = Balancer(self.resident_capacity, add_vips, code)
@@ -211,9 +232,21 @@ class PktCost(Measurer):
             # the established flows' entries, made before the SYN case first takes free entries
             for c in self.cases:
                 if c.prime:
-                    self.direct(c)
+                    self.in_namespace(c, self.direct, c)
 
         self.open(load)
+
+    def load_fib(self, code: Code) -> None:
+        """The balancer of the fib cases: the same VIPs in next_hop fib, and the
+        namespace whose routes send the backends (198.18.2.0/26) via R1 on lb0,
+        the ingress interface: XDP_TX, as the static gateway's packets."""
+        from l4lb.testbed import FibNet  # noqa: PLC0415
+
+        self.fibnet = FibNet()
+        lb = self.lbs["fib"] = Balancer(self.capacity, add_vips, code)
+        lb.dp.write_config(code.dataplane.RuntimeConfig(
+            gateway_mac=GW_MAC, new_flow_rate=0, icmp_rate=ICMP_RATE_UNLIMITED, next_hop="fib"))
+        self.fibnet.node.run(lb.dp.set_tx_ports, [self.fibnet.lb0])
 
     def case(self, name: str) -> Case:
         for c in self.cases:
@@ -246,6 +279,11 @@ def summarize(results: dict[str, list[RoundResult]]) -> dict:
     }
     if "syn_evict" in summary:
         ratios["syn_evict / encap"] = net_and_gross("syn_evict", "encap")
+    if "established_fib" in summary:
+        ratios["established_fib / established"] = net_and_gross("established_fib", "established")
+    for gue, ipip in (("gue", "established"), ("gue6", "v6")):  # measured in the same rounds
+        if gue in summary and ipip in summary:
+            ratios[f"{gue} / {ipip}"] = net_and_gross(gue, ipip)
     for name, r in ratios.items():
         r["target"] = TARGETS[name]
     return {"cases": summary, "ratios": ratios}
@@ -437,7 +475,10 @@ def run_ab(against: str, repeat: int, rounds: int, out: Path | None, cpu: int | 
                                code=ref.code, only=only))
         console.print(f"pinned to CPU {benches[0].cpu}; ready in {time.time() - started:.1f} s")
         results = [{c.name: [] for c in b.cases} for b in benches]
-        cases = benches[0].cases
+        # the cases both builds have (one without GUE has no GUE cases, one without
+        # next_hop fib no fib case)
+        cases = [c for c in benches[0].cases if c.name in results[1]]
+        results[0] = {c.name: results[0][c.name] for c in cases}
         with progress(console) as prog:
             task = prog.add_task("measuring", total=rounds * len(cases) * 2)
             for rnd in range(1, rounds + 1):

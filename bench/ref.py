@@ -52,8 +52,11 @@ class Code:
         return self.model.VipKey.parse(key.address, key.port, key.protocol)
 
     def vip_spec(self, spec):
+        """The spec in this build's own type; the encapsulation where the build has it
+        (builds before GUE only know IP-in-IP)."""
+        extra = {"encap": spec.encap} if hasattr(self.consts, "ENCAPS") else {}
         return self.model.VipSpec(self.vip_key(spec.key), frozenset(spec.flags),
-                                  dict(spec.backends))
+                                  dict(spec.backends), **extra)
 
     def clear(self, dp) -> None:
         """Every map of a loaded balancer back to empty (older builds kept this in

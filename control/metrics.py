@@ -43,6 +43,8 @@ VERDICTS = {
     "ext_header": ("drop", "ipv6_extension_header"),
     "malformed": ("drop", "malformed"),
     "error": ("drop", "error"),
+    "fib_no_neigh": ("pass", "fib_no_neighbour"),
+    "fib_drop": ("drop", "fib_no_route"),
 }
 # global_stats field -> event of l4lb_conntrack_events_total
 CT_EVENTS = {"ct_hit": "hit", "ct_miss": "miss", "ct_stale": "stale", "ct_insert": "insert",

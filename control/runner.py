@@ -51,7 +51,7 @@ def run(args) -> int:
 
 def _run(args, tls, exporter, table) -> int:
     opts = NodeOptions(
-        interface=args.interface,
+        interface=args.interface[0], more_interfaces=tuple(args.interface[1:]), next_hop=args.next_hop,
         capacity=consts.Capacity(max_vips=args.max_vips, max_backends=args.max_backends,
                                  ct_size=args.ct_size, ring_size=args.ring_size),
         state_dir=Path(args.state_dir), attach_mode=args.attach_mode, force=args.force,

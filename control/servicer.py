@@ -85,7 +85,7 @@ def health_from_msg(m: pb.HealthCheck, what: str = "health"):
 def vip_msg(v, stats: dict | None = None, probes: dict | None = None) -> pb.Vip:
     weights, panic = v.effective()
     msg = pb.Vip(id=pb.VipId(address=v.key.address, port=v.key.port, protocol=v.key.protocol),
-                 flags=sorted(v.flags), vip_id=v.vip_id, panic=panic)
+                 flags=sorted(v.flags), vip_id=v.vip_id, panic=panic, encap=v.encap)
     add = msg.backends.add
     counts = (stats or {}).get("backends", {})
     if not v.health:
@@ -171,7 +171,8 @@ class LoadBalancerServicer(pb_grpc.LoadBalancerServicer):
     @rpc
     def AddVip(self, request, context):
         key = vip_key(request.id if request.HasField("id") else None)
-        v = self.ctrl.add_vip(key, list(request.flags), [(b.address, b.weight) for b in request.backends])
+        v = self.ctrl.add_vip(key, list(request.flags), [(b.address, b.weight) for b in request.backends],
+                              request.encap)
         return vip_msg(v)
 
     @rpc
@@ -193,7 +194,7 @@ class LoadBalancerServicer(pb_grpc.LoadBalancerServicer):
     @rpc
     def ModifyVip(self, request, context):
         key = vip_key(request.id if request.HasField("id") else None)
-        return vip_msg(self.ctrl.modify_vip(key, list(request.flags)))
+        return vip_msg(self.ctrl.modify_vip(key, list(request.flags), request.encap))
 
     @rpc
     def AddBackends(self, request, context):
@@ -319,6 +320,7 @@ class LoadBalancerServicer(pb_grpc.LoadBalancerServicer):
         return pb.Status(announce_table=ann.table if ann else 0, drained=bool(ann and ann.drained),
                          announced=ann.announced() if ann else [], digests=digests, panic=panic,
                          interface=s["interface"], attach_mode=s["attach_mode"],
+                         interfaces=s["interfaces"], next_hop=s["next_hop"],
                          program_id=s["program_id"], vips=s["vips"], backends=s["backends"],
                          uptime_seconds=s["uptime"], conntrack_used=s["conntrack_used"],
                          capacity=pb.Capacity(max_vips=cap.max_vips, max_backends=cap.max_backends,

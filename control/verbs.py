@@ -75,7 +75,13 @@ def client_for(args):
 
 def add_run(sub) -> None:
     r = sub.add_parser("run", help="load and attach the program, serve gRPC")
-    r.add_argument("--interface", required=True, help="the LB's NIC")
+    r.add_argument("--interface", required=True, action="append",
+                   help="the LB's NIC; repeat it for several (one program and one set of maps on all; "
+                        "the first names the pinned maps and the state)")
+    r.add_argument("--next-hop", choices=sorted(consts.NEXT_HOPS),
+                   help="where encapsulated packets go: gateway (the gateway MAC, XDP_TX) or fib (the "
+                        "kernel's routes and neighbours per packet; needs forwarding on); default: the "
+                        "configuration's next_hop, else the saved state's, else gateway")
     r.add_argument("--config", help="YAML configuration applied at start")
     r.add_argument("--listen", default=DEFAULT_SOCKET,
                    help="unix:PATH, or HOST:PORT with mutual TLS (--tls-cert, --tls-key, --tls-client-ca)")
@@ -113,7 +119,14 @@ def add_vip(sub) -> None:
     a.add_argument("vip", help="ADDRESS[:PORT]/PROTOCOL")
     a.add_argument("--backend", action="append", default=[], help="ADDRESS[=WEIGHT], repeatable")
     a.add_argument("--flag", action="append", default=[], choices=sorted(consts.VIP_FLAGS))
+    a.add_argument("--encap", default=consts.DEFAULT_ENCAP, choices=sorted(consts.ENCAPS),
+                   help="how packets reach the backends: IP-in-IP (default) or GUE, to the node-wide "
+                        f"gue_port (default {consts.DEFAULT_GUE_PORT})")
     a.set_defaults(func=cmd_vip_add)
+    e = vip.add_parser("encap", help="change a VIP's encapsulation (its established flows follow at once)")
+    e.add_argument("vip")
+    e.add_argument("encap", choices=sorted(consts.ENCAPS))
+    e.set_defaults(func=cmd_vip_encap)
     d = vip.add_parser("del", help="delete a VIP")
     d.add_argument("vip")
     d.set_defaults(func=cmd_vip_del)
@@ -121,7 +134,7 @@ def add_vip(sub) -> None:
     s = vip.add_parser("show", help="a VIP with its backends and counters")
     s.add_argument("vip")
     s.set_defaults(func=cmd_vip_show)
-    for p in (a, d, s) + tuple(vip.choices[n] for n in ("list",)):
+    for p in (a, e, d, s) + tuple(vip.choices[n] for n in ("list",)):
         add_connection(p)
 
 
@@ -251,7 +264,7 @@ def cmd_run(args) -> int:
 
 
 def _print_vip(v: pb.Vip, counters: bool = False) -> None:
-    t = Table(title=f"{vip_text(v.id)}  flags: {', '.join(v.flags) or '-'}")
+    t = Table(title=f"{vip_text(v.id)}  flags: {', '.join(v.flags) or '-'}  encap: {v.encap or 'ipip'}")
     t.add_column("backend"), t.add_column("weight", justify="right")
     if counters:
         for col in ("packets", "bytes", "new flows"):
@@ -266,9 +279,18 @@ def _print_vip(v: pb.Vip, counters: bool = False) -> None:
 
 
 def cmd_vip_add(args) -> int:
-    req = pb.AddVipRequest(id=parse_vip(args.vip), flags=args.flag, backends=[parse_backend(b) for b in args.backend])
+    req = pb.AddVipRequest(id=parse_vip(args.vip), flags=args.flag, backends=[parse_backend(b) for b in args.backend],
+                           encap=args.encap)
     with client(args) as c:
         _print_vip(c.call("AddVip", req))
+    return 0
+
+
+def cmd_vip_encap(args) -> int:
+    vid = parse_vip(args.vip)
+    with client(args) as c:
+        flags = list(c.call("GetVip", pb.GetVipRequest(id=vid)).flags)  # ModifyVip takes the whole set
+        _print_vip(c.call("ModifyVip", pb.ModifyVipRequest(id=vid, flags=flags, encap=args.encap)))
     return 0
 
 
@@ -283,10 +305,10 @@ def cmd_vip_list(args) -> int:
     with client(args) as c:
         vips = c.call("ListVips", pb.ListVipsRequest()).vips
     t = Table(title="VIPs")
-    for col in ("vip", "flags", "backends", "draining"):
+    for col in ("vip", "flags", "encap", "backends", "draining"):
         t.add_column(col)
     for v in vips:
-        t.add_row(vip_text(v.id), ",".join(v.flags) or "-", str(len(v.backends)),
+        t.add_row(vip_text(v.id), ",".join(v.flags) or "-", v.encap or "ipip", str(len(v.backends)),
                   str(sum(1 for b in v.backends if b.weight == 0)))
     out.print(t)
     return 0
@@ -472,7 +494,9 @@ def cmd_status(args) -> int:
         s = c.call("GetStatus", pb.GetStatusRequest())
     t = Table(title="l4lb")
     t.add_column("what"), t.add_column("value")
-    rows = [("interface", s.interface), ("attach mode", s.attach_mode), ("program id", str(s.program_id)),
+    rows = [("interface" + ("s" if len(s.interfaces) > 1 else ""), ", ".join(s.interfaces) or s.interface),
+            ("attach mode", s.attach_mode), ("program id", str(s.program_id)),
+            ("next hop", s.next_hop + (" (kernel FIB, per packet)" if s.next_hop == "fib" else "")),
             ("VIPs", f"{s.vips} / {s.capacity.max_vips}"), ("backends", f"{s.backends} / {s.capacity.max_backends}"),
             ("connection table", f"{s.conntrack_used} / {s.capacity.conntrack_entries}"),
             ("ring size", str(s.capacity.ring_size)),

@@ -30,7 +30,7 @@ from typing import Callable
 
 import numpy as np
 
-from . import netlink
+from . import consts, netlink
 from .errors import PersistError, ValidationError
 
 log = logging.getLogger("l4lb.announce")
@@ -226,8 +226,11 @@ def vip_digests(ctrl) -> list[tuple[object, str, str]]:
             ring = hashlib.sha256()
             ring.update(f"{len(slots)}\n{','.join(named)}\n".encode())
             ring.update(lut[np.minimum(slots, lut_size - 1)].astype("<u4").tobytes())
+            # the encapsulation only when it is not the default: digests of IP-in-IP VIPs stay
+            # what nodes without GUE compute
+            extra = [v.encap] if v.encap != consts.DEFAULT_ENCAP else []
             backends = hashlib.sha256(json.dumps(
-                [sorted(v.flags), sorted(v.backends.items())], separators=(",", ":")).encode())
+                [sorted(v.flags), sorted(v.backends.items())] + extra, separators=(",", ":")).encode())
             out.append((key, ring.hexdigest()[:16], backends.hexdigest()[:16]))
     return out
 

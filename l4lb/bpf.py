@@ -107,6 +107,7 @@ class Program:
         self.name = name
         self.ifname: str | None = None
         self.attach_mode: str | None = None
+        self.attached: dict[str, str] = {}  # every interface it is attached to -> mode
 
     @property
     def fd(self) -> int:
@@ -148,13 +149,17 @@ class Program:
                 log.warning("native XDP is not available on %s (%s); attached in generic mode, "
                             "which is much slower", ifname, last)
             self.ifname, self.attach_mode = ifname, name
+            self.attached[ifname] = name
             return name
         raise BpfError(f"cannot attach {self.name} to {ifname}: {last}")
 
     def detach(self) -> None:
-        if not self.ifname:
-            return
-        libbpf.xdp_detach(netlink.ifindex(self.ifname), self.attach_mode)
+        """Detaches from every interface it was attached to (or adopted on)."""
+        if self.ifname and self.ifname not in self.attached:
+            self.attached[self.ifname] = self.attach_mode
+        for ifname, mode in list(self.attached.items()):
+            libbpf.xdp_detach(netlink.ifindex(ifname), mode)
+            del self.attached[ifname]
         self.ifname = self.attach_mode = None
 
     def close(self) -> None:

@@ -36,7 +36,7 @@ def targets(ctrl: Controller) -> list[Target]:
                 tunnel = check.via == "tunnel"
                 out.append(Target(
                     key=(key, addr), address=key.address if tunnel else addr, port=port, kind=check.kind,
-                    mark=probe_mark(model.backends[addr].index) if tunnel else 0,
+                    mark=probe_mark(model.backends[addr].index, vip.encap == "gue") if tunnel else 0,
                     interval=check.interval, timeout=check.timeout, rise=check.rise, fall=check.fall,
                     http_path=check.path, http_host=check.host or None, http_codes=frozenset(check.expect),
                     initial="down" if addr in vip.down else "up"))

@@ -11,12 +11,13 @@ import yaml
 
 from . import consts
 from .dataplane import RuntimeConfig
-from .errors import ConfigError, ValidationError
+from .errors import ConfigError, ValidationError, shown
 from .health import HealthCheck, parse_health
-from .model import VipKey, VipSpec, parse_backends, parse_flags, parse_mac
+from .model import VipKey, VipSpec, parse_backends, parse_encap, parse_flags, parse_gue_port, parse_mac
 
-TOP_KEYS = {"gateway_mac", "encap_source", "mtu", "udp_timeout", "new_flow_rate", "icmp_rate", "vips"}
-VIP_KEYS = {"address", "port", "protocol", "flags", "backends", "health"}
+TOP_KEYS = {"gateway_mac", "next_hop", "encap_source", "mtu", "udp_timeout", "new_flow_rate", "icmp_rate",
+            "gue_port", "vips"}
+VIP_KEYS = {"address", "port", "protocol", "flags", "encap", "backends", "health"}
 MIN_MTU, MAX_MTU = 1280, 9216
 
 
@@ -25,6 +26,7 @@ class LbConfig:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     vips: list[VipSpec] = field(default_factory=list)
     gateway_set: bool = False
+    next_hop_set: bool = False  # the file says next_hop
     health: dict[VipKey, HealthCheck | None] = field(default_factory=dict)  # each VIP's check
 
 
@@ -45,6 +47,13 @@ def _network(value, version: int, what: str):
     if net.version != version:
         raise ValidationError(f"{what}: {value} is not an IPv{version} prefix")
     return net
+
+
+def parse_next_hop(value, what: str) -> str:
+    if not isinstance(value, str) or value not in consts.NEXT_HOPS:
+        raise ValidationError(f"{what}: {shown(str(value))} is not a next-hop mode "
+                              f"(gateway: the gateway MAC; fib: the kernel's routes and neighbours)")
+    return value
 
 
 def parse_config(doc, source: str = "config") -> LbConfig:
@@ -68,6 +77,9 @@ def _parse(doc) -> LbConfig:
     if "gateway_mac" in doc:
         rt.gateway_mac = parse_mac(doc["gateway_mac"], "gateway_mac")
         cfg.gateway_set = True
+    if "next_hop" in doc:
+        rt.next_hop = parse_next_hop(doc["next_hop"], "next_hop")
+        cfg.next_hop_set = True
     if "encap_source" in doc:
         src = doc["encap_source"]
         if not isinstance(src, dict) or set(src) - {"ipv4", "ipv6"}:
@@ -84,6 +96,8 @@ def _parse(doc) -> LbConfig:
         rt.new_flow_rate = _int(doc["new_flow_rate"], "new_flow_rate", 0, 100_000_000)
     if "icmp_rate" in doc:
         rt.icmp_rate = _int(doc["icmp_rate"], "icmp_rate", 0, 1_000_000)
+    if "gue_port" in doc:
+        rt.gue_port = parse_gue_port(doc["gue_port"], "gue_port")
     vips = doc.get("vips")
     vips = [] if vips is None else vips
     if not isinstance(vips, list):
@@ -108,7 +122,8 @@ def _parse(doc) -> LbConfig:
         if not isinstance(backends, list):
             raise ValidationError(f"{w}.backends: expected a list of {{address, weight}}")
         spec = VipSpec(key, parse_flags(v.get("flags"), f"{w}.flags"),
-                       parse_backends(key, backends, f"{w}.backends"))
+                       parse_backends(key, backends, f"{w}.backends"),
+                       parse_encap(v.get("encap"), f"{w}.encap"))
         cfg.health[key] = parse_health(v.get("health"), f"{w}.health")
         cfg.vips.append(spec)
     return cfg

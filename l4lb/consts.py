@@ -43,6 +43,11 @@ VIP_F_NO_CONNTRACK = 1 << 1  # Maglev alone: never read or write the connection 
 VIP_F_CLIENT_AFFINITY = 1 << 2
 VIP_FLAGS = {"no_source_port": VIP_F_NO_SPORT, "no_conntrack": VIP_F_NO_CONNTRACK,
              "client_affinity": VIP_F_CLIENT_AFFINITY}
+# the VIP's encapsulation, a field of its own (`encap`), kept in the same flags word
+# so that an established packet learns it from the lookup it makes anyway
+VIP_F_GUE = 1 << 3  # GUE (variant 1: the inner IP packet right after a UDP header); clear: IP-in-IP
+ENCAPS = {"ipip": 0, "gue": VIP_F_GUE}
+DEFAULT_ENCAP = "ipip"
 
 # --- backend flags (backend.flags) ---------------------------------------------
 BACKEND_F_VALID = 1 << 0  # slot holds a live backend (0: free or removed)
@@ -62,7 +67,8 @@ LOCK_ROOT = "/run/l4lb"  # LOCK_ROOT/<interface>.lock: held by the one process t
 # carries the tag, so marks that other software sets pass untouched.
 PROBE_MARK_TAG = 0x4C400000
 PROBE_MARK_MASK = 0xFFF00000
-PROBE_INDEX_MASK = ~PROBE_MARK_MASK & 0xFFFFFFFF  # up to 1M backends
+PROBE_MARK_GUE = 1 << 19  # the probe leaves in GUE (a probe for a VIP with encap: gue), else IP-in-IP
+PROBE_INDEX_MASK = PROBE_MARK_GUE - 1  # up to 512K backends
 PROBE_TC_PRIO = 0xC4  # the egress filter's priority and handle, so detach finds exactly ours
 PROBE_TC_HANDLE = 0x4C4
 DEFAULT_PROBE_INTERVAL_S = 2.0
@@ -78,6 +84,14 @@ PROTOCOLS = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}
 # --- encapsulation overhead ---------------------------------------------------------
 IPV4_HDR = 20
 IPV6_HDR = 40
+UDP_HDR = 8  # GUE's outer UDP header, on top of the outer IP header
+
+# --- GUE (xdp/encap.h write_gue, xdp/decap.c) ------------------------------------------
+DEFAULT_GUE_PORT = 6080  # UDP destination port of GUE packets, node-wide (`gue_port`)
+# the source port: GUE_SPORT_BASE | (flow hash & GUE_SPORT_MASK), 49152-65535, so that a
+# backend's NIC spreads the flows of one LB over its queues (RSS)
+GUE_SPORT_BASE = 0xC000
+GUE_SPORT_MASK = 0x3FFF
 
 # --- runtime defaults (config map) ------------------------------------------
 DEFAULT_ENCAP_V4 = "198.18.20.0/24"  # outer source prefix of IPv4 tunnels
@@ -86,6 +100,18 @@ DEFAULT_MTU = 1500
 DEFAULT_UDP_TIMEOUT_S = 30
 DEFAULT_NEW_FLOW_RATE = 125000  # new connection-table entries per CPU per second; 0 = no limit
 DEFAULT_ICMP_RATE = 1000  # generated ICMP messages per CPU per second; 0 = none
+
+# --- next hop of encapsulated packets (lb_config.next_hop, xdp/nexthop.h) -------------
+NEXT_HOP_GATEWAY = 0  # the configured gateway MAC, out of the ingress interface (XDP_TX)
+NEXT_HOP_FIB = 1  # the kernel's FIB (bpf_fib_lookup): next hop MAC and egress interface
+NEXT_HOPS = {"gateway": NEXT_HOP_GATEWAY, "fib": NEXT_HOP_FIB}
+MAX_INTERFACES = 16  # interfaces one `l4lb run` attaches to (tx_ports slots)
+# a FIB answer is kept per CPU and backend (fib_hops) until user space bumps lb_config.fib_gen
+# (a route, rule or neighbour changed: l4lb run follows the kernel's netlink events) or, checked
+# every FIB_HOP_USES uses, for FIB_HOP_TTL_NS at most (so that the kernel's changes are followed
+# while no control plane runs: after at most 1 s or 64 packets per CPU and backend, the later)
+FIB_HOP_TTL_NS = 1_000_000_000
+FIB_HOP_USES = 64
 
 # --- map and program names (the registry below lists each map once) ------------
 MAP_VIPS = "vips"
@@ -105,6 +131,9 @@ MAP_CPU_STATE = "cpu_state"
 MAP_CAPTURE_CFG = "capture_cfg"
 MAP_CAPTURE_STATS = "capture_stats"
 MAP_CAPTURE_RING = "capture_ring"
+MAP_TX_PORTS = "tx_ports"  # devmap: slot -> ifindex (XDP_REDIRECT)
+MAP_TX_PORT_SLOTS = "tx_port_slots"  # ifindex -> slot in tx_ports
+MAP_FIB_HOPS = "fib_hops"  # backend index -> the FIB's answer, per CPU
 MAP_DECAP_ADDRS = "decap_addrs"
 MAP_DECAP_STATS = "decap_stats"
 MAP_PROBE_STATS = "probe_stats"
@@ -141,6 +170,7 @@ class Capacity:
 # reports their memory. tests/kernel/test_registry.py holds the compiled
 # programs to it.
 BPF_F_NO_COMMON_LRU = 1 << 1
+BPF_F_RDONLY_PROG = 1 << 7  # the kernel gives every devmap this flag: programs only redirect through it
 
 
 @dataclass(frozen=True)
@@ -180,6 +210,9 @@ MAPS: tuple[MapSpec, ...] = (
     MapSpec(MAP_CAPTURE_CFG, "array", "__u32", "struct capture_cfg", lambda c: 1),
     MapSpec(MAP_CAPTURE_STATS, "percpu_array", "__u32", "struct capture_stats", lambda c: 1),
     MapSpec(MAP_CAPTURE_RING, "ringbuf", "", "struct capture_rec", lambda c: CAPTURE_RING_BYTES),
+    MapSpec(MAP_TX_PORTS, "devmap", "__u32", "int", lambda c: MAX_INTERFACES, BPF_F_RDONLY_PROG),
+    MapSpec(MAP_TX_PORT_SLOTS, "hash", "__u32", "__u32", lambda c: MAX_INTERFACES),
+    MapSpec(MAP_FIB_HOPS, "percpu_array", "__u32", "struct fib_hop", lambda c: c.max_backends + 1),
     MapSpec(MAP_DECAP_ADDRS, "hash", "struct addr_key", "__u32", lambda c: DECAP_MAX_ADDRS,
             program=PROG_DECAP, pinned=False),
     MapSpec(MAP_DECAP_STATS, "percpu_array", "__u32", "struct decap_stats", lambda c: 1,
@@ -210,6 +243,9 @@ def cflags(cap: Capacity) -> list[str]:
         "VIP_F_NO_SPORT": VIP_F_NO_SPORT,
         "VIP_F_NO_CONNTRACK": VIP_F_NO_CONNTRACK,
         "VIP_F_CLIENT_AFFINITY": VIP_F_CLIENT_AFFINITY,
+        "VIP_F_GUE": VIP_F_GUE,
+        "GUE_SPORT_BASE": GUE_SPORT_BASE,
+        "GUE_SPORT_MASK": GUE_SPORT_MASK,
         "BACKEND_F_VALID": BACKEND_F_VALID,
         "FAMILY_V4": FAMILY_V4,
         "FAMILY_V6": FAMILY_V6,
@@ -217,9 +253,15 @@ def cflags(cap: Capacity) -> list[str]:
         "VIP_FILTER_MULT": VIP_FILTER_MULT,
         "PROBE_MARK_TAG": PROBE_MARK_TAG,
         "PROBE_MARK_MASK": PROBE_MARK_MASK,
+        "PROBE_MARK_GUE": PROBE_MARK_GUE,
+        "PROBE_INDEX_MASK": PROBE_INDEX_MASK,
         "CAPTURE_SNAP_MAX": CAPTURE_SNAP_MAX,
+        "NEXT_HOP_GATEWAY": NEXT_HOP_GATEWAY,
+        "NEXT_HOP_FIB": NEXT_HOP_FIB,
+        "FIB_HOP_USES": FIB_HOP_USES,
     }
+    defs_ull = {"FIB_HOP_TTL_NS": FIB_HOP_TTL_NS}
     for m in MAPS:
         defs[f"{m.macro}_ENTRIES"] = m.entries(cap)
         defs[f"{m.macro}_FLAGS"] = m.flags
-    return [f"-D{k}={v}u" for k, v in defs.items()]
+    return [f"-D{k}={v}u" for k, v in defs.items()] + [f"-D{k}={v}ull" for k, v in defs_ull.items()]

@@ -26,8 +26,8 @@ from .dataplane import Dataplane, RuntimeConfig
 from .errors import AlreadyExistsError, L4lbError, NotFoundError, PersistError, StateError, ValidationError
 from .health import HealthEvent, VipGone
 from .lookup import lookup_flow
-from .model import (VipKey, VipSpec, check_backend_family, parse_address, parse_flags, parse_mac,
-                    parse_weight)
+from .model import (VipKey, VipSpec, check_backend_family, parse_address, parse_encap, parse_flags,
+                    parse_gue_port, parse_mac, parse_weight)
 from .state import LbModel, MapImage, sync
 
 STATE_VERSION = 1
@@ -64,7 +64,12 @@ class Controller:
         self.applied: MapImage | None = MapImage()  # what the maps hold; None: read them first
         self.state_file = state_file
         self.interface = interface
+        self.interfaces: list[str] = [interface] if interface else []  # the program's interfaces, first = interface
         self.attach_mode = attach_mode
+        self.attach_modes: dict[str, str] = {}  # interface -> mode, when attached to several
+        # raises ValidationError when the node cannot run with this runtime (next_hop fib
+        # on an interface that does not forward); set by the node
+        self.check_runtime = lambda runtime: None
         self.pin_dir = pin_dir
         self.gateway_ip = ""
         self.source_hash = ""
@@ -89,6 +94,7 @@ class Controller:
         rt["encap_v4"], rt["encap_v6"] = str(runtime.encap_v4), str(runtime.encap_v6)
         return {"version": STATE_VERSION, "capacity": asdict(self.capacity), "runtime": rt,
                 "gateway_ip": gateway_ip, "attach_mode": self.attach_mode,
+                "interfaces": self.interfaces, "attach_modes": self.attach_modes,
                 "source_hash": self.source_hash, "state": model.to_dict()}
 
     def _persist(self, doc: dict) -> None:
@@ -146,17 +152,26 @@ class Controller:
                 raise StateError(f"{state_file}: the saved state has no {k!r} section; move it away to start empty")
         return doc
 
-    def adopt(self, doc: dict) -> None:
-        """Takes over a saved state (with the maps of a previous process, or
-        fresh ones after a reboot) and reconciles the maps to it."""
+    @staticmethod
+    def runtime_of(doc: dict) -> RuntimeConfig:
+        """The runtime section of a saved state."""
         try:
             rt = dict(doc["runtime"])
             rt["encap_v4"] = ipaddress.IPv4Network(rt["encap_v4"])
             rt["encap_v6"] = ipaddress.IPv6Network(rt["encap_v6"])
             runtime = RuntimeConfig(**rt)
             runtime.gateway_mac = parse_mac(runtime.gateway_mac, "saved gateway_mac")
+            if runtime.next_hop not in ("gateway", "fib"):
+                raise ValueError(f"next_hop {runtime.next_hop!r}")
+            runtime.gue_port = parse_gue_port(runtime.gue_port, "saved gue_port")
         except (KeyError, TypeError, ValueError) as e:
             raise StateError(f"saved state: the runtime section is malformed ({str(e)[:120]})") from None
+        return runtime
+
+    def adopt(self, doc: dict) -> None:
+        """Takes over a saved state (with the maps of a previous process, or
+        fresh ones after a reboot) and reconciles the maps to it."""
+        runtime = self.runtime_of(doc)
         model = LbModel.from_dict(self.capacity, doc["state"])
         with self.lock:
             self.runtime, self.model = runtime, model
@@ -272,8 +287,8 @@ class Controller:
                     log.error("health watcher: %s", e)
 
     # ---- VIPs --------------------------------------------------------------------------
-    def add_vip(self, key: VipKey, flags, backends: list[tuple[str, int]]):
-        spec = VipSpec(key, parse_flags(list(flags)), parse_backend_map(key, backends))
+    def add_vip(self, key: VipKey, flags, backends: list[tuple[str, int]], encap: str = ""):
+        spec = VipSpec(key, parse_flags(list(flags)), parse_backend_map(key, backends), parse_encap(encap))
         return self._commit(lambda m, _: m.add_vip(spec).clone())
 
     def delete_vip(self, key: VipKey) -> None:
@@ -287,11 +302,15 @@ class Controller:
         with self.lock:
             return sorted((v.clone() for v in self.model.vips.values()), key=lambda v: v.key)
 
-    def modify_vip(self, key: VipKey, flags):
+    def modify_vip(self, key: VipKey, flags, encap: str = ""):
+        """The VIP's complete new set of flags; its encapsulation too, unless encap is empty."""
         flags = parse_flags(list(flags))
+        encap = parse_encap(encap) if encap else ""
 
         def change(m, _):
             m.set_flags(key, flags)
+            if encap:
+                m.set_encap(key, encap)
             return m.get(key).clone()
         return self._commit(change)
 
@@ -415,7 +434,7 @@ class Controller:
         rates) equal the configuration's, as one change: all of it, or nothing.
         Returns the steps; dry_run computes and validates them, changing nothing."""
         def change(m, ctx):
-            current = {k: (v.flags, dict(v.backends)) for k, v in m.vips.items()}
+            current = {k: (v.flags, dict(v.backends), v.encap) for k, v in m.vips.items()}
             steps = plan(current, cfg)
             for kind, obj in steps:
                 if kind == "delete":
@@ -424,6 +443,8 @@ class Controller:
                     m.add_vip(obj)
                 elif kind == "flags":
                     m.set_flags(obj.key, obj.flags)
+                elif kind == "encap":
+                    m.set_encap(obj.key, obj.encap)
                 elif kind == "backends":
                     m.set_backends(obj.key, dict(obj.backends))
             for spec in cfg.vips:
@@ -435,8 +456,12 @@ class Controller:
                 new_rt = RuntimeConfig(**asdict(cfg.runtime))
                 if not cfg.gateway_set:
                     new_rt.gateway_mac = ctx["runtime"].gateway_mac
+                if not cfg.next_hop_set:  # a node-level setting, as `l4lb run --next-hop` made it
+                    new_rt.next_hop = ctx["runtime"].next_hop
                 old, new = asdict(ctx["runtime"]), asdict(new_rt)
                 changed = [k for k in new if new[k] != old[k]]
+                if "next_hop" in changed:
+                    self.check_runtime(new_rt)
                 if changed:
                     ctx["runtime"] = new_rt
                     steps.append(("runtime", changed))
@@ -480,6 +505,8 @@ class Controller:
 
     def set_runtime(self, runtime: RuntimeConfig) -> None:
         def change(_m, ctx):
+            if runtime.next_hop != ctx["runtime"].next_hop:
+                self.check_runtime(runtime)
             ctx["runtime"] = RuntimeConfig(**asdict(runtime))
         self._commit(change)
 
@@ -529,7 +556,11 @@ class Controller:
 
     def status(self) -> dict:
         with self.lock:
-            out = {"interface": self.interface, "attach_mode": self.attach_mode,
+            modes = set(self.attach_modes.values())
+            attach_mode = self.attach_mode if len(modes) < 2 else ", ".join(
+                f"{i} {m}" for i, m in self.attach_modes.items())
+            out = {"interface": self.interface, "attach_mode": attach_mode,
+                   "interfaces": list(self.interfaces), "next_hop": self.runtime.next_hop,
                    "vips": len(self.model.vips), "backends": len(self.model.backends),
                    "uptime": time.monotonic() - self.started,
                    "conntrack_used": self.dp.conntrack_size(), "program_id": 0}
@@ -583,13 +614,14 @@ def describe_step(kind: str, obj) -> str:
         return f"deleted {obj}"
     if kind == "runtime":
         return "set " + ", ".join(obj)
-    return {"add": "added", "flags": "changed flags of", "backends": "changed backends of",
+    return {"add": "added", "flags": "changed flags of", "encap": "changed the encapsulation of",
+            "backends": "changed backends of",
             "health": "changed the health check of"}[kind] + f" {obj.key}"
 
 
 def plan(current: dict, cfg: LbConfig) -> list[tuple[str, object]]:
     """The steps, in order, from the current VIPs ({VipKey: (flags, {addr:
-    weight})}) to a configuration's."""
+    weight}, encap)}) to a configuration's."""
     want = {v.key: v for v in cfg.vips}
     steps: list[tuple[str, object]] = []
     for key in current:
@@ -599,9 +631,11 @@ def plan(current: dict, cfg: LbConfig) -> list[tuple[str, object]]:
         if key not in current:
             steps.append(("add", spec))
             continue
-        flags, backends = current[key]
+        flags, backends, encap = current[key]
         if set(flags) != set(spec.flags):
             steps.append(("flags", spec))
+        if encap != spec.encap:
+            steps.append(("encap", spec))
         if backends != spec.backends:
             steps.append(("backends", spec))
     return steps

@@ -26,6 +26,8 @@ class RuntimeConfig:
     udp_timeout_s: float = consts.DEFAULT_UDP_TIMEOUT_S
     new_flow_rate: int = consts.DEFAULT_NEW_FLOW_RATE
     icmp_rate: int = consts.DEFAULT_ICMP_RATE
+    next_hop: str = "gateway"  # gateway | fib (consts.NEXT_HOPS; README.md "Next hop")
+    gue_port: int = consts.DEFAULT_GUE_PORT  # UDP destination port of GUE VIPs' packets
 
 
 def _words(addr: str) -> list[int]:
@@ -57,9 +59,12 @@ class Dataplane:
         if portless_vips is not None:
             self.portless = portless_vips
         t = self.t[consts.MAP_CONFIG]
+        gen = t[t.Key(0)].fib_gen
         v = t.Leaf()
+        v.fib_gen = (gen + 1) & 0xFFFFFFFF  # a new configuration: no FIB answer kept from before
         ctypes.memmove(v.gw_mac, mac_bytes(cfg.gateway_mac), 6)
         v.configured = 1
+        v.next_hop = consts.NEXT_HOPS[cfg.next_hop]
         v.src4 = _words(str(cfg.encap_v4.network_address))[0]
         v.src4_hostmask = _hostmask_word(cfg.encap_v4)
         for i, w in enumerate(_words(str(cfg.encap_v6.network_address))):
@@ -71,7 +76,17 @@ class Dataplane:
         v.portless_vips = self.portless
         v.capture = self.capture
         v.udp_timeout_ns = int(cfg.udp_timeout_s * 1e9)
+        v.gue_port = int.from_bytes(cfg.gue_port.to_bytes(2, "big"), "little")  # __be16
         self._update(t, t.Key(0), v)
+
+    def bump_fib_gen(self) -> int:
+        """A route, rule, address or neighbour changed: the FIB answers kept
+        per CPU (fib_hops) are asked again. Returns the new generation."""
+        t = self.t[consts.MAP_CONFIG]
+        v = t[t.Key(0)]
+        v.fib_gen = (v.fib_gen + 1) & 0xFFFFFFFF
+        self._update(t, t.Key(0), v)
+        return int(v.fib_gen)
 
     def set_portless(self, n: int) -> None:
         t = self.t[consts.MAP_CONFIG]
@@ -79,6 +94,33 @@ class Dataplane:
         v.portless_vips = n
         self.portless = n
         self._update(t, t.Key(0), v)
+
+    # ---- interfaces XDP_REDIRECT may send to (next_hop fib) ---------------------------
+    def set_tx_ports(self, ifindexes: list[int]) -> None:
+        """Exactly these interfaces (the ones the program is attached to), in
+        slots 0.., and nothing else: a slot is written before its ifindex
+        points at it, and an ifindex stops pointing at a slot before the slot
+        is cleared."""
+        if len(ifindexes) > consts.MAX_INTERFACES:
+            raise CapacityError(f"{len(ifindexes)} interfaces: at most {consts.MAX_INTERFACES}")
+        ports, slots = self.t[consts.MAP_TX_PORTS], self.t[consts.MAP_TX_PORT_SLOTS]
+        want = {ifx: i for i, ifx in enumerate(ifindexes)}
+        for k in list(slots.keys()):
+            if want.get(int(k.value)) != int(slots[k].value):
+                del slots[k]
+        for ifx, i in want.items():
+            self._update(ports, ports.Key(i), ports.Leaf(ifx))
+            self._update(slots, slots.Key(ifx), slots.Leaf(i))
+        for i in range(len(ifindexes), consts.MAX_INTERFACES):
+            try:
+                del ports[ports.Key(i)]
+            except KeyError:
+                pass
+
+    def tx_ports(self) -> dict[int, int]:
+        """{ifindex: slot} as the maps hold it."""
+        slots = self.t[consts.MAP_TX_PORT_SLOTS]
+        return {int(k.value): int(v.value) for k, v in slots.items()}
 
     # ---- live capture ---------------------------------------------------------------
     def capture_start(self, vip: int, backend: int, verdicts: int, snaplen: int) -> None:
@@ -212,6 +254,7 @@ class Dataplane:
             for i in range(t.max_entries):
                 self._zero_percpu(t, i)
         self._zero_percpu(self.t[consts.MAP_CPU_STATE], 0)
+        self.bump_fib_gen()
         self._zero_percpu(self.t[consts.MAP_CAPTURE_STATS], 0)
 
     def clear_vip_stats(self, vip_id: int) -> None:

@@ -138,11 +138,33 @@ def parse_flags(values, what: str = "flags") -> frozenset[str]:
     return frozenset(out)
 
 
-def flags_to_bits(flags: frozenset[str]) -> int:
-    bits = 0
+def flags_to_bits(flags: frozenset[str], encap: str = consts.DEFAULT_ENCAP) -> int:
+    """The VIP's word in vip_meta.flags / vip_info.flags: its flags and its encapsulation."""
+    bits = consts.ENCAPS[encap]
     for f in flags:
         bits |= consts.VIP_FLAGS[f]
     return bits
+
+
+def parse_encap(value, what: str = "encap") -> str:
+    """A VIP's encapsulation: ipip (default, also for an empty value) or gue."""
+    if value is None or value == "":
+        return consts.DEFAULT_ENCAP
+    if isinstance(value, str) and value.strip().lower() in consts.ENCAPS:
+        return value.strip().lower()
+    raise ValidationError(f"{what}: {shown(value)} is not an encapsulation (use one of: {', '.join(consts.ENCAPS)})")
+
+
+def parse_gue_port(value, what: str = "gue_port") -> int:
+    """The node-wide GUE destination port: 1-65535 (0 is no UDP port)."""
+    accepted = "1-65535; the UDP port the backends decapsulate GUE on"
+    if isinstance(value, str):
+        value = parse_decimal(value, what, accepted)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValidationError(f"{what}: {shown(value)} is not a port number ({accepted})")
+    if not 1 <= value <= 65535:
+        raise ValidationError(f"{what}: {shown(value)} is out of range ({accepted})")
+    return value
 
 
 def parse_mac(value, what: str = "gateway_mac") -> str:
@@ -208,6 +230,7 @@ class VipSpec:
     key: VipKey
     flags: frozenset[str] = frozenset()
     backends: dict[str, int] = field(default_factory=dict)  # canonical address -> weight
+    encap: str = consts.DEFAULT_ENCAP  # ipip | gue
 
 
 def parse_backends(vip: VipKey, items, what: str) -> dict[str, int]:

@@ -7,8 +7,11 @@ from __future__ import annotations
 import errno
 import json
 import ipaddress
+import logging
+import select
 import socket
 import subprocess
+import threading
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -17,6 +20,7 @@ from . import consts
 from .errors import BpfError, ValidationError
 from .model import parse_address
 
+log = logging.getLogger("l4lb.netlink")
 TC_EGRESS = 0xFFFFFFF3  # clsact's egress hook (ffff:fff3)
 TC_INGRESS = 0xFFFFFFF2  # and its ingress hook (ffff:fff2)
 _ETH_P_ALL = 0x0003
@@ -62,6 +66,69 @@ def resolve_mac(ifname: str, ip: str) -> str:
                 return mac
     raise ValidationError(f"ip: {addr} has no entry in the neighbour table of {ifname}; "
                           "ping it from the LB once, or give the gateway's MAC")
+
+
+def forwarding_off(ifname: str) -> list[str]:
+    """The sysctls that say no forwarding on ifname (IPv4; IPv6 where the
+    kernel has it): bpf_fib_lookup answers "forwarding disabled" for a
+    packet that came in on such an interface."""
+    off = []
+    for fam in ("ipv4", "ipv6"):
+        path = f"/proc/sys/net/{fam}/conf/{ifname}/forwarding"
+        try:
+            with open(path) as f:
+                if f.read().strip() == "0":
+                    off.append(f"net.{fam}.conf.{ifname}.forwarding")
+        except FileNotFoundError:
+            continue
+    return off
+
+
+# rtnetlink multicast groups a route, rule, address, link or neighbour change is told on
+_RT_GROUPS = (1, 3, 5, 7, 8, 9, 11, 19, 32)  # LINK NEIGH IPV4_IFADDR IPV4_ROUTE IPV4_RULE IPV6_IFADDR IPV6_ROUTE IPV6_RULE NEXTHOP
+_SOL_NETLINK, _NETLINK_ADD_MEMBERSHIP = 270, 1
+
+
+class RouteWatch:
+    """Calls on_change() (from a thread of its own) after the kernel tells of
+    a change of routes, rules, addresses, links or neighbours in this network
+    namespace; what arrived together gives one call. stop() ends it."""
+
+    def __init__(self, on_change, poll: float = 0.2):
+        self.on_change, self.poll = on_change, poll
+        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+        self.sock.bind((0, 0))
+        for g in _RT_GROUPS:
+            try:
+                self.sock.setsockopt(_SOL_NETLINK, _NETLINK_ADD_MEMBERSHIP, g)
+            except OSError:
+                pass  # a group this kernel does not have
+        self.sock.setblocking(False)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="l4lb-routewatch", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            ready, _, _ = select.select([self.sock], [], [], self.poll)
+            if not ready:
+                continue
+            try:
+                while self.sock.recv(65536):
+                    pass
+            except BlockingIOError:
+                pass
+            except OSError:
+                return
+            try:
+                self.on_change()
+            except Exception as e:  # noqa: BLE001  a failed call must not end the watch
+                log.error("after a route or neighbour change: %s", e)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.sock.close()
 
 
 def require_bpftool() -> None:

@@ -39,11 +39,12 @@ _LINGER_RST = struct.pack("ii", 1, 0)  # close with a RST: no TIME_WAIT per prob
 _MAX_STATUS_LINE = 1024
 
 
-def probe_mark(backend_index: int) -> int:
-    """The socket mark that makes the tc program send a probe to this backend."""
+def probe_mark(backend_index: int, gue: bool = False) -> int:
+    """The socket mark that makes the tc program send a probe to this backend,
+    in GUE (as a VIP with encap: gue sends its packets) or in IP-in-IP."""
     if not 0 < backend_index <= consts.PROBE_INDEX_MASK:
         raise ValueError(f"backend index {backend_index}: 1..{consts.PROBE_INDEX_MASK}")
-    return consts.PROBE_MARK_TAG | backend_index
+    return consts.PROBE_MARK_TAG | (consts.PROBE_MARK_GUE if gue else 0) | backend_index
 
 
 @dataclass(frozen=True)

@@ -68,9 +68,10 @@ def write_pcap(path: Path, frames: list[bytes]) -> None:
             f.write(fr)
 
 
-def describe(frame: bytes) -> str:
-    """A short text for a frame: addresses, ports, protocol, encapsulation."""
-    from scapy.layers.inet import IP  # noqa: PLC0415
+def describe(frame: bytes, gue_port: int = consts.DEFAULT_GUE_PORT) -> str:
+    """A short text for a frame: addresses, ports, protocol, encapsulation
+    (IP-in-IP, or GUE: UDP to gue_port carrying an IP packet)."""
+    from scapy.layers.inet import IP, UDP  # noqa: PLC0415
     from scapy.layers.inet6 import IPv6  # noqa: PLC0415
     from scapy.layers.l2 import Ether  # noqa: PLC0415
 
@@ -87,6 +88,15 @@ def describe(frame: bytes) -> str:
     if isinstance(inner, (IP, IPv6)):
         kind = {(4, 4): "4in4", (6, 4): "4in6", (6, 6): "6in6"}.get((outer.version, inner.version), "ipip")
         return f"{kind} {outer.src} -> {outer.dst} carrying {_flow(inner)}"
+    if isinstance(inner, UDP) and inner.dport == gue_port:
+        body = bytes(inner.payload)
+        version = body[0] >> 4 if body else 0
+        if version in (4, 6):  # GUE variant 1: the version nibble names the inner packet
+            packet = (IP if version == 4 else IPv6)(body)
+            kind = f"gue {version}in{outer.version}"
+            src = f"[{outer.src}]" if outer.version == 6 else outer.src
+            dst = f"[{outer.dst}]" if outer.version == 6 else outer.dst
+            return f"{kind} {src}:{inner.sport} -> {dst}:{inner.dport} carrying {_flow(packet)}"
     if getattr(outer, "proto", None) == 1 or getattr(outer, "nh", None) == 58:
         return f"icmp {outer.src} -> {outer.dst} {outer.payload.summary()}"
     return _flow(outer)
@@ -132,7 +142,7 @@ def replay(cfg: LbConfig, pcap_in: Path, pcap_out: Path | None, capacity: consts
             what = describe(frame)
             line = f"#{i:<5} {r.verdict_name:<7} {what}"
             if r.verdict_name == "TX":
-                line += f"\n       => {describe(r.data)}"
+                line += f"\n       => {describe(r.data, cfg.runtime.gue_port)}"
             res.lines.append(line)
             on_line(line)
         res.counters = dp.global_stats()

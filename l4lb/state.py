@@ -27,11 +27,12 @@ from typing import Protocol
 
 import numpy as np
 
-from . import maglev, timings
+from . import consts, maglev, timings
 from .consts import Capacity
 from .errors import AlreadyExistsError, CapacityError, NotFoundError, StateError, ValidationError
 from .health import HealthCheck, effective_weights, parse_health
-from .model import VipKey, VipSpec, check_backend_family, flags_to_bits, parse_address, parse_flags
+from .model import (VipKey, VipSpec, check_backend_family, flags_to_bits, parse_address, parse_encap,
+                    parse_flags)
 
 
 class Sink(Protocol):
@@ -59,10 +60,16 @@ class VipState:
     # the ring's content, ((address, index, effective weight), ...), kept until the
     # backends, their health or the check change (LbModel.ring_spec)
     spec: tuple | None = None
+    encap: str = consts.DEFAULT_ENCAP  # ipip | gue
 
     def clone(self) -> "VipState":
         return VipState(self.key, self.vip_id, self.flags, dict(self.backends), self.ring, self.health,
-                        self.down, self.spec)
+                        self.down, self.spec, self.encap)
+
+    @property
+    def bits(self) -> int:
+        """vip_meta.flags / vip_info.flags: the flags and the encapsulation."""
+        return flags_to_bits(self.flags, self.encap)
 
     def effective(self) -> tuple[dict[str, int], bool]:
         """(the weights the ring is built from, whether health is ignored: panic)."""
@@ -271,7 +278,8 @@ class LbModel:
                 self.backends[a].refs += 1
         # a new generation: entries that an earlier holder of the id made are not ours
         self.vip_generations[vip_id] += 1
-        vip = VipState(spec.key, vip_id, frozenset(spec.flags), dict(spec.backends), ring=0)
+        vip = VipState(spec.key, vip_id, frozenset(spec.flags), dict(spec.backends), ring=0,
+                       encap=spec.encap)
         self.vips[spec.key] = vip
         return vip
 
@@ -303,6 +311,10 @@ class LbModel:
 
     def set_flags(self, key: VipKey, flags: frozenset[str]) -> None:
         self.get(key).flags = frozenset(flags)
+
+    def set_encap(self, key: VipKey, encap: str) -> None:
+        """Established flows change with it: their next packet leaves in the new encapsulation."""
+        self.get(key).encap = parse_encap(encap)
 
     def set_health_check(self, key: VipKey, check: HealthCheck | None) -> None:
         """A check on a VIP that had none starts from every backend up (no
@@ -346,12 +358,12 @@ class LbModel:
         img = MapImage(portless=self.portless)
         listing: dict[str, set[int]] = {a: set() for a in self.backends}
         for key, v in self.vips.items():
-            img.vips[key] = (v.vip_id, flags_to_bits(v.flags), v.ring)
+            img.vips[key] = (v.vip_id, v.bits, v.ring)
             img.rings[v.vip_id] = Ring(self.ring_spec(v))
             img.addresses[key.address] = img.addresses.get(key.address, 0) + 1
             for a in v.backends:
                 listing[a].add(v.vip_id)
-        bits = {v.vip_id: flags_to_bits(v.flags) for v in self.vips.values()}
+        bits = {v.vip_id: v.bits for v in self.vips.values()}
         for vid, gen in enumerate(self.vip_generations):
             if gen:
                 img.vip_info[vid] = (gen, bits.get(vid, 0))
@@ -394,7 +406,7 @@ class LbModel:
     def to_dict(self) -> dict:
         return {
             "vips": [{"address": v.key.address, "port": v.key.port, "protocol": v.key.protocol,
-                      "vip_id": v.vip_id, "flags": sorted(v.flags), "ring": v.ring,
+                      "vip_id": v.vip_id, "flags": sorted(v.flags), "encap": v.encap, "ring": v.ring,
                       "backends": v.backends, "health": v.health.to_dict() if v.health else None,
                       "down": sorted(v.down)} for v in self.vips.values()],
             "backends": {a: {"index": b.index, "generation": b.generation}
@@ -460,7 +472,7 @@ class LbModel:
             if not down <= set(backends):
                 raise StateError(f"saved state: VIP {key} has a down backend it does not list")
             m.vips[key] = VipState(key, vid, parse_flags(v["flags"], "saved flags"), backends, v["ring"],
-                                   health, down)
+                                   health, down, encap=parse_encap(v.get("encap"), "saved encap"))
         orphans = [a for a, b in m.backends.items() if b.refs == 0]
         if orphans:
             raise StateError(f"saved state: backend {orphans[0]} is listed by no VIP")
@@ -500,3 +512,6 @@ class LbState:
 
     def set_flags(self, key: VipKey, flags: frozenset[str]) -> None:
         self._change(LbModel.set_flags, key, flags)
+
+    def set_encap(self, key: VipKey, encap: str) -> None:
+        self._change(LbModel.set_encap, key, encap)

@@ -1,5 +1,6 @@
 /* balancer.c - the l4lb data plane, read top to bottom as a packet's path:
- * parse -> VIP? -> connection table -> Maglev ring -> encapsulate -> XDP_TX.
+ * parse -> VIP? -> connection table -> Maglev ring -> encapsulate -> next hop
+ * (the gateway, or the kernel's FIB) -> XDP_TX (or XDP_REDIRECT).
  * Anything not for a VIP leaves with XDP_PASS, untouched. docs/dataplane.md lists
  * every verdict and the counter it moves. */
 #include <uapi/linux/bpf.h>
@@ -19,6 +20,7 @@
 #include "parse.h"
 #include "encap.h"
 #include "icmp.h"
+#include "nexthop.h"
 
 /* Bucket i of the IPv4 or the IPv6 connection table (v6 is a constant wherever
  * this is inlined, so one lookup remains); here, not in conntrack.h, because
@@ -203,11 +205,12 @@ static __always_inline const __u32 *ct_key_of(const struct pkt *p, struct flow4_
 /* An established flow: its connection-table entry says where it goes, as
  * long as the VIP is still the one that made the entry (same generation),
  * the backend is still the one it named and the VIP still lists it, and a
- * UDP entry has not expired. `fh` names the flow's buckets (ct_key_hash). Returns 0 with the backend (and its index), VIP and
- * hash. */
+ * UDP entry has not expired. `fh` names the flow's buckets (ct_key_hash).
+ * Returns 0 with the backend (and its index), VIP, the VIP's flags (its
+ * encapsulation) and hash. */
 static __always_inline int ct_lookup(struct pkt *p, const struct lb_config *cfg,
                                      struct global_stats *gs, __u32 fh, struct backend **out,
-                                     __u32 *bidx, __u32 *vip_id, __u32 *hash)
+                                     __u32 *bidx, __u32 *vip_id, __u32 *vflags, __u32 *hash)
 {
     struct flow4_key k4;
     struct ct_entry c, *e;
@@ -247,6 +250,7 @@ static __always_inline int ct_lookup(struct pkt *p, const struct lb_config *cfg,
     *out = b;
     *bidx = idx;
     *vip_id = vid;
+    *vflags = vi->flags;
     *hash = c.hash;
     return 0;
 stale:
@@ -267,14 +271,13 @@ static __always_inline void count_new_flow(__u32 vip_id, __u32 idx)
         bs->new_flows++;
 }
 
-/* Too big to send towards b once encapsulated, and not to be fragmented:
- * the client gets ICMP instead (forward), and no connection starts. */
+/* Too big to send towards b once encapsulated (IP-in-IP or GUE, as the
+ * VIP's flags say), and not to be fragmented: the client gets ICMP instead
+ * (forward), and no connection starts. */
 static __always_inline int too_big_for(const struct pkt *p, const struct backend *b,
-                                       const struct lb_config *cfg)
+                                       const struct lb_config *cfg, __u32 vip_flags)
 {
-    __u32 overhead = b->family == FAMILY_V4 ? sizeof(struct iphdr) : sizeof(struct ipv6hdr);
-
-    return p->ip_len + overhead > cfg->mtu && p->df && !p->icmp_error;
+    return p->ip_len + encap_overhead(b, vip_flags) > cfg->mtu && p->df && !p->icmp_error;
 }
 
 /* A fresh Maglev pick, remembered unless the flow or the rate limit says
@@ -298,7 +301,8 @@ static __always_inline int pick_backend(struct pkt *p, const struct vip_meta *vi
     /* an ICMP error, a RST or a packet answered "too big" never creates an
      * entry; neither do no-conntrack VIPs */
     if ((vip->flags & VIP_F_NO_CONNTRACK) || p->icmp_error ||
-        (p->flow.proto == PROTO_TCP && (p->tcp_flags & TCP_FLAG_RST)) || too_big_for(p, b, cfg))
+        (p->flow.proto == PROTO_TCP && (p->tcp_flags & TCP_FLAG_RST)) ||
+        too_big_for(p, b, cfg, vip->flags))
         return 0;
     vi = vip_info.lookup(&vid);
     if (!vi)
@@ -339,20 +343,128 @@ static __always_inline int pick_backend(struct pkt *p, const struct vip_meta *vi
     return 0;
 }
 
+/* The next hop of an encapsulated frame from the kernel's FIB (next_hop
+ * fib): the Ethernet header rewritten from the answer, and the frame sent
+ * back out of the ingress interface (XDP_TX) or out of another interface that
+ * l4lb is attached to (XDP_REDIRECT through tx_ports). Returns the verdict
+ * and moves its counter. (Here and not in nexthop.h: bcc rewrites map calls
+ * in this file only.) */
+static __always_inline int next_hop_fib(struct xdp_md *ctx, const struct pkt *p, __u8 family,
+                                        __u32 idx, const struct lb_config *cfg,
+                                        struct global_stats *gs)
+{
+    void *data = (void *)(long)ctx->data;
+    void *data_end = (void *)(long)ctx->data_end;
+    struct ethhdr *eth = data;
+    struct bpf_fib_lookup fib = {};
+    struct fib_hop *hop = fib_hops.lookup(&idx);
+    __u32 egress, *slot, s = 0;
+    int action, fresh = 1;
+
+    if ((void *)(eth + 1) > data_end) {
+        gs->error++;
+        return XDP_DROP;
+    }
+    /* the answer this CPU got for the backend, while no route, rule or
+     * neighbour has changed (fib_gen) and for at most FIB_HOP_TTL_NS (read
+     * every FIB_HOP_USES uses; the clock is a helper call) */
+    if (hop && hop->expires && hop->gen == cfg->fib_gen && hop->ingress == ctx->ingress_ifindex) {
+        if (--hop->uses == 0) {
+            hop->uses = FIB_HOP_USES;
+            fresh = lb_now() < hop->expires;
+        }
+        action = !fresh ? XDP_ABORTED : hop->egress == hop->ingress ? XDP_TX
+                                                                     : tx_ports.redirect_map(hop->slot, 0);
+        if (action == XDP_TX || action == XDP_REDIRECT) {
+            if (action == XDP_REDIRECT)
+                gs->redirect++;
+            __builtin_memcpy(eth->h_dest, hop->dmac, 6);
+            __builtin_memcpy(eth->h_source, hop->smac, 6);
+            return action;
+        }
+    }
+    if (fib_params(ctx, p, family, &fib)) {
+        gs->error++;
+        return XDP_DROP;
+    }
+    gs->fib_lookup++;
+    switch (bpf_fib_lookup(ctx, &fib, sizeof(fib), 0)) {
+    case BPF_FIB_LKUP_RET_SUCCESS:
+        break;
+    case BPF_FIB_LKUP_RET_NO_NEIGH:
+        /* A route, but the next hop's MAC is not known (yet). Up the stack,
+         * addressed to this NIC (encap() wrote the NIC's MAC as source): the
+         * kernel forwards the packet itself, resolving the neighbour and
+         * holding the packet until it answers; the next packets find it. */
+        __builtin_memcpy(eth->h_dest, eth->h_source, 6);
+        gs->fib_no_neigh++;
+        return XDP_PASS;
+    default:
+        /* no route (unreachable, blackhole, prohibit), forwarding off on the
+         * ingress interface, a local destination, too big for the egress
+         * MTU, or a route the helper cannot follow (tunnels, lwt) */
+        gs->fib_drop++;
+        return XDP_DROP;
+    }
+    egress = fib.ifindex;
+    if (egress == ctx->ingress_ifindex) {
+        action = XDP_TX;
+    } else {
+        /* only to an interface l4lb is attached to (user space keeps
+         * tx_port_slots and tx_ports to exactly those) */
+        slot = tx_port_slots.lookup(&egress);
+        if (slot)
+            s = *slot;
+        action = slot ? tx_ports.redirect_map(s, 0) : XDP_DROP;
+        if (action != XDP_REDIRECT) {
+            gs->fib_drop++;
+            return XDP_DROP;
+        }
+        gs->redirect++;
+    }
+    __builtin_memcpy(eth->h_dest, fib.dmac, 6);
+    __builtin_memcpy(eth->h_source, fib.smac, 6);
+    if (hop) { /* only answers that send are kept: no neighbour, no route are asked again */
+        __builtin_memcpy(hop->dmac, fib.dmac, 6);
+        __builtin_memcpy(hop->smac, fib.smac, 6);
+        hop->ingress = ctx->ingress_ifindex;
+        hop->egress = egress;
+        hop->slot = s;
+        hop->gen = cfg->fib_gen;
+        hop->uses = FIB_HOP_USES;
+        hop->expires = lb_now() + FIB_HOP_TTL_NS;
+    }
+    return action;
+}
+
+/* An encapsulated packet sent to backend idx: tx, ICMP errors forwarded,
+ * and the backend's packets and bytes (len: the frame as received). */
+static __always_inline void count_sent(const struct pkt *p, struct global_stats *gs, __u32 idx,
+                                       __u64 len)
+{
+    struct backend_stats *bs = backend_stats.lookup(&idx);
+
+    if (p->icmp_error)
+        gs->icmp_fwd++;
+    gs->tx++;
+    if (bs) {
+        bs->packets++;
+        bs->bytes += len;
+    }
+}
+
 /* Sends a VIP packet to backend b (index idx): the too-big check,
- * encapsulation, counters. */
+ * encapsulation (vflags: the VIP's flags, which name it), counters. */
 static __always_inline int forward(struct xdp_md *ctx, struct pkt *p, __u32 idx,
                                    const struct backend *b, const struct lb_config *cfg,
-                                   struct global_stats *gs, __u32 hash)
+                                   struct global_stats *gs, __u32 hash, __u32 vflags)
 {
-    __u32 overhead = b->family == FAMILY_V4 ? sizeof(struct iphdr) : sizeof(struct ipv6hdr);
     __u64 len = ctx->data_end - ctx->data; /* as received: the bytes vip_stats counts */
-    struct backend_stats *bs;
     int action;
 
-    if (too_big_for(p, b, cfg)) {
+    if (too_big_for(p, b, cfg, vflags)) {
         /* too big once encapsulated and may not be fragmented: tell the client */
-        __u32 mtu = cfg->mtu - overhead;
+        __u32 mtu = cfg->mtu - encap_overhead(b, vflags);
 
         if (!icmp_allowed(cfg)) {
             gs->icmp_limited++;
@@ -372,19 +484,20 @@ static __always_inline int forward(struct xdp_md *ctx, struct pkt *p, __u32 idx,
     }
     if (cfg->capture)
         capture(ctx, p, XDP_TX, 0); /* as received: encapsulation rewrites it in place */
-    action = encap(ctx, p, b, cfg, hash);
+    action = encap(ctx, p, b, cfg, hash, vflags);
     if (action < 0) {
         gs->error++;
         return XDP_DROP;
     }
-    if (p->icmp_error)
-        gs->icmp_fwd++;
-    gs->tx++;
-    bs = backend_stats.lookup(&idx);
-    if (bs) {
-        bs->packets++;
-        bs->bytes += len;
+    if (cfg->next_hop == NEXT_HOP_FIB) {
+        /* the next hop is asked once, in balancer(), whichever path got here:
+         * one copy of that code, out of the way of the paths inlined here */
+        p->fib_pending = 1;
+        p->outer_family = b->family;
+        p->rx_len = len;
+        return action;
     }
+    count_sent(p, gs, idx, len);
     return action;
 }
 
@@ -407,18 +520,18 @@ static __always_inline int balance(struct xdp_md *ctx, struct pkt *p, const stru
               (p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
     struct vip_meta *vip;
     struct backend *b;
-    __u32 vip_id, hash, idx;
+    __u32 vip_id, vflags, hash, idx;
     struct flow4_key k4;
     /* the hash that names the flow's connection-table buckets */
     __u32 fh = p->flow.family == FAMILY_V4 ? ct_key_hash(ct_key_of(p, &k4), CT_KEY4_WORDS)
                                            : ct_key_hash((const __u32 *)&p->flow, CT_KEY6_WORDS);
 
     /* a SYN always takes a fresh pick: a reused 5-tuple is a new connection */
-    if (!syn && !ct_lookup(p, cfg, gs, fh, &b, &idx, &vip_id, &hash)) {
+    if (!syn && !ct_lookup(p, cfg, gs, fh, &b, &idx, &vip_id, &vflags, &hash)) {
         p->vip = vip_id + 1;
         p->backend = idx;
         count_vip(ctx, vip_id);
-        return forward(ctx, p, idx, b, cfg, gs, hash);
+        return forward(ctx, p, idx, b, cfg, gs, hash, vflags);
     }
     vip = find_vip(p, cfg);
     if (!vip) {
@@ -434,7 +547,7 @@ static __always_inline int balance(struct xdp_md *ctx, struct pkt *p, const stru
         return XDP_DROP;
     }
     p->backend = idx;
-    return forward(ctx, p, idx, b, cfg, gs, hash);
+    return forward(ctx, p, idx, b, cfg, gs, hash, vip->flags);
 }
 
 /* ICMP to a VIP address: echo requests are answered here; errors about a
@@ -560,7 +673,15 @@ int balancer(struct xdp_md *ctx)
     if (!gs || !cfg || !cfg->configured)
         return XDP_PASS;
     action = decide(ctx, &p, cfg, gs);
-    if (cfg->capture) /* off: one test of a word the packet's path has read already */
-        capture(ctx, &p, action, action == XDP_TX);
+    if (p.fib_pending) { /* next_hop fib: an encapsulated packet's next hop */
+        action = next_hop_fib(ctx, &p, p.outer_family, p.backend, cfg, gs);
+        if (action == XDP_TX || action == XDP_REDIRECT)
+            count_sent(&p, gs, p.backend, p.rx_len);
+    }
+    /* off: one test of a word the packet's path has read already; a packet
+     * redirected to another interface is sent as any other: a "tx" copy */
+    if (cfg->capture)
+        capture(ctx, &p, action == XDP_REDIRECT ? XDP_TX : action,
+                action == XDP_TX || action == XDP_REDIRECT);
     return action;
 }

@@ -1,6 +1,8 @@
-/* encap.h - IP-in-IP encapsulation: 4in4, 6in6 and 4in6. The inner packet is
- * never touched; the head grows by one IP header and the link layer is
- * rebuilt in front of it, addressed to the gateway. */
+/* encap.h - IP-in-IP encapsulation (4in4, 6in6, 4in6) and the same in GUE
+ * (variant 1: the inner IP packet right after an outer UDP header). The inner
+ * packet is never touched; the head grows by one IP header (and a UDP header
+ * for GUE) and the link layer is rebuilt in front of it, addressed to the
+ * gateway. */
 #pragma once
 
 /* Link layer saved before the head moves. */
@@ -52,9 +54,11 @@ static __always_inline __be32 outer_src4(const struct lb_config *cfg, __u32 hash
 
 /* The outer headers, written in place; shared with the probes' tc program
  * (probe_encap.c), so a probe leaves exactly as client traffic does.
- * inner_len: bytes of the inner IP packet. */
+ * inner_len: bytes after the outer header (the inner IP packet, and for GUE
+ * the UDP header before it); proto: PROTO_IPIP or, for GUE, PROTO_UDP. */
 static __always_inline void write_outer4(struct iphdr *o, const struct lb_config *cfg, __u32 hash,
-                                         __u8 tos, __u32 inner_len, __u8 df, __be32 daddr)
+                                         __u8 tos, __u32 inner_len, __u8 df, __be32 daddr,
+                                         __u8 proto)
 {
     *(__u8 *)o = 0x45; /* version 4, IHL 5 */
     o->tos = tos;
@@ -62,7 +66,7 @@ static __always_inline void write_outer4(struct iphdr *o, const struct lb_config
     o->id = 0;
     o->frag_off = df ? IP_DF_BE : 0;
     o->ttl = OUTER_TTL;
-    o->protocol = PROTO_IPIP;
+    o->protocol = proto;
     o->check = 0;
     o->saddr = outer_src4(cfg, hash);
     o->daddr = daddr;
@@ -84,17 +88,46 @@ static __always_inline void write_outer6(struct ipv6hdr *o, const struct lb_conf
     __builtin_memcpy(&o->daddr, daddr, 16);
 }
 
-/* Encapsulates the packet described by p towards backend b and returns the
- * verdict. Outer TTL 64, TOS copied, DF copied from IPv4 (always on for an
- * IPv6 outer header, which routers never fragment). */
+/* Is the VIP's encapsulation GUE (else IP-in-IP)? */
+static __always_inline int vip_is_gue(__u32 vip_flags)
+{
+    return vip_flags & VIP_F_GUE;
+}
+
+/* Bytes that encapsulation towards b adds in front of the inner IP packet. */
+static __always_inline __u32 encap_overhead(const struct backend *b, __u32 vip_flags)
+{
+    __u32 ip = b->family == FAMILY_V4 ? sizeof(struct iphdr) : sizeof(struct ipv6hdr);
+
+    return vip_is_gue(vip_flags) ? ip + sizeof(struct udphdr) : ip;
+}
+
+/* The GUE UDP header: the source port from the flow hash, so that the
+ * backend's NIC spreads flows over its queues (RSS); checksum 0 (the inner
+ * packet carries its own; docs/dataplane.md says why IPv6 allows it here).
+ * udp_len: UDP header and the inner packet. */
+static __always_inline void write_gue(struct udphdr *u, const struct lb_config *cfg, __u32 hash,
+                                      __u32 udp_len)
+{
+    u->source = bpf_htons(GUE_SPORT_BASE | (hash & GUE_SPORT_MASK));
+    u->dest = cfg->gue_port;
+    u->len = bpf_htons(udp_len);
+    u->check = 0;
+}
+
+/* Encapsulates the packet described by p towards backend b, in IP-in-IP or in
+ * GUE as the VIP's flags say, and returns the verdict. Outer TTL 64, TOS
+ * copied, DF copied from IPv4 (always on for an IPv6 outer header, which
+ * routers never fragment). */
 static __always_inline int encap(struct xdp_md *ctx, struct pkt *p, const struct backend *b,
-                                 const struct lb_config *cfg, __u32 hash)
+                                 const struct lb_config *cfg, __u32 hash, __u32 vip_flags)
 {
     void *data = (void *)(long)ctx->data;
     void *data_end = (void *)(long)ctx->data_end;
     struct l2_saved l2;
     __u32 l3off;
-    int grow = b->family == FAMILY_V4 ? sizeof(struct iphdr) : sizeof(struct ipv6hdr);
+    int gue = vip_is_gue(vip_flags);
+    int grow = encap_overhead(b, vip_flags);
 
     if (save_l2(data, data_end, p, &l2))
         return -1;
@@ -105,21 +138,34 @@ static __always_inline int encap(struct xdp_md *ctx, struct pkt *p, const struct
     data_end = (void *)(long)ctx->data_end;
     l3off = p->l3off & 0x1f;
 
+    /* (for IP-in-IP, u is where the inner packet starts: it is only written for GUE) */
     if (b->family == FAMILY_V4) {
         struct iphdr *o = data + l3off;
+        struct udphdr *u = (void *)(o + 1);
 
-        if ((void *)(o + 1) > data_end || data + 18 > data_end)
+        if ((void *)(u + 1) > data_end || data + 18 > data_end)
             return -1;
         write_l2(data, p, &l2, cfg->gw_mac, l2.own_mac, ETH_P_IP_BE);
-        write_outer4(o, cfg, hash, p->tos, p->ip_len, p->df, b->addr[0]);
+        if (gue) {
+            write_outer4(o, cfg, hash, p->tos, p->ip_len + sizeof(*u), p->df, b->addr[0], PROTO_UDP);
+            write_gue(u, cfg, hash, p->ip_len + sizeof(*u));
+        } else {
+            write_outer4(o, cfg, hash, p->tos, p->ip_len, p->df, b->addr[0], PROTO_IPIP);
+        }
     } else {
         struct ipv6hdr *o = data + l3off;
+        struct udphdr *u = (void *)(o + 1);
 
-        if ((void *)(o + 1) > data_end || data + 18 > data_end)
+        if ((void *)(u + 1) > data_end || data + 18 > data_end)
             return -1;
         write_l2(data, p, &l2, cfg->gw_mac, l2.own_mac, ETH_P_IPV6_BE);
-        write_outer6(o, cfg, hash, p->tos, p->ip_len,
-                     p->flow.family == FAMILY_V4 ? PROTO_IPIP : PROTO_IPV6, b->addr);
+        if (gue) {
+            write_outer6(o, cfg, hash, p->tos, p->ip_len + sizeof(*u), PROTO_UDP, b->addr);
+            write_gue(u, cfg, hash, p->ip_len + sizeof(*u));
+        } else {
+            write_outer6(o, cfg, hash, p->tos, p->ip_len,
+                         p->flow.family == FAMILY_V4 ? PROTO_IPIP : PROTO_IPV6, b->addr);
+        }
     }
     return XDP_TX;
 }

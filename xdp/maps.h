@@ -10,9 +10,11 @@
 #define L4LB_MAP(type, k, v, name, max, flags) \
     BPF_TABLE_PINNED7(type, k, v, name, max, PIN_DIR "/" #name, flags)
 #define L4LB_RINGBUF_SECTION(name) "maps/ringbuf:" PIN_DIR "/" #name
+#define L4LB_DEVMAP_SECTION(name) "maps/devmap:" PIN_DIR "/" #name
 #else
 #define L4LB_MAP(type, k, v, name, max, flags) BPF_F_TABLE(type, k, v, name, max, flags)
 #define L4LB_RINGBUF_SECTION(name) "maps/ringbuf"
+#define L4LB_DEVMAP_SECTION(name) "maps/devmap"
 #endif
 
 /* A BPF ring buffer of `bytes` whose records are `rec` (bcc's
@@ -30,6 +32,18 @@
     };                                                               \
     __attribute__((section(L4LB_RINGBUF_SECTION(name))))             \
     struct name##_table_t name = {.max_entries = (bytes)}
+
+/* A devmap of `entries` slots (bcc's BPF_DEVMAP, pinned like the others):
+ * slot -> ifindex of an interface that XDP_REDIRECT may send to. */
+#define L4LB_DEVMAP(name, entries)                                   \
+    struct name##_table_t {                                          \
+        __u32 key;                                                   \
+        int leaf;                                                    \
+        u64 (*redirect_map)(int, int);                               \
+        u32 max_entries;                                             \
+    };                                                               \
+    __attribute__((section(L4LB_DEVMAP_SECTION(name))))              \
+    struct name##_table_t name = {.max_entries = (entries)}
 
 /* (address, port, protocol) -> the VIP's id, flags and active ring copy */
 L4LB_MAP("hash", struct vip_key, struct vip_meta, vips, MAP_VIPS_ENTRIES, MAP_VIPS_FLAGS);
@@ -69,3 +83,9 @@ L4LB_MAP("array", __u32, struct capture_cfg, capture_cfg, MAP_CAPTURE_CFG_ENTRIE
 L4LB_MAP("percpu_array", __u32, struct capture_stats, capture_stats, MAP_CAPTURE_STATS_ENTRIES, MAP_CAPTURE_STATS_FLAGS);
 /* the copies (struct capture_rec), read by `l4lb run` while a capture runs */
 L4LB_RINGBUF(capture_ring, struct capture_rec, MAP_CAPTURE_RING_ENTRIES);
+/* slot -> ifindex of each interface the program is attached to (next_hop fib: XDP_REDIRECT) */
+L4LB_DEVMAP(tx_ports, MAP_TX_PORTS_ENTRIES);
+/* backend index -> the FIB's answer for it, per CPU (next_hop fib) */
+L4LB_MAP("percpu_array", __u32, struct fib_hop, fib_hops, MAP_FIB_HOPS_ENTRIES, MAP_FIB_HOPS_FLAGS);
+/* ifindex -> its slot in tx_ports; an interface not listed is never sent to */
+L4LB_MAP("hash", __u32, __u32, tx_port_slots, MAP_TX_PORT_SLOTS_ENTRIES, MAP_TX_PORT_SLOTS_FLAGS);

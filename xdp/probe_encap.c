@@ -1,7 +1,8 @@
 /* probe_encap.c - tc egress (clsact, direct action) on the LB's interface:
  * sends a health probe to the VIP on one chosen backend. The prober's socket
- * carries a mark, PROBE_MARK_TAG | backend index; this program wraps each
- * marked packet in an outer IP header addressed to that backend, built by
+ * carries a mark, PROBE_MARK_TAG | backend index (| PROBE_MARK_GUE for a VIP
+ * whose packets go in GUE); this program wraps each marked packet in an outer
+ * IP header (and the GUE UDP header) addressed to that backend, built by
  * encap.h's writers from the balancer's own pinned `backends` and `config`
  * maps, so the probe travels exactly as client traffic does and proves the
  * backend's decapsulation, its VIP on loopback and its server. Packets
@@ -20,6 +21,7 @@
 #include <linux/if_ether.h>
 #include <linux/ip.h>
 #include <linux/ipv6.h>
+#include <linux/udp.h>
 
 #include "consts.h"
 #include "structs.h"
@@ -83,7 +85,8 @@ static __always_inline int read_inner(struct __sk_buff *skb, __be16 proto, struc
 int probe_encap(struct __sk_buff *skb)
 {
     __u32 zero = 0;
-    __u32 index = skb->mark & ~(__u32)PROBE_MARK_MASK;
+    __u32 index = skb->mark & PROBE_INDEX_MASK;
+    __u32 gue = skb->mark & PROBE_MARK_GUE, udp = gue ? sizeof(struct udphdr) : 0;
     struct probe_stats *st = probe_stats.lookup(&zero);
     struct lb_config *cfg;
     struct backend *b;
@@ -112,24 +115,36 @@ int probe_encap(struct __sk_buff *skb)
     inner_len = skb->len - sizeof(struct ethhdr);
     hash = bpf_get_hash_recalc(skb);
 
+    /* GUE: the UDP header right after the outer IP header, as encap() writes it */
     if (b->family == FAMILY_V4) {
-        struct iphdr o;
+        struct {
+            struct iphdr ip;
+            struct udphdr udp;
+        } o;
 
         if (in.family != FAMILY_V4) /* IPv6 in IPv4: backends (and the balancer) never take it */
             goto error;
-        write_outer4(&o, cfg, hash, in.tos, inner_len, in.df, b->addr[0]);
-        if (bpf_skb_adjust_room(skb, sizeof(o), BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4))
+        write_outer4(&o.ip, cfg, hash, in.tos, inner_len + udp, in.df, b->addr[0],
+                     gue ? PROTO_UDP : PROTO_IPIP);
+        write_gue(&o.udp, cfg, hash, inner_len + sizeof(o.udp)); /* sent only for GUE */
+        if (bpf_skb_adjust_room(skb, sizeof(o.ip) + udp, BPF_ADJ_ROOM_MAC,
+                                BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 | (gue ? BPF_F_ADJ_ROOM_ENCAP_L4_UDP : 0)))
             goto error;
-        if (bpf_skb_store_bytes(skb, sizeof(struct ethhdr), &o, sizeof(o), 0))
+        if (bpf_skb_store_bytes(skb, sizeof(struct ethhdr), &o, gue ? sizeof(o) : sizeof(o.ip), 0))
             goto error;
         proto = ETH_P_IP_BE;
     } else {
-        struct ipv6hdr o;
+        struct {
+            struct ipv6hdr ip;
+            struct udphdr udp;
+        } o;
 
-        write_outer6(&o, cfg, hash, in.tos, inner_len, in.nexthdr, b->addr);
-        if (bpf_skb_adjust_room(skb, sizeof(o), BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_ENCAP_L3_IPV6))
+        write_outer6(&o.ip, cfg, hash, in.tos, inner_len + udp, gue ? PROTO_UDP : in.nexthdr, b->addr);
+        write_gue(&o.udp, cfg, hash, inner_len + sizeof(o.udp));
+        if (bpf_skb_adjust_room(skb, sizeof(o.ip) + udp, BPF_ADJ_ROOM_MAC,
+                                BPF_F_ADJ_ROOM_ENCAP_L3_IPV6 | (gue ? BPF_F_ADJ_ROOM_ENCAP_L4_UDP : 0)))
             goto error;
-        if (bpf_skb_store_bytes(skb, sizeof(struct ethhdr), &o, sizeof(o), 0))
+        if (bpf_skb_store_bytes(skb, sizeof(struct ethhdr), &o, gue ? sizeof(o) : sizeof(o.ip), 0))
             goto error;
         proto = ETH_P_IPV6_BE;
     }
@@ -141,6 +156,8 @@ int probe_encap(struct __sk_buff *skb)
         st->encap4++;
     else
         st->encap6++;
+    if (gue)
+        st->gue++;
     return TC_ACT_OK;
 error:
     st->error++;

@@ -122,9 +122,10 @@ struct vip_filter {
 
 /* Runtime configuration, one entry, written by user space. */
 struct lb_config {
-    __u8 gw_mac[6];      /* destination MAC of every encapsulated packet */
+    __u8 gw_mac[6];      /* destination MAC of every encapsulated packet (NEXT_HOP_GATEWAY) */
     __u8 configured;     /* 0 until user space wrote this entry: everything passes */
-    __u8 pad0;
+    __u8 next_hop;       /* NEXT_HOP_GATEWAY: to gw_mac, XDP_TX; NEXT_HOP_FIB: the kernel's FIB
+                          * picks the next hop and the interface (xdp/nexthop.h) */
     __be32 src4;         /* outer IPv4 source prefix */
     __be32 src4_hostmask;/* bits of src4 taken from the flow hash; 0: one fixed source */
     __be32 src6[4];      /* outer IPv6 source prefix */
@@ -136,6 +137,28 @@ struct lb_config {
     __u32 capture;       /* 1 while `l4lb capture` runs: packets that capture_cfg selects are
                           * copied to capture_ring; 0 costs one test of this word */
     __u64 udp_timeout_ns;/* a UDP entry older than this re-picks */
+    __be16 gue_port;     /* UDP destination port of GUE packets (VIPs with VIP_F_GUE) */
+    __u16 pad1;
+    __u32 fib_gen;       /* next_hop fib: user space bumps it when a route, rule or neighbour
+                          * changes; a fib_hops answer of another generation is asked again */
+};
+
+/* A FIB answer kept per CPU and backend (next_hop fib): the next hop of an
+ * encapsulated packet depends on its outer destination (the backend) and the
+ * ingress interface, so the packets of every flow to a backend share one
+ * lookup. Used while gen is lb_config.fib_gen (user space bumps it on every
+ * route, rule or neighbour change) and, checked once every FIB_HOP_USES
+ * uses (a clock read costs as much as the rest of the hit), before expires. */
+struct fib_hop {
+    __u8 dmac[6];      /* the next hop's MAC */
+    __u8 smac[6];      /* the egress interface's MAC */
+    __u32 ingress;     /* the ingress ifindex the answer is for */
+    __u32 egress;      /* the egress ifindex */
+    __u32 slot;        /* egress's slot in tx_ports (egress != ingress) */
+    __u32 gen;         /* lb_config.fib_gen when asked; the entry is empty while expires is 0 */
+    __u32 uses;        /* uses left before the clock is read again */
+    __u32 pad;
+    __u64 expires;     /* coarse-clock ns after which it is asked again */
 };
 
 /* Per-VIP counters (per CPU). */
@@ -179,6 +202,10 @@ struct global_stats {
     __u64 ext_header;      /* IPv6 extension headers to a VIP address: dropped */
     __u64 malformed;       /* truncated or inconsistent headers: dropped */
     __u64 error;           /* a helper failed (e.g. no headroom): dropped */
+    __u64 fib_no_neigh;    /* next_hop fib: route found, neighbour not resolved: passed to the stack */
+    __u64 fib_drop;        /* next_hop fib: no usable route, or egress on an interface l4lb is not on */
+    __u64 redirect;        /* next_hop fib: sent out of another interface (XDP_REDIRECT); also in tx */
+    __u64 fib_lookup;      /* next_hop fib: FIB lookups (the others used a fib_hops answer) */
     __u64 ct_evict;        /* an entry written over another flow's: both its buckets were full */
     __u64 ct_busy;         /* no entry written: another CPU was writing the chosen way */
 };
@@ -197,6 +224,7 @@ struct decap_stats {
     __u64 decap6;      /* outer IPv6 removed */
     __u64 pass;        /* not a tunnel packet for this host */
     __u64 malformed;   /* truncated tunnel packet: dropped */
+    __u64 gue;         /* of decap4 + decap6: GUE packets (outer UDP header removed too) */
 };
 
 /* Probe encapsulation counters (per CPU), tc egress on the LB's interface. */
@@ -206,6 +234,7 @@ struct probe_stats {
     __u64 pass;        /* no probe mark: left to the next filter, untouched */
     __u64 no_backend;  /* the mark names an index with no valid backend: dropped */
     __u64 error;       /* not IP, IPv6 to an IPv4 backend, no configuration, or a helper failed: dropped */
+    __u64 gue;         /* of encap4 + encap6: sent in GUE (the mark's PROBE_MARK_GUE) */
 };
 
 /* What `l4lb capture` selects (one entry, read only while lb_config.capture is set). */
@@ -249,4 +278,8 @@ struct pkt {
     __u8 icmp_error;      /* the packet is an ICMP error about a VIP flow */
     __u32 vip;            /* vip_id + 1 once the VIP is known (capture filters); 0: none */
     __u32 backend;        /* the backend index once chosen; 0: none */
+    __u32 rx_len;         /* the frame's length as received (the bytes backend_stats counts) */
+    __u8 fib_pending;     /* next_hop fib: encapsulated, the next hop still to ask (balancer()) */
+    __u8 outer_family;    /* FAMILY_V4 or FAMILY_V6: the outer header's, once encapsulated */
+    __u16 pad;
 };

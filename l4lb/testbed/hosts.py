@@ -157,6 +157,13 @@ class Backend(Node):
             return {"decap4": s["decap4"], "decap6": s["decap6"]}
         return {"decap4": self.link_stats(TUNNEL4)["rx_packets"], "decap6": self.link_stats(TUNNEL6)["rx_packets"]}
 
+    def gue_total(self) -> int | None:
+        """GUE packets the decap program took since it was set up (xdp mode;
+        None with tunnel devices, which count no GUE apart)."""
+        if self.decap != "xdp":
+            return None
+        return bpf.percpu_sum(self.program.table(consts.MAP_DECAP_STATS))["gue"]
+
     def decap_counts(self) -> dict[str, int]:
         """Packets decapsulated here since the testbed was built: decap4 (outer
         IPv4: 4in4) and decap6 (outer IPv6: 6in6 and 4in6), from the decap

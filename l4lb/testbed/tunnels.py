@@ -1,7 +1,8 @@
-"""How the testbed's backends decapsulate the LB's IP-in-IP packets: with the
-kernel's ipip and ip6tnl devices where this kernel can make them, otherwise
-with the XDP decap program (xdp/decap.c). The probe for tunnel devices, the
-choice of mode, the set-up on one backend, and a pool of loaded decap programs.
+"""How the testbed's backends decapsulate the LB's IP-in-IP and GUE packets:
+with the kernel's ipip and ip6tnl devices (and fou ports for GUE) where this
+kernel can make them, otherwise with the XDP decap program (xdp/decap.c). The
+probes for tunnel devices and fou, the choice of mode, the set-up on one
+backend, and a pool of loaded decap programs.
 
 The router's end of the LB link gets a decap program too, with no addresses,
 which passes every frame: see topology.py for why."""
@@ -11,7 +12,7 @@ import contextlib
 import subprocess
 import threading
 
-from .. import decap
+from .. import consts, decap
 from .common import PREFIX, TestbedError
 from .namespaces import Node, create_ns, next_tag, remove_ns
 
@@ -19,6 +20,7 @@ DECAP_MODES = ("auto", "xdp", "ipip")
 TUNNEL4, TUNNEL6 = "l4lbip4", "l4lbip6"
 
 _ipip_support: tuple[bool, str] | None = None
+_fou_support: tuple[bool, str] | None = None
 
 
 def ipip_support() -> tuple[bool, str]:
@@ -50,6 +52,33 @@ def ipip_support() -> tuple[bool, str]:
     return _ipip_support
 
 
+def fou_support() -> tuple[bool, str]:
+    """(True, '') when this kernel can receive GUE on a fou port (CONFIG_NET_FOU),
+    else (False, why). Tries `ip fou add` in a scratch namespace."""
+    global _fou_support
+    if _fou_support is not None:
+        return _fou_support
+    with contextlib.suppress(OSError):
+        subprocess.run(["modprobe", "-q", "fou"], capture_output=True)
+    ns = f"{PREFIX}-{next_tag()}-fou"
+    create_ns(ns)
+    try:
+        r = subprocess.run(["ip", "-n", ns, "fou", "add", "port", str(consts.DEFAULT_GUE_PORT), "gue"],
+                           capture_output=True, text=True)
+        _fou_support = (True, "") if r.returncode == 0 else (
+            False, f"this kernel has no fou (ip fou add: {r.stderr.strip() or r.returncode}; CONFIG_NET_FOU off)")
+    finally:
+        remove_ns(ns)
+    return _fou_support
+
+
+def fou_commands(gue_port: int = consts.DEFAULT_GUE_PORT) -> list[str]:
+    """GUE on top of the ipip/ip6tnl devices: a fou port per family, in GUE mode
+    (the version nibble after the UDP header sends the packet on as IPv4-in-IP or
+    IPv6-in-IP, which the devices then take)."""
+    return [f"ip fou add port {gue_port} gue", f"ip -6 fou add port {gue_port} gue"]
+
+
 def resolve_decap(mode: str) -> str:
     if mode not in DECAP_MODES:
         raise TestbedError(f"--decap {mode!r}: use one of {', '.join(DECAP_MODES)}")
@@ -77,6 +106,9 @@ def decapsulate(b, mode: str) -> None:
     for dev in (TUNNEL4, TUNNEL6):
         b.ipr.link("set", index=b.index(dev), state="up")
         b.sysctl({f"net.ipv4.conf.{dev}.rp_filter": 0})
+    if fou_support()[0]:
+        for cmd in fou_commands():
+            subprocess.run([*b.nsenter(), *cmd.split()], check=True, capture_output=True)
 
 
 def backend_commands(b, mode: str, vips: list[str]) -> list[str]:
@@ -93,7 +125,8 @@ def backend_commands(b, mode: str, vips: list[str]) -> list[str]:
         cmds += [f"ip link add {TUNNEL4} type ipip local {b.addr4}",
                  f"ip link add {TUNNEL6} type ip6tnl local {b.addr6} mode any",
                  f"ip link set {TUNNEL4} up", f"ip link set {TUNNEL6} up",
-                 f"sysctl -w net.ipv4.conf.{TUNNEL4}.rp_filter=0 net.ipv4.conf.{TUNNEL6}.rp_filter=0"]
+                 f"sysctl -w net.ipv4.conf.{TUNNEL4}.rp_filter=0 net.ipv4.conf.{TUNNEL6}.rp_filter=0",
+                 *(fou_commands() if fou_support()[0] else [])]
     return cmds
 
 

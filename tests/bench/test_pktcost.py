@@ -17,8 +17,8 @@ from l4lb import libbpf
 pytestmark = pytest.mark.kernel
 
 REPEAT = 1000
-THROUGH_HARNESS = ["established", "syn", "syn6", "syn_resident", "spread", "syn_evict", "udp",
-                   "v6", "v4_in_v6", "pass", "icmp_echo", "encap"]
+THROUGH_HARNESS = ["established", "established_fib", "syn", "syn6", "syn_resident", "spread", "syn_evict",
+                   "udp", "v6", "v4_in_v6", "gue", "gue6", "pass", "icmp_echo", "encap"]
 ALL_CASES = THROUGH_HARNESS + ["pass_direct", "drop_direct"]
 
 
@@ -36,9 +36,9 @@ def test_the_cases_are_the_ones_checked_here(bench):
 @pytest.mark.parametrize("name", THROUGH_HARNESS)
 def test_one_run_through_the_harness_equals_a_direct_run(bench, name):
     case = bench.case(name)
-    direct = bench.direct(case)
+    direct = bench.in_namespace(case, bench.direct, case)  # a fib case: in its namespace of routes
     bench.harness.load_frame(case.frame, case.vary, flow=0)  # flow 0: the frame as built
-    through = bench.harness.time(bench.target_fd(case), 1).result
+    through = bench.in_namespace(case, bench.harness.time, bench.target_fd(case), 1).result
     assert direct.verdict == case.verdict
     assert through.verdict == direct.verdict
     assert through.data == direct.data
@@ -169,7 +169,9 @@ def test_report_has_machine_ratios_and_every_round(bench, tmp_path):
     assert saved["settings"]["repeat"] == REPEAT
     assert {c["name"] for c in saved["cases"]} == set(ALL_CASES)
     assert all(len(c["rounds"]) == 1 for c in saved["cases"])
-    assert set(saved["summary"]["ratios"]) >= {"established / encap", "syn / encap", "pass / drop"}
+    assert set(saved["summary"]["ratios"]) >= {"established / encap", "syn / encap", "pass / drop",
+                                               "gue / established", "gue6 / v6",
+                                               "established_fib / established"}
     text = console.file.getvalue()
     assert "established" in text and "ratios" in text
 
@@ -180,8 +182,9 @@ def test_against_another_commit_times_both_builds_through_one_harness(tmp_path):
     out = tmp_path / "ab.json"
     console = Console(file=io.StringIO(), width=160)
     report = run_ab("b82801c", REPEAT, 1, out, console=console, full_table=False,
-                    only=frozenset({"established", "syn", "syn6"}))
+                    only=frozenset({"established", "syn", "syn6", "gue"}))
     assert report["ok"], report["failures"]
+    assert "gue" not in report["ab"]  # a build before GUE has no GUE case to compare
     saved = json.loads(out.read_text())
     assert saved["settings"]["old_commit"].startswith("b82801c")
     assert {"established", "syn", "syn6", "encap"} <= set(saved["ab"])

@@ -74,9 +74,10 @@ class Lb:
         self.client.close()
 
     @contextlib.contextmanager
-    def vip(self, address: str, backends: dict[str, int], port: int = 80, protocol: str = "tcp", flags=()):
+    def vip(self, address: str, backends: dict[str, int], port: int = 80, protocol: str = "tcp", flags=(),
+            encap: str = ""):
         vid = vip_id(address, port, protocol)
-        self.call("AddVip", pb.AddVipRequest(id=vid, flags=list(flags), backends=[
+        self.call("AddVip", pb.AddVipRequest(id=vid, flags=list(flags), encap=encap, backends=[
             pb.Backend(address=a, weight=w) for a, w in backends.items()]))
         try:
             yield vid

@@ -172,8 +172,8 @@ class Lb:
         assert not self.state.vips
         self.state = LbState(replace(self.capacity, max_backends=n), self)
 
-    def add_vip(self, address, port, protocol, backends, flags=()):
-        spec = VipSpec(VipKey.parse(address, port, protocol), frozenset(flags), dict(backends))
+    def add_vip(self, address, port, protocol, backends, flags=(), encap="ipip"):
+        spec = VipSpec(VipKey.parse(address, port, protocol), frozenset(flags), dict(backends), encap)
         vip = self.state.add_vip(spec)
         self.dp.set_portless(self.state.portless)
         return vip
@@ -250,9 +250,12 @@ class Lb:
         return b.index, b.generation
 
     # ---- outputs ------------------------------------------------------------------------
-    def check_encap(self, r: Result, sent, backend: str, hash_: int) -> bytes:
-        """Asserts that r is `sent` encapsulated to `backend`, field by field,
-        and returns the outer IP header."""
+    def check_encap(self, r: Result, sent, backend: str, hash_: int, encap: str = "ipip") -> bytes:
+        """Asserts that r is `sent` encapsulated to `backend` (IP-in-IP, or
+        GUE to the configured gue_port), field by field, and returns the outer
+        IP header."""
+        gue = encap == "gue"
+        udp = 8 if gue else 0
         sent = bytes(sent)
         d = r.data
         assert r.verdict == "TX"
@@ -277,16 +280,18 @@ class Lb:
             o = d[l3:l3 + 20]
             assert o[0] == 0x45, "version 4, IHL 5"
             assert o[1] == inner_tos, "TOS copied"
-            assert struct.unpack("!H", o[2:4])[0] == inner_len + 20
+            assert struct.unpack("!H", o[2:4])[0] == inner_len + 20 + udp
             assert struct.unpack("!H", o[4:6])[0] == 0, "IP id"
             assert struct.unpack("!H", o[6:8])[0] == (0x4000 if inner_df else 0), "DF copied, no fragment"
             assert o[8] == 64, "TTL"
-            assert o[9] == 4, "protocol IPIP"
+            assert o[9] == (17 if gue else 4), "protocol UDP (GUE) or IPIP"
             assert struct.unpack("!H", o[10:12])[0] == ipv4_header_csum(o), "header checksum"
             assert addr(o[12:16]) == outer_source(self.config.encap_v4, hash_)
             assert ipaddress.ip_address(o[12:16]) in self.config.encap_v4
             assert addr(o[16:20]) == str(b)
-            assert d[l3 + 20:] == inner, "inner packet (and padding) intact"
+            if gue:
+                self.check_gue(d[l3 + 20:l3 + 28], inner_len, hash_)
+            assert d[l3 + 20 + udp:] == inner, "inner packet (and padding) intact"
         else:
             assert struct.unpack("!H", d[l3 - 2:l3])[0] == ETH_IPV6
             o = d[l3:l3 + 40]
@@ -294,14 +299,31 @@ class Lb:
             assert w0 >> 28 == 6
             assert (w0 >> 20) & 0xFF == inner_tos, "traffic class copied"
             assert w0 & 0xFFFFF == hash_ & 0xFFFFF, "flow label: the flow hash"
-            assert struct.unpack("!H", o[4:6])[0] == inner_len, "payload length"
-            assert o[6] == (4 if inner_v == 4 else 41), "next header: 4in6 or 6in6"
+            assert struct.unpack("!H", o[4:6])[0] == inner_len + udp, "payload length"
+            assert o[6] == (17 if gue else 4 if inner_v == 4 else 41), "next header: UDP (GUE), 4in6 or 6in6"
             assert o[7] == 64, "hop limit"
             assert addr(o[8:24]) == outer_source(self.config.encap_v6, hash_)
             assert ipaddress.ip_address(o[8:24]) in self.config.encap_v6
             assert addr(o[24:40]) == str(b)
-            assert d[l3 + 40:] == inner, "inner packet (and padding) intact"
+            if gue:
+                self.check_gue(d[l3 + 40:l3 + 48], inner_len, hash_)
+            assert d[l3 + 40 + udp:] == inner, "inner packet (and padding) intact"
         return o
+
+    def check_gue(self, u: bytes, inner_len: int, hash_: int) -> None:
+        """The GUE UDP header: source port from the flow hash in 49152-65535,
+        the configured destination port, length, checksum 0."""
+        sport, dport, length, check = struct.unpack("!HHHH", u)
+        assert sport == gue_source_port(hash_), "source port: from the flow hash"
+        assert 49152 <= sport <= 65535
+        assert dport == self.config.gue_port, "destination port: gue_port"
+        assert length == inner_len + 8, "UDP length: header and the inner packet"
+        assert check == 0, "UDP checksum 0"
+
+
+def gue_source_port(hash_: int) -> int:
+    """The GUE source port a flow hash gives: its low 14 bits over 49152."""
+    return 49152 + (hash_ & 0x3FFF)
 
 
 def ipv4_header_csum(hdr: bytes) -> int:

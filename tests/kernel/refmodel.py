@@ -78,6 +78,7 @@ class Vip:
     no_conntrack: bool
     table: tuple  # backend address (or None) per ring slot
     affinity: bool = False  # client_affinity: the addresses alone pick the backend
+    gue: bool = False  # encap: gue (UDP to the node's gue_port), else IP-in-IP
 
 
 @dataclass
@@ -91,6 +92,7 @@ class LbModel:
     ring_size: int
     conntrack: dict = field(default_factory=dict)  # Flow -> CtEntry
     listed: dict = field(default_factory=dict)     # backend index -> ids of the VIPs that list it
+    gue_port: int = 6080
 
     @property
     def vip_addresses(self) -> set:
@@ -111,13 +113,13 @@ class LbModel:
             vips[(ip.version, ip.packed, key.port, key.proto_number)] = Vip(
                 key.address, key.port, key.proto_number, v.vip_id,
                 "no_source_port" in v.flags, "no_conntrack" in v.flags, table,
-                "client_affinity" in v.flags)
+                "client_affinity" in v.flags, v.encap == "gue")
         backends = {b.index: (addr, b.generation) for addr, b in state.backends.items()}
         listed = {b.index: {v.vip_id for v in state.vips.values() if addr in v.backends}
                   for addr, b in state.backends.items()}
         return cls(vips, backends, bytes(int(x, 16) for x in runtime.gateway_mac.split(":")),
                    runtime.encap_v4, runtime.encap_v6, runtime.mtu, ring_size,
-                   dict(conntrack or {}), listed)
+                   dict(conntrack or {}), listed, runtime.gue_port)
 
     def index_of(self, address: str) -> tuple[int, int]:
         for idx, (addr, gen) in self.backends.items():
@@ -137,7 +139,8 @@ class Expected:
     vip_id: int | None = None                   # VIP whose packets/bytes count this frame
     vip_bytes: int = 0
     backend: str | None = None                  # TX to a backend: its address
-    kind: str | None = None                     # 4in4, 4in6, 6in6, echo4, echo6, too_big4, too_big6
+    kind: str | None = None                     # 4in4, 4in6, 6in6 (gue4in4, ... for GUE), echo4, echo6,
+                                                # too_big4, too_big6
     output: bytes | None = None                 # TX: the whole frame sent; PASS: the input
     inner_offset: int | None = None             # encapsulation: where the inner packet starts
     flow: Flow | None = None
@@ -390,7 +393,8 @@ def _echo(frame: bytes, ip: _Ip, trace: list) -> Expected:
 
 def _balance(frame: bytes, ip: _Ip, model: LbModel, vip: Vip, flow: Flow, tcp_flags: int,
              icmp_error: bool, trace: list) -> Expected:
-    e = Expected(DROP, trace=trace + [f"VIP {vip.address}:{vip.port}/{vip.proto} (id {vip.vip_id})"],
+    e = Expected(DROP, trace=trace + [f"VIP {vip.address}:{vip.port}/{vip.proto} (id {vip.vip_id})" +
+                                      (" gue" if vip.gue else "")],
                  vip_id=vip.vip_id, vip_bytes=len(frame), flow=flow)
     flags = {"no_source_port"} if vip.no_sport else set()
     flags |= {"client_affinity"} if vip.affinity else set()
@@ -414,8 +418,10 @@ def _balance(frame: bytes, ip: _Ip, model: LbModel, vip: Vip, flow: Flow, tcp_fl
                 why = ("backend gone" if live is None else f"generation {entry.generation} != {live[1]}"
                        if live[1] != entry.generation else f"not listed by VIP {vip.vip_id} any more")
                 e.trace.append(f"ct stale ({entry.address}: {why})")
+    # the outer IP header, and for GUE the UDP header after it
+    udp = 8 if vip.gue else 0
     b_family = ipaddress.ip_address(backend).version if backend else None
-    overhead = 20 if b_family == 4 else 40
+    overhead = (20 if b_family == 4 else 40) + udp
     too_big = backend is not None and ip.ip_len + overhead > model.mtu and ip.df and not icmp_error
     if backend is None:
         e.count("ct_miss")
@@ -426,7 +432,7 @@ def _balance(frame: bytes, ip: _Ip, model: LbModel, vip: Vip, flow: Flow, tcp_fl
             e.count("no_backend")
             return e
         b_family = ipaddress.ip_address(backend).version
-        overhead = 20 if b_family == 4 else 40
+        overhead = (20 if b_family == 4 else 40) + udp
         too_big = ip.ip_len + overhead > model.mtu and ip.df and not icmp_error
         if not use_ct:
             e.trace.append("no_conntrack VIP")
@@ -450,11 +456,11 @@ def _balance(frame: bytes, ip: _Ip, model: LbModel, vip: Vip, flow: Flow, tcp_fl
         e.trace.append(f"{ip.ip_len} + {overhead} > mtu {model.mtu}, " +
                        ("an ICMP error" if icmp_error else "no DF: sent, outer DF clear"))
     e.verdict, e.backend = TX, backend
-    e.kind = {(4, 4): "4in4", (4, 6): "4in6", (6, 6): "6in6"}[(ip.family, b_family)]
+    e.kind = ("gue" if vip.gue else "") + {(4, 4): "4in4", (4, 6): "4in6", (6, 6): "6in6"}[(ip.family, b_family)]
     e.count("tx")
     if icmp_error:
         e.count("icmp_fwd")
-    e.output, e.inner_offset = _encap(frame, ip, model, backend, h)
+    e.output, e.inner_offset = _encap(frame, ip, model, backend, h, vip.gue)
     return e
 
 
@@ -472,14 +478,17 @@ def _hashed_word(prefix_word: bytes, host_bits: int, h: int) -> bytes:
     return bytes((p & ~m & 0xFF) | (x & m) for p, m, x in zip(prefix_word, mask, hw))
 
 
-def _encap(frame: bytes, ip: _Ip, model: LbModel, backend: str, h: int) -> tuple[bytes, int]:
+def _encap(frame: bytes, ip: _Ip, model: LbModel, backend: str, h: int, gue: bool = False) -> tuple[bytes, int]:
     dst = ipaddress.ip_address(backend)
     own_mac = frame[0:6]
+    # GUE: a UDP header between the outer IP header and the inner packet; source
+    # port 49152 + the hash's low 14 bits, destination gue_port, checksum 0
+    udp = struct.pack("!HHHH", 49152 + (h & 0x3FFF), model.gue_port, 8 + ip.ip_len, 0) if gue else b""
     if dst.version == 4:
         net = model.encap_v4
         src = _hashed_word(net.network_address.packed, min(32, 32 - net.prefixlen), h)
-        hdr = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, ip.tos, ip.ip_len + 20, 0,
-                                    0x4000 if ip.df else 0, OUTER_TTL, 4, 0, src, dst.packed))
+        hdr = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, ip.tos, ip.ip_len + 20 + len(udp), 0,
+                                    0x4000 if ip.df else 0, OUTER_TTL, UDP if gue else 4, 0, src, dst.packed))
         hdr[10:12] = inet_checksum(bytes(hdr)).to_bytes(2, "big")
         l2 = _l2(frame, ip.l3, model.gw_mac, own_mac, ETH_IP)
     else:
@@ -487,10 +496,11 @@ def _encap(frame: bytes, ip: _Ip, model: LbModel, backend: str, h: int) -> tuple
         packed = net.network_address.packed
         src = packed[:12] + _hashed_word(packed[12:], min(32, 128 - net.prefixlen), h)
         word0 = (6 << 28) | (ip.tos << 20) | (h & 0xFFFFF)
-        hdr = struct.pack("!IHBB16s16s", word0, ip.ip_len, 4 if ip.family == 4 else 41, OUTER_TTL,
-                          src, dst.packed)
+        nh = UDP if gue else 4 if ip.family == 4 else 41
+        hdr = struct.pack("!IHBB16s16s", word0, ip.ip_len + len(udp), nh, OUTER_TTL, src, dst.packed)
         l2 = _l2(frame, ip.l3, model.gw_mac, own_mac, ETH_IPV6)
-    out = l2 + bytes(hdr) + frame[ip.l3:]  # the inner packet and any padding after it
+    hdr = bytes(hdr) + udp
+    out = l2 + hdr + frame[ip.l3:]  # the inner packet and any padding after it
     return out, len(l2) + len(hdr)
 
 

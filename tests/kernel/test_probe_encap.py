@@ -242,3 +242,48 @@ def test_detach_keeps_a_clsact_qdisc_that_was_there_before(probe_program, scratc
     scratch.run(prog.detach)
     assert scratch.run(netlink.has_clsact, "p0")
     assert scratch.run(netlink.tc_egress_filters, "p0") == []
+
+
+@pytest.mark.parametrize("dst,backend,counter", [(VIP4, B4, "encap4"), (VIP4, B6, "encap6"), (VIP6, B6, "encap6")],
+                         ids=["4in4", "4in6", "6in6"])
+def test_a_probe_marked_gue_leaves_in_gue_to_the_gue_port(probe, dst, backend, counter):
+    """A probe for a VIP with encap: gue travels as that VIP's packets do."""
+    probe.cfg.gue_port = 5555
+    probe.dp.write_config(probe.cfg)
+    sent = bytes(syn(dst, b"GET / HTTP/1.0\r\n\r\n", tos=0x28, flags="PA"))
+    verdict, data, counts = probe.run(sent, mark(INDEX[backend]) | consts.PROBE_MARK_GUE)
+    assert verdict == TC_ACT_OK
+    assert counts == {counter: 1, "gue": 1}
+    inner = sent[14:]
+    hdr = 20 if ":" not in backend else 40
+    o, u = data[14:14 + hdr], data[14 + hdr:14 + hdr + 8]
+    assert data[0:6] == mac(probe.cfg.gateway_mac) and data[6:12] == sent[6:12]
+    if hdr == 20:
+        assert data[12:14] == b"\x08\x00" and o[0] == 0x45 and o[1] == 0x28
+        assert struct.unpack("!H", o[2:4])[0] == len(inner) + 28, "total length: IP, UDP, inner"
+        assert (o[8], o[9]) == (64, 17), "TTL, protocol UDP"
+        assert struct.unpack("!H", o[10:12])[0] == ipv4_header_csum(o), "header checksum"
+        assert ipaddress.ip_address(o[12:16]) in probe.cfg.encap_v4
+        assert ipaddress.ip_address(o[16:20]) == ipaddress.ip_address(backend)
+        hashed = host_word(o[12:16])
+    else:
+        assert data[12:14] == b"\x86\xdd"
+        assert struct.unpack("!H", o[4:6])[0] == len(inner) + 8 and (o[6], o[7]) == (17, 64)
+        assert ipaddress.ip_address(o[8:24]) in probe.cfg.encap_v6
+        assert ipaddress.ip_address(o[24:40]) == ipaddress.ip_address(backend)
+        hashed = host_word(o[8:24])
+    sport, dport, length, check = struct.unpack("!HHHH", u)
+    assert (dport, length, check) == (5555, len(inner) + 8, 0)
+    assert 49152 <= sport
+    if hdr == 40:  # a /64 source holds the whole hash word: the source port is its low 14 bits
+        assert sport == 49152 + (hashed & 0x3FFF), "source port: the flow hash"
+    assert data[14 + hdr + 8:] == inner, "inner packet intact"
+
+
+def test_the_gue_bit_of_a_mark_is_not_part_of_the_backend_index(probe):
+    sent = bytes(syn(VIP4))
+    verdict, data, counts = probe.run(sent, mark(INDEX[B4]))
+    assert counts == {"encap4": 1} and data[23] == 4  # IP-in-IP without the bit
+    verdict, data, counts = probe.run(sent, mark(INDEX[B4]) | consts.PROBE_MARK_GUE)
+    assert counts == {"encap4": 1, "gue": 1} and data[23] == 17
+    assert ipaddress.ip_address(data[30:34]) == ipaddress.ip_address(B4)

@@ -33,6 +33,8 @@ import refmodel
 from lbfixture import CLIENT_MAC, LB_MAC
 from refmodel import COUNTERS, CtEntry, Flow, LbModel
 
+from l4lb.model import VipKey
+
 SEED = int(os.environ.get("L4LB_PROPERTY_SEED", "1318"))
 CASES = int(os.environ.get("L4LB_PROPERTY_CASES", "3000"))
 
@@ -42,6 +44,8 @@ V4_UDP_53 = ("198.18.10.11", 53, "udp")       # same address: the exact port win
 V6_TCP = ("fd00:198:18:10::10", 443, "tcp")   # 6in6
 V6_UDP_NOCT = ("fd00:198:18:10::10", 53, "udp")  # same address, no connection table
 V4_EMPTY = ("198.18.10.12", 8080, "tcp")      # no backend at all
+V4_GUE = ("198.18.10.13", 80, "tcp")          # GUE: 4in4 and 4in6
+V6_GUE = ("fd00:198:18:10::10", 8443, "tcp")  # GUE 6in6, on V6_TCP's address
 
 VIPS = [
     (V4_TCP, {"198.18.2.1": 1, "198.18.2.2": 1, "198.18.2.3": 2}, ()),
@@ -50,13 +54,16 @@ VIPS = [
     (V6_TCP, {"fd00:198:18:2::1": 1, "fd00:198:18:2::2": 1}, ()),
     (V6_UDP_NOCT, {"fd00:198:18:2::3": 1}, ("no_conntrack",)),
     (V4_EMPTY, {}, ()),
+    (V4_GUE, {"198.18.2.1": 1, "fd00:198:18:2::7": 1}, (), "gue"),
+    (V6_GUE, {"fd00:198:18:2::1": 1, "fd00:198:18:2::3": 1}, (), "gue"),
 ]
 # Changes in the middle of the run, at 1/3 and 2/3 of the cases (see
 # reconfigure): 198.18.2.3 leaves and 198.18.2.5 takes its backend index with
 # a new generation, so the entries of 2.3 go stale; the 4in6 backend leaves;
 # fd00:198:18:2::2 drains (weight 0: its entries still hit); the MTU drops to
-# 1300, below the IPv6 minimum once 40 bytes of encapsulation are taken off.
-BACKEND_INDICES = 9  # exactly what VIPS needs, so that a freed index is reused
+# 1300, below the IPv6 minimum once 40 bytes of encapsulation are taken off;
+# V4_TCP turns to GUE (its established flows with it) and gue_port changes.
+BACKEND_INDICES = 10  # exactly what VIPS needs, so that a freed index is reused
 MTU, LATER_MTU = 1500, 1300
 NON_VIP4 = ["198.18.1.1", "198.18.10.99", "198.18.2.1"]
 NON_VIP6 = ["fd00:198:18:1::1", "fd00:198:18:10::99"]
@@ -92,6 +99,7 @@ class Generator:
             (2, self.tcp_empty), (18, self.again), (7, self.not_vip), (5, self.echo),
             (3, self.other_icmp), (9, self.icmp_error), (4, self.fragment), (4, self.ext_header),
             (3, self.other_proto), (3, self.not_ip), (6, self.big), (3, self.garbage),
+            (8, self.tcp_gue),
         ]
         self.total = sum(w for w, _ in self.kinds)
 
@@ -169,6 +177,13 @@ class Generator:
     def udp_noct6(self):
         f = self.remember(6, self.client6(), V6_UDP_NOCT[0], self.r.randint(1, 65535), 53, "udp")
         return "udp6 to no_conntrack VIP", self.flow_frame(*f)
+
+    def tcp_gue(self):
+        if self.r.random() < 0.5:
+            f = self.remember(4, self.client4(), V4_GUE[0], self.r.randint(1024, 65535), 80, "tcp")
+        else:
+            f = self.remember(6, self.client6(), V6_GUE[0], self.r.randint(1, 65535), 8443, "tcp")
+        return f"tcp{f[0]} to GUE VIP", self.flow_frame(*f)
 
     def tcp_empty(self):
         f = self.remember(4, self.client4(), V4_EMPTY[0], self.r.randint(1024, 65535), 8080, "tcp")
@@ -294,15 +309,19 @@ class Generator:
         return f"ethertype {et:#06x}", l2(et, self.vlan()) + self.r.randbytes(self.r.randint(0, 60))
 
     def big(self):
-        """Around the MTU: outer overhead 20 (4in4) or 40 (4in6, 6in6)."""
+        """Around the MTU: outer overhead 20 (4in4) or 40 (4in6, 6in6), 8 more for GUE."""
         size = self.r.randint(self.mtu - 70, self.mtu + 10)
-        x = self.r.randrange(3)
+        x = self.r.randrange(5)
         if x == 0:
             f = self.remember(4, self.client4(), V4_TCP[0], self.r.randint(1024, 65535), 80, "tcp")
         elif x == 1:
             f = self.remember(4, self.client4(), V4_UDP_ANY[0], self.r.randint(1, 65535), 443, "udp")
-        else:
+        elif x == 2:
             f = self.remember(6, self.client6(), V6_TCP[0], self.r.randint(1, 65535), 443, "tcp")
+        elif x == 3:
+            f = self.remember(4, self.client4(), V4_GUE[0], self.r.randint(1024, 65535), 80, "tcp")
+        else:
+            f = self.remember(6, self.client6(), V6_GUE[0], self.r.randint(1, 65535), 8443, "tcp")
         return f"big {f[5]}{f[0]} ip_len {size}", self.flow_frame(*f, size=size)
 
     def garbage(self):
@@ -376,8 +395,8 @@ class Generator:
 def configure(lb):
     lb.few_backend_indices(BACKEND_INDICES)
     lb.configure(mtu=MTU, new_flow_rate=1_000_000_000, icmp_rate=1_000_000_000, udp_timeout_s=3600)
-    for (addr, port, proto), backends, flags in VIPS:
-        lb.add_vip(addr, port, proto, backends, flags)
+    for (addr, port, proto), backends, flags, *encap in VIPS:
+        lb.add_vip(addr, port, proto, backends, flags, *encap)
 
 
 def reconfigure(lb, gen: Generator, stage: int) -> None:
@@ -389,7 +408,8 @@ def reconfigure(lb, gen: Generator, stage: int) -> None:
     elif stage == 2:
         lb.set_backends(*V4_UDP_ANY, {"198.18.2.4": 1})
         lb.set_backends(*V6_TCP, {"fd00:198:18:2::1": 1, "fd00:198:18:2::2": 0})
-        lb.configure(mtu=LATER_MTU)
+        lb.configure(mtu=LATER_MTU, gue_port=7777)
+        lb.state.set_encap(VipKey.parse(*V4_TCP), "gue")
         gen.mtu = LATER_MTU
 
 
@@ -469,6 +489,10 @@ def paths(exp: refmodel.Expected, model: LbModel) -> list[tuple[str, bool]]:
         ("VLAN too big", "vlan" in trace and (exp.kind or "").startswith("too_big")),
         ("IPv4 too big without DF", "no DF: sent" in trace),
         ("too_big6 at the IPv6 minimum MTU", exp.kind == "too_big6" and model.mtu == LATER_MTU),
+        ("GUE established", "ct hit" in trace and (exp.kind or "").startswith("gue")),
+        ("GUE too big", " gue" in trace and (exp.kind or "").startswith("too_big")),
+        ("GUE ICMP error forwarded", "ICMP error" in trace and (exp.kind or "").startswith("gue")),
+        ("an established flow turned GUE", "VIP 198.18.10.10:80/6 (id 0) gue > ct hit" in trace),
     ]
 
 
@@ -498,7 +522,7 @@ def compare(exp: refmodel.Expected, verdict: str, out: bytes, frame: bytes, gdel
     if verdict == exp.verdict and exp.output is not None:
         if exp.backend is not None:  # spelled out, though the whole frame is compared below
             l2len = 18 if frame[12:14] in (b"\x81\x00", b"\x88\xa8") else 14
-            dst = out[l2len + 16:l2len + 20] if exp.kind == "4in4" else out[l2len + 24:l2len + 40]
+            dst = out[l2len + 16:l2len + 20] if exp.kind.endswith("4in4") else out[l2len + 24:l2len + 40]
             if len(out) < l2len + 40 or ipaddress.ip_address(dst) != ipaddress.ip_address(exp.backend):
                 problems.append(f"outer destination {dst.hex()}, model's backend {exp.backend}")
             if out[exp.inner_offset:] != frame[l2len:]:
@@ -559,7 +583,8 @@ def test_random_frames_match_the_reference_model(lb):
     # the generator must keep reaching every documented path
     want_counters = {"pass", "tx", "ct_hit", "ct_miss", "ct_stale", "ct_insert", "no_backend", "too_big",
                      "icmp_echo", "icmp_fwd", "fragment", "ext_header", "malformed"}
-    want_kinds = {"PASS", "DROP", "4in4", "4in6", "6in6", "echo4", "echo6", "too_big4", "too_big6"}
+    want_kinds = {"PASS", "DROP", "4in4", "4in6", "6in6", "gue4in4", "gue4in6", "gue6in6", "echo4", "echo6",
+                  "too_big4", "too_big6"}
     missing = (want_counters - set(seen_counters)) | (want_kinds - set(seen_kinds)) | \
         ({p for p, _ in paths(refmodel.Expected("PASS"), model)} - set(seen_paths))
     assert not missing, (f"{CASES} cases never reached {sorted(missing)}: {dict(seen_counters)} "

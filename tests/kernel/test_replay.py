@@ -1,4 +1,5 @@
 """`l4lb replay` as a user runs it: a scapy-made pcap in, verdict lines and an output pcap out."""
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -77,3 +78,51 @@ def test_replay_rejects_a_truncated_pcap_with_the_packet_number(tmp_path):
     (tmp_path / "junk.pcap").write_bytes(b"not a pcap at all, sorry")
     r = _run("replay", "--config", str(cfg), "--in", str(tmp_path / "junk.pcap"))
     assert r.returncode == 2 and "not a pcap file" in r.stderr
+
+
+GUE_CONFIG = """
+gateway_mac: "02:00:00:00:00:01"
+gue_port: 5555
+vips:
+  - address: 198.18.10.10
+    port: 80
+    protocol: tcp
+    encap: gue
+    backends:
+      - {address: 198.18.2.1, weight: 1}
+      - {address: "fd00:198:18:2::1", weight: 2}
+  - address: "fd00:198:18:10::10"
+    port: 80
+    protocol: tcp
+    encap: gue
+    backends:
+      - {address: "fd00:198:18:2::2"}
+"""
+
+
+def test_replay_shows_and_writes_gue_packets(tmp_path):
+    cfg = tmp_path / "lb.yaml"
+    cfg.write_text(GUE_CONFIG)
+    eth = Ether(src="02:00:00:00:00:0c", dst="02:00:00:00:01:01")
+    pkts = [eth / IP(src="198.18.0.5", dst="198.18.10.10") / TCP(sport=40000 + i, dport=80, flags="S") for i in range(20)]
+    pkts.append(eth / IPv6(src="fd00:198:18::5", dst="fd00:198:18:10::10") / TCP(sport=40000, dport=80, flags="S"))
+    wrpcap(str(tmp_path / "in.pcap"), pkts)
+    r = _run("replay", "--config", str(cfg), "--in", str(tmp_path / "in.pcap"), "--out", str(tmp_path / "out.pcap"))
+    assert r.returncode == 0, r.stderr
+    assert "21 packets: TX 21" in r.stdout
+    lines = re.findall(r"=> (gue \S+) (\S+):(\d+) -> (\S+):5555 carrying (.*)", r.stdout)
+    assert len(lines) == 21
+    assert {(kind, dst) for kind, _, _, dst, _ in lines} == {
+        ("gue 4in4", "198.18.2.1"), ("gue 4in6", "[fd00:198:18:2::1]"), ("gue 6in6", "[fd00:198:18:2::2]")}
+    assert all(int(sport) >= 49152 for _, _, sport, _, _ in lines)
+    assert lines[0][4] == "198.18.0.5:40000 -> 198.18.10.10:80 tcp [S]"
+    out = rdpcap(str(tmp_path / "out.pcap"))
+    assert len(out) == 21
+    kinds = set()
+    for sent, got in zip(pkts, out):
+        outer = got[IPv6] if IPv6 in got and got[IPv6].nh == 17 else got[IP]
+        udp = outer[UDP]
+        assert udp.dport == 5555 and udp.chksum == 0 and 49152 <= udp.sport
+        assert bytes(udp.payload) == bytes(sent.payload)  # the client's packet whole
+        kinds.add(f"{sent.payload.version}in{outer.version}")
+    assert kinds == {"4in4", "4in6", "6in6"}

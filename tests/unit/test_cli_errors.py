@@ -46,6 +46,11 @@ BAD_ARGS = [
     ["health", "show", "[fd00:198:18:10::1]:٤٤٣/tcp", "--watch"],
     ["health", "set", "198.18.10.10:80/tcp", "--kind", "udp"],
     ["health", "set", "198.18.10.10:80/tcp", "--rise", "two"],
+    ["vip", "add", "198.18.10.10:80/tcp", "--encap", "vxlan"],
+    ["vip", "add", "198.18.10.10:80/tcp", "--encap", ""],
+    ["vip", "add", "198.18.10.10:80/tcp", "--encap"],
+    ["vip", "encap", "198.18.10.10:80/tcp", "fou"],
+    ["vip", "encap", "198.18.10.10:80/tcp"],
 ]
 
 

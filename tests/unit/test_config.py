@@ -43,6 +43,8 @@ def test_documented_example_is_accepted_with_every_value(tmp_path):
     ("gateway_mac: 02:00", "gateway_mac"),
     ("gateway_mac: '01:00:5e:00:00:01'", "multicast"),
     ("mtu: 100", "mtu: 100 is out of range"),
+    ("next_hop: router", "next_hop: 'router' is not a next-hop mode"),
+    ("next_hop: [fib]", "next_hop"),
     ("mtu: '1500'", "mtu"),
     ("encap_source: {ipv4: 'fd00::/64'}", "encap_source.ipv4"),
     ("vips: {}", "vips: expected a list"),
@@ -57,6 +59,15 @@ def test_documented_example_is_accepted_with_every_value(tmp_path):
     ("vips: [{address: 198.18.10.1, protocol: tcp, backends: [{address: 198.18.2.1, weight: true}]}]", "weight"),
     ("vips: [{address: 198.18.10.1, protocol: tcp, backends: [{address: 198.18.2.1}, {address: 198.18.2.1}]}]", "listed twice"),
     ("vips: [{address: 198.18.10.1, protocol: tcp, backends: [{address: 198.18.2.1, wieght: 2}]}]", "unknown key(s) wieght"),
+    ("vips: [{address: 198.18.10.1, protocol: tcp, encap: vxlan}]", "vips[0].encap: 'vxlan' is not an encapsulation"),
+    ("vips: [{address: 198.18.10.1, protocol: tcp, encap: 4}]", "vips[0].encap: 4"),
+    ("vips: [{address: 198.18.10.1, protocol: tcp, encap: [gue]}]", "vips[0].encap"),
+    ("gue_port: 0", "gue_port: 0 is out of range (1-65535"),
+    ("gue_port: 65536", "gue_port: 65536 is out of range"),
+    ("gue_port: -1", "gue_port: -1"),
+    ("gue_port: true", "gue_port: True is not a port number"),
+    ("gue_port: 6080.5", "gue_port: 6080.5"),
+    ("gue_port: 'http'", "gue_port: 'http' is not a whole number"),
 ])
 def test_bad_configuration_names_the_place_and_the_value(tmp_path, doc, where):
     f = tmp_path / "lb.yaml"
@@ -65,6 +76,23 @@ def test_bad_configuration_names_the_place_and_the_value(tmp_path, doc, where):
         load_config(f)
     msg = str(e.value)
     assert msg.startswith(str(f)) and where in msg and "\n" not in msg
+
+
+def test_next_hop_is_gateway_unless_the_file_says_fib():
+    assert parse_config({}).runtime.next_hop == "gateway" and not parse_config({}).next_hop_set
+    cfg = parse_config({"next_hop": "fib"})
+    assert cfg.runtime.next_hop == "fib" and cfg.next_hop_set
+
+
+def test_encap_and_gue_port_are_read_and_default_to_ipip_and_6080():
+    cfg = parse_config({"gue_port": 5555, "vips": [
+        {"address": "198.18.10.10", "port": 80, "protocol": "tcp", "encap": "gue"},
+        {"address": "198.18.10.10", "port": 443, "protocol": "tcp", "encap": "GUE"},
+        {"address": "198.18.10.10", "port": 53, "protocol": "udp", "encap": "ipip"},
+        {"address": "198.18.10.10", "port": 22, "protocol": "tcp"}]})
+    assert cfg.runtime.gue_port == 5555
+    assert [v.encap for v in cfg.vips] == ["gue", "gue", "ipip", "ipip"]
+    assert parse_config({}).runtime.gue_port == 6080
 
 
 def test_yaml_syntax_error_gives_line_and_column(tmp_path):

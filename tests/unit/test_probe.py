@@ -309,6 +309,15 @@ def test_probe_marks_carry_the_tag_and_the_index():
             probe_mark(bad)
 
 
+def test_a_gue_probe_mark_sets_a_bit_outside_the_index_and_the_tag():
+    gue = probe_mark(7, gue=True)
+    assert gue == consts.PROBE_MARK_TAG | consts.PROBE_MARK_GUE | 7
+    assert gue & consts.PROBE_MARK_MASK == consts.PROBE_MARK_TAG  # still a probe
+    assert gue & consts.PROBE_INDEX_MASK == 7  # still backend 7
+    assert consts.PROBE_MARK_GUE & (consts.PROBE_MARK_MASK | consts.PROBE_INDEX_MASK) == 0
+    assert probe_mark(consts.PROBE_INDEX_MASK, gue=True) & consts.PROBE_INDEX_MASK == consts.PROBE_INDEX_MASK
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="SO_MARK needs CAP_NET_ADMIN")
 def test_a_marked_probe_connects(prober, server):
     prober.set_targets([Target("m", LOCAL, server.tcp_port, mark=probe_mark(3), rise=1, **FAST)])

@@ -67,7 +67,7 @@ class HealthCheck(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., port: _Optional[int] = ..., interval: _Optional[float] = ..., timeout: _Optional[float] = ..., rise: _Optional[int] = ..., fall: _Optional[int] = ..., path: _Optional[str] = ..., host: _Optional[str] = ..., expect: _Optional[_Iterable[int]] = ..., via: _Optional[str] = ..., min_healthy: _Optional[int] = ...) -> None: ...
 
 class Vip(_message.Message):
-    __slots__ = ("id", "flags", "backends", "vip_id", "packets", "bytes", "health", "panic", "new_flows")
+    __slots__ = ("id", "flags", "backends", "vip_id", "packets", "bytes", "health", "panic", "new_flows", "encap")
     ID_FIELD_NUMBER: _ClassVar[int]
     FLAGS_FIELD_NUMBER: _ClassVar[int]
     BACKENDS_FIELD_NUMBER: _ClassVar[int]
@@ -77,6 +77,7 @@ class Vip(_message.Message):
     HEALTH_FIELD_NUMBER: _ClassVar[int]
     PANIC_FIELD_NUMBER: _ClassVar[int]
     NEW_FLOWS_FIELD_NUMBER: _ClassVar[int]
+    ENCAP_FIELD_NUMBER: _ClassVar[int]
     id: VipId
     flags: _containers.RepeatedScalarFieldContainer[str]
     backends: _containers.RepeatedCompositeFieldContainer[Backend]
@@ -86,7 +87,8 @@ class Vip(_message.Message):
     health: HealthCheck
     panic: bool
     new_flows: int
-    def __init__(self, id: _Optional[_Union[VipId, _Mapping]] = ..., flags: _Optional[_Iterable[str]] = ..., backends: _Optional[_Iterable[_Union[Backend, _Mapping]]] = ..., vip_id: _Optional[int] = ..., packets: _Optional[int] = ..., bytes: _Optional[int] = ..., health: _Optional[_Union[HealthCheck, _Mapping]] = ..., panic: _Optional[bool] = ..., new_flows: _Optional[int] = ...) -> None: ...
+    encap: str
+    def __init__(self, id: _Optional[_Union[VipId, _Mapping]] = ..., flags: _Optional[_Iterable[str]] = ..., backends: _Optional[_Iterable[_Union[Backend, _Mapping]]] = ..., vip_id: _Optional[int] = ..., packets: _Optional[int] = ..., bytes: _Optional[int] = ..., health: _Optional[_Union[HealthCheck, _Mapping]] = ..., panic: _Optional[bool] = ..., new_flows: _Optional[int] = ..., encap: _Optional[str] = ...) -> None: ...
 
 class SetHealthCheckRequest(_message.Message):
     __slots__ = ("id", "health")
@@ -111,14 +113,16 @@ class ApplyResponse(_message.Message):
     def __init__(self, changes: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class AddVipRequest(_message.Message):
-    __slots__ = ("id", "flags", "backends")
+    __slots__ = ("id", "flags", "backends", "encap")
     ID_FIELD_NUMBER: _ClassVar[int]
     FLAGS_FIELD_NUMBER: _ClassVar[int]
     BACKENDS_FIELD_NUMBER: _ClassVar[int]
+    ENCAP_FIELD_NUMBER: _ClassVar[int]
     id: VipId
     flags: _containers.RepeatedScalarFieldContainer[str]
     backends: _containers.RepeatedCompositeFieldContainer[Backend]
-    def __init__(self, id: _Optional[_Union[VipId, _Mapping]] = ..., flags: _Optional[_Iterable[str]] = ..., backends: _Optional[_Iterable[_Union[Backend, _Mapping]]] = ...) -> None: ...
+    encap: str
+    def __init__(self, id: _Optional[_Union[VipId, _Mapping]] = ..., flags: _Optional[_Iterable[str]] = ..., backends: _Optional[_Iterable[_Union[Backend, _Mapping]]] = ..., encap: _Optional[str] = ...) -> None: ...
 
 class DeleteVipRequest(_message.Message):
     __slots__ = ("id",)
@@ -147,12 +151,14 @@ class GetVipRequest(_message.Message):
     def __init__(self, id: _Optional[_Union[VipId, _Mapping]] = ...) -> None: ...
 
 class ModifyVipRequest(_message.Message):
-    __slots__ = ("id", "flags")
+    __slots__ = ("id", "flags", "encap")
     ID_FIELD_NUMBER: _ClassVar[int]
     FLAGS_FIELD_NUMBER: _ClassVar[int]
+    ENCAP_FIELD_NUMBER: _ClassVar[int]
     id: VipId
     flags: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, id: _Optional[_Union[VipId, _Mapping]] = ..., flags: _Optional[_Iterable[str]] = ...) -> None: ...
+    encap: str
+    def __init__(self, id: _Optional[_Union[VipId, _Mapping]] = ..., flags: _Optional[_Iterable[str]] = ..., encap: _Optional[str] = ...) -> None: ...
 
 class AddBackendsRequest(_message.Message):
     __slots__ = ("id", "backends")
@@ -262,7 +268,7 @@ class GetStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Status(_message.Message):
-    __slots__ = ("interface", "attach_mode", "program_id", "vips", "backends", "uptime_seconds", "capacity", "conntrack_used", "announce_table", "drained", "announced", "digests", "panic")
+    __slots__ = ("interface", "attach_mode", "program_id", "vips", "backends", "uptime_seconds", "capacity", "conntrack_used", "announce_table", "drained", "announced", "digests", "panic", "next_hop", "interfaces")
     INTERFACE_FIELD_NUMBER: _ClassVar[int]
     ATTACH_MODE_FIELD_NUMBER: _ClassVar[int]
     PROGRAM_ID_FIELD_NUMBER: _ClassVar[int]
@@ -276,6 +282,8 @@ class Status(_message.Message):
     ANNOUNCED_FIELD_NUMBER: _ClassVar[int]
     DIGESTS_FIELD_NUMBER: _ClassVar[int]
     PANIC_FIELD_NUMBER: _ClassVar[int]
+    NEXT_HOP_FIELD_NUMBER: _ClassVar[int]
+    INTERFACES_FIELD_NUMBER: _ClassVar[int]
     interface: str
     attach_mode: str
     program_id: int
@@ -289,7 +297,9 @@ class Status(_message.Message):
     announced: _containers.RepeatedScalarFieldContainer[str]
     digests: _containers.RepeatedCompositeFieldContainer[VipDigest]
     panic: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, interface: _Optional[str] = ..., attach_mode: _Optional[str] = ..., program_id: _Optional[int] = ..., vips: _Optional[int] = ..., backends: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., capacity: _Optional[_Union[Capacity, _Mapping]] = ..., conntrack_used: _Optional[int] = ..., announce_table: _Optional[int] = ..., drained: _Optional[bool] = ..., announced: _Optional[_Iterable[str]] = ..., digests: _Optional[_Iterable[_Union[VipDigest, _Mapping]]] = ..., panic: _Optional[_Iterable[str]] = ...) -> None: ...
+    next_hop: str
+    interfaces: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, interface: _Optional[str] = ..., attach_mode: _Optional[str] = ..., program_id: _Optional[int] = ..., vips: _Optional[int] = ..., backends: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., capacity: _Optional[_Union[Capacity, _Mapping]] = ..., conntrack_used: _Optional[int] = ..., announce_table: _Optional[int] = ..., drained: _Optional[bool] = ..., announced: _Optional[_Iterable[str]] = ..., digests: _Optional[_Iterable[_Union[VipDigest, _Mapping]]] = ..., panic: _Optional[_Iterable[str]] = ..., next_hop: _Optional[str] = ..., interfaces: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class VipDigest(_message.Message):
     __slots__ = ("id", "ring", "backends")

@@ -77,9 +77,19 @@ class Case:
     vary: Vary | None = None    # every run a new flow (new connection-table entry)
     fill_table: bool = False    # the table is full before timing: every insert evicts
     resident: bool = False      # on the balancer whose table holds a resident population
+    may_move: tuple[str, ...] = ()  # counters that may move by any amount (recorded): a table of
+                                    # buckets gives up a flow, rarely, when a new flow's buckets are full
     fib: bool = False           # on the balancer in next_hop fib, run in a namespace of routes
                                 # (l4lb.testbed.FibNet) with its lb0 as the ingress interface
     encap: str = "ipip"         # the VIP's encapsulation: a build without GUE leaves "gue" cases out
+
+
+def seed_frame(case: Case) -> bytes:
+    """The SYN of a case's flow (its frame with the TCP flags set to SYN alone)."""
+    frame = bytearray(case.frame)
+    off = case.vary.sport_off + 13
+    frame[off] = 0x02
+    return bytes(frame)
 
 
 def drop_case(frame: bytes) -> Case:
@@ -104,6 +114,7 @@ class RoundResult:
     counters: dict[str, int] = field(default_factory=dict)  # nonzero deltas
     harness_counts: dict[str, int] = field(default_factory=dict)
     new_entries: int | None = None  # SYN: the run's flows found; full table: the size change
+    reseeded: bool = False          # resident flows given up before the round were made again
     failures: list[str] = field(default_factory=list)
 
 
@@ -168,8 +179,9 @@ class Balancer:
         if setup is not None:
             setup(self.state)
         self.dp.set_portless(self.lbstate.portless)
-        self.conntrack = self.prog.table(code.consts.MAP_CONNTRACK)
-        self.conntrack6 = self.prog.table(code.consts.MAP_CONNTRACK6)
+        # each build's own view of its tables (a hash map, or an array of buckets)
+        self.conntrack = self.dp.conntrack_table(code.consts.FAMILY_V4)
+        self.conntrack6 = self.dp.conntrack_table(code.consts.FAMILY_V6)
 
     def stats(self, vip: VipKey | None) -> tuple[dict[str, int], int]:
         packets = 0
@@ -280,6 +292,15 @@ class Measurer:
     def fill_conntrack(self, lb: Balancer, case: Case) -> None:
         """Inserts new flows until the table stops growing: from then on every insert
         on this CPU evicts the least recently used entry."""
+        if hasattr(lb.conntrack, "remove_all"):
+            # an array of buckets: full once every way holds a flow; from then on every
+            # insert finds both its buckets full and replaces a flow (ct_evict)
+            ways = lb.conntrack.buckets * lb.conntrack.ways
+            for _ in range(200):
+                if ctmap.count(lb.conntrack) == ways:
+                    return
+                self.through_harness(case, self.share)
+            raise L4lbError(f"the connection table of {ways} ways never filled")
         entries = ctmap.count(lb.conntrack)
         chunk = self.share
         for _ in range(4 * self.ncpus + 4):
@@ -324,7 +345,7 @@ class Measurer:
         res.counters = {k: v for k, v in delta.items() if v}
         for k, v in delta.items():
             want = repeat if k in case.counters else 0
-            if v != want:
+            if v != want and not (k in case.may_move and 0 <= v <= repeat):
                 fails.append(f"counter {k}: moved by {v}, expected {want}")
         if case.vip and p1 - p0 != repeat:
             fails.append(f"VIP {case.vip} packets: moved by {p1 - p0}, expected {repeat}")
@@ -395,6 +416,14 @@ class Measurer:
                                  grows=not case.fill_table)
         else:
             flow0 = 0
+            if hasattr(table, "remove_all") and ctmap.count(table) < case.vary.wrap:
+                # a table of buckets gave up a resident flow for a SYN case's flow (both its
+                # buckets full, rare): the residents' SYNs again, untimed, bring it back
+                self.harness.load_frame(seed_frame(case), case.vary, 0)
+                self.harness.time(lb.prog.fd, case.vary.wrap)
+                res.reseeded = True
+                if ctmap.count(table) < case.vary.wrap:
+                    fails.append("resident flows missing, and their SYNs did not bring them back")
         entries0 = ctmap.count(table)
 
         before = self.harness_alone(case, fails, flow0)
@@ -504,12 +533,16 @@ class Measurer:
                     fails.append(f"full table: {entries0} entries before, {entries1} after; "
                                  "every insert should have evicted one")
             else:
-                # delete exactly this round's flows, newest first (see ctmap.py)
+                # delete exactly this round's flows, newest first (see ctmap.py); a flow
+                # given up for a later one of the round (ct_evict) is not there
+                evicted = res.counters.get("ct_evict", 0)
                 keys = ctmap.flow_keys(table, case.frame, case.vary, flow0, repeat)
                 res.new_entries = ctmap.delete_keys(table, keys)
-                if entries1 - entries0 != repeat or res.new_entries != repeat:
+                if entries1 - entries0 != repeat - evicted or res.new_entries > repeat or \
+                        res.new_entries < repeat - evicted:
                     fails.append(f"connection table: {entries1 - entries0} new entries, "
-                                 f"{res.new_entries} of the {repeat} flows found; expected all")
+                                 f"{res.new_entries} of the {repeat} flows found, {evicted} "
+                                 "given up; expected all the others")
 
         if case.vary:
             last = flow0 + repeat - 1

@@ -30,20 +30,34 @@ def _name(table) -> str:
     return name.decode() if isinstance(name, bytes) else str(name)
 
 
+def _buckets(table) -> bool:
+    """An array of buckets (l4lb.conntrack.CtTable, of any build) rather than a hash map."""
+    return hasattr(table, "remove_all")
+
+
 def count(table) -> int:
-    """Entries in a hash map."""
+    """Entries in the table."""
+    if _buckets(table):
+        return len(table)
     return libbpf.map_walk(table.map_fd, ctypes.sizeof(table.Key), ctypes.sizeof(table.Leaf), name=_name(table))
 
 
 def drain(table) -> int:
-    """Deletes every entry of a hash map; returns how many there were."""
+    """Deletes every entry of the table; returns how many there were."""
+    if _buckets(table):
+        n = len(table)
+        table.clear()
+        return n
     return libbpf.map_walk(table.map_fd, ctypes.sizeof(table.Key), ctypes.sizeof(table.Leaf),
                            delete=True, name=_name(table))
 
 
 def delete_keys(table, keys: bytes) -> int:
     """Deletes the given keys (packed one after another), in that order.
-    Returns how many existed; stops at the first that did not."""
+    Returns how many existed; stops at the first that did not (a table of
+    buckets: counts every one found)."""
+    if _buckets(table):
+        return table.remove_all(keys)
     return libbpf.map_delete_batch(table.map_fd, keys, ctypes.sizeof(table.Key), name=_name(table))
 
 

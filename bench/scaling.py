@@ -117,7 +117,8 @@ def build_kinds(full: bool) -> dict[str, Case]:
                                    ("tx", "ct_hit"), 20, MEASURED, vary=VARY4, fill_table=full),
         "syn": Case("syn", "TCP SYN, a new entry per run, 4in4" + tag,
                     tcp4_frame(CLIENT_VARIED, VIP4, "S", 40000), "lb", XDP_TX,
-                    ("tx", "ct_miss", "ct_insert"), 20, MEASURED, vary=VARY4, fill_table=full),
+                    ("tx", "ct_miss", "ct_insert"), 20, MEASURED, vary=VARY4, fill_table=full,
+                    may_move=("ct_evict",)),
     }
 
 

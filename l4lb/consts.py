@@ -26,7 +26,14 @@ VIP_FILTER_MULT = 0x9E3779B1
 # --- capacity defaults (set at compile time, shown by GetStatus) --------------
 DEFAULT_MAX_VIPS = 64
 DEFAULT_MAX_BACKENDS = 4096  # backend index 0 is reserved: "empty"
-DEFAULT_CT_SIZE = 262144  # connection-table entries (shared by all CPUs)
+DEFAULT_CT_SIZE = 262144  # connection-table entries per family (shared by all CPUs)
+# The connection table is an array of buckets of CT_WAYS entries each; a flow
+# may live in one of two buckets (xdp/conntrack.h).
+CT_WAYS = 4
+CT_SLACK = 4  # ways per flow of ct_size: at a quarter full, a flow whose two buckets are both full is rare
+CT_SEED2 = 0x2C1B3C6D  # mixes the flow hash into the index of a flow's second bucket
+CT_F_CONFIRMED = 1  # ct_entry.flags: the flow sent a packet after its first one
+CT_REFRESH_NS = 1_000_000_000  # a TCP entry's last_seen is written at most this often
 
 # --- per-VIP flags (vip_meta.flags) -----------------------------------------
 VIP_F_NO_SPORT = 1 << 0  # hash without the source port (e.g. QUIC, multi-flow clients)
@@ -141,6 +148,11 @@ CAPTURE_RING_BYTES = 1 << 22  # the ring buffer the copies go through: ~2,500 co
 CAPTURE_VERDICTS = {"drop": 1, "pass": 2, "tx": 3}  # XDP_DROP, XDP_PASS, XDP_TX
 
 
+def ct_buckets(ct_size: int) -> int:
+    """Buckets of a connection table sized for ct_size flows: CT_SLACK ways per flow."""
+    return max(2, -(-ct_size * CT_SLACK // CT_WAYS))
+
+
 @dataclass(frozen=True)
 class Capacity:
     """Sizes fixed when the program is compiled."""
@@ -187,10 +199,8 @@ MAPS: tuple[MapSpec, ...] = (
     MapSpec(MAP_RINGS, "array", "__u32", "struct ring", lambda c: 2 * c.max_vips),
     MapSpec(MAP_BACKENDS, "array", "__u32", "struct backend", lambda c: c.max_backends + 1,
             users=(PROG_PROBE,)),
-    MapSpec(MAP_CONNTRACK, "lru_hash", "struct flow4_key", "struct ct_entry", lambda c: c.ct_size,
-            BPF_F_NO_COMMON_LRU),
-    MapSpec(MAP_CONNTRACK6, "lru_hash", "struct flow_key", "struct ct_entry", lambda c: c.ct_size,
-            BPF_F_NO_COMMON_LRU),
+    MapSpec(MAP_CONNTRACK, "array", "__u32", "struct ct_bucket4", lambda c: ct_buckets(c.ct_size)),
+    MapSpec(MAP_CONNTRACK6, "array", "__u32", "struct ct_bucket6", lambda c: ct_buckets(c.ct_size)),
     MapSpec(MAP_CONFIG, "array", "__u32", "struct lb_config", lambda c: 1, users=(PROG_PROBE,)),
     MapSpec(MAP_VIP_STATS, "percpu_array", "__u32", "struct vip_stats", lambda c: c.max_vips),
     MapSpec(MAP_VIP_FLOWS, "percpu_array", "__u32", "struct vip_flows", lambda c: c.max_vips),
@@ -225,6 +235,10 @@ def cflags(cap: Capacity) -> list[str]:
         "MAX_VIPS": cap.max_vips,
         "MAX_BACKENDS": cap.max_backends + 1,  # + the reserved index 0
         "CT_SIZE": cap.ct_size,
+        "CT_WAYS": CT_WAYS,
+        "CT_SEED2": CT_SEED2,
+        "CT_F_CONFIRMED": CT_F_CONFIRMED,
+        "CT_REFRESH_NS": CT_REFRESH_NS,
         "FLOW_HASH_SEED": FLOW_HASH_SEED,
         "VIP_F_NO_SPORT": VIP_F_NO_SPORT,
         "VIP_F_NO_CONNTRACK": VIP_F_NO_CONNTRACK,

@@ -12,6 +12,7 @@ import numpy as np
 
 from . import consts, timings
 from .bpf import Program, percpu_sum, percpu_totals
+from .conntrack import CtTable
 from .errors import BpfError, CapacityError, StateError
 from .model import VipKey, family_of, mac_bytes
 
@@ -48,6 +49,7 @@ class Dataplane:
         self.capacity = capacity
         self.t = {m.name: program.table(m.name) for m in consts.maps_of(consts.PROG_BALANCER)}
         self.names = {id(t): name for name, t in self.t.items()}
+        self._ct: dict[str, CtTable] = {}
         self.portless = 0
         self.capture = 0  # lb_config.capture: 1 while a capture runs
         self.vip_addresses: dict[str, int] = {}  # address -> VIPs on it
@@ -231,8 +233,10 @@ class Dataplane:
     def clear(self) -> None:
         """Brings every map back to empty: no VIPs, no backends, no flows, zero
         counters (tests, replay and benchmarks reuse one loaded program)."""
-        for name in (consts.MAP_VIPS, consts.MAP_VIP_ADDRS, consts.MAP_CONNTRACK, consts.MAP_CONNTRACK6):
+        for name in (consts.MAP_VIPS, consts.MAP_VIP_ADDRS):
             self.t[name].clear()
+        for family in (consts.FAMILY_V4, consts.FAMILY_V6):
+            self.conntrack_table(family).clear()
         backends = self.t[consts.MAP_BACKENDS]
         zero = backends.Leaf()
         for i in range(self.capacity.max_backends + 1):
@@ -340,8 +344,12 @@ class Dataplane:
         v = t[t.Key(2 * vip_id + copy)]
         return np.frombuffer(bytes(v), dtype=np.uint32).copy()
 
-    def conntrack_table(self, family: int):
-        return self.t[consts.MAP_CONNTRACK if family == consts.FAMILY_V4 else consts.MAP_CONNTRACK6]
+    def conntrack_table(self, family: int) -> CtTable:
+        """The family's connection table as a mapping flow key -> ct_entry."""
+        name = consts.MAP_CONNTRACK if family == consts.FAMILY_V4 else consts.MAP_CONNTRACK6
+        if name not in self._ct:
+            self._ct[name] = CtTable(self.t[name], name)
+        return self._ct[name]
 
     def flows(self, key: VipKey):
         """Connection-table entries of one VIP: (flow key, ct_entry) pairs."""
@@ -373,14 +381,7 @@ class Dataplane:
     def conntrack_entries(self) -> dict[int, int]:
         """{family: entries in its connection table}, counted with batch
         lookups (a few syscalls for the whole table)."""
-        from . import libbpf  # noqa: PLC0415
-
-        out = {}
-        for family in (consts.FAMILY_V4, consts.FAMILY_V6):
-            t = self.conntrack_table(family)
-            out[family] = libbpf.map_walk(t.map_fd, ctypes.sizeof(t.Key), ctypes.sizeof(t.Leaf),
-                                          name=self.names[id(t)])
-        return out
+        return {family: len(self.conntrack_table(family)) for family in (consts.FAMILY_V4, consts.FAMILY_V6)}
 
     def _update(self, t, k, v) -> None:
         try:

@@ -308,6 +308,24 @@ def array_read(map_fd: int, entries: int, value_size: int, name: str = "") -> by
     return bytes(out)
 
 
+def array_write(map_fd: int, first: int, values: bytes, value_size: int, name: str = "") -> None:
+    """Writes consecutive entries first, first+1, ... of an array map with
+    batch updates (a few syscalls however many entries)."""
+    n = len(values) // value_size
+    if n * value_size != len(values):
+        raise BpfError(f"{len(values)} bytes of values for map {name!r}: not a multiple of {value_size}")
+    lib = _lib()
+    for start in range(0, n, _BATCH_CHUNK):
+        count = min(_BATCH_CHUNK, n - start)
+        keys = (ctypes.c_uint32 * count)(*range(first + start, first + start + count))
+        vals = ctypes.create_string_buffer(values[start * value_size:(start + count) * value_size],
+                                           count * value_size)
+        done = ctypes.c_uint32(count)
+        rc = lib.bpf_map_update_batch(map_fd, keys, vals, ctypes.byref(done), None)
+        if rc:
+            raise BpfError(f"batch write of map {name!r} failed: {os.strerror(ctypes.get_errno())}")
+
+
 # ---- BPF ring buffers ---------------------------------------------------------------------
 _SAMPLE_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
 

@@ -22,6 +22,22 @@
 #include "icmp.h"
 #include "nexthop.h"
 
+/* Bucket i of the IPv4 or the IPv6 connection table (v6 is a constant wherever
+ * this is inlined, so one lookup remains); here, not in conntrack.h, because
+ * bcc turns map.lookup() into a map access only in the main file. */
+static __always_inline void *ct_bucket(int v6, __u32 i)
+{
+    void *b;
+
+    if (v6)
+        b = conntrack6.lookup(&i);
+    else
+        b = conntrack.lookup(&i);
+    return b;
+}
+
+#include "conntrack.h"
+
 /* The clock of UDP expiry and the rate limits: the coarse monotonic clock
  * (jiffy resolution) costs far less than a clocksource read, and these only
  * need milliseconds. */
@@ -171,63 +187,71 @@ static __always_inline int listed_by(const struct backend *b, __u32 vip_id)
     return (b->vips[word] >> (vip_id % 64)) & 1;
 }
 
-static __always_inline void flow4_of(const struct pkt *p, struct flow4_key *k)
+/* The flow as the connection table keys it: IPv4 flows as flow4_key (four
+ * words), IPv6 flows as the parser's flow_key itself. */
+static __always_inline const __u32 *ct_key_of(const struct pkt *p, struct flow4_key *k4)
 {
-    k->src = p->flow.src[0];
-    k->dst = p->flow.dst[0];
-    k->sport = p->flow.sport;
-    k->dport = p->flow.dport;
+    if (p->flow.family != FAMILY_V4)
+        return (const __u32 *)&p->flow;
+    k4->src = p->flow.src[0];
+    k4->dst = p->flow.dst[0];
+    k4->sport = p->flow.sport;
+    k4->dport = p->flow.dport;
     /* proto and its padding as one word: byte 12 = proto, 13..15 = 0 */
-    ((__u32 *)k)[3] = p->flow.proto;
+    ((__u32 *)k4)[3] = p->flow.proto;
+    return (const __u32 *)k4;
 }
 
 /* An established flow: its connection-table entry says where it goes, as
  * long as the VIP is still the one that made the entry (same generation),
  * the backend is still the one it named and the VIP still lists it, and a
- * UDP entry has not expired. Returns 0 with the backend (and its index), VIP,
- * the VIP's flags (its encapsulation) and hash. */
+ * UDP entry has not expired. `fh` names the flow's buckets (ct_key_hash).
+ * Returns 0 with the backend (and its index), VIP, the VIP's flags (its
+ * encapsulation) and hash. */
 static __always_inline int ct_lookup(struct pkt *p, const struct lb_config *cfg,
-                                     struct global_stats *gs, struct backend **out,
+                                     struct global_stats *gs, __u32 fh, struct backend **out,
                                      __u32 *bidx, __u32 *vip_id, __u32 *vflags, __u32 *hash)
 {
-    struct ct_entry *e;
+    struct flow4_key k4;
+    struct ct_entry c, *e;
     struct vip_info *vi;
     struct backend *b;
     __u32 idx, vid;
     __u64 now;
 
-    if (p->flow.family == FAMILY_V4) {
-        struct flow4_key k4;
-
-        flow4_of(p, &k4);
-        e = conntrack.lookup(&k4);
-    } else {
-        e = conntrack6.lookup(&p->flow);
-    }
+    /* one call per family: each inlined with its own key size and map */
+    if (p->flow.family == FAMILY_V4)
+        e = ct_find(0, ct_key_of(p, &k4), fh, &c);
+    else
+        e = ct_find(1, (const __u32 *)&p->flow, fh, &c);
     if (!e)
         return -1;
-    idx = e->backend;
-    vid = e->vip_id;
+    idx = c.backend;
+    vid = c.vip_id;
     b = backends.lookup(&idx);
     vi = vip_info.lookup(&vid);
-    if (!b || !vi || vi->generation != e->vip_gen)
+    if (!b || !vi || vi->generation != c.vip_gen)
         goto stale;
     if (vi->flags & VIP_F_NO_CONNTRACK)
         return -1; /* such a VIP never uses the table (the flag came after the entry) */
-    if (!(b->flags & BACKEND_F_VALID) || b->generation != e->generation || !listed_by(b, vid))
+    if (!(b->flags & BACKEND_F_VALID) || b->generation != c.generation || !listed_by(b, vid))
         goto stale;
+    now = lb_now();
     if (p->flow.proto == PROTO_UDP) {
-        now = lb_now();
-        if (now - e->last_seen >= cfg->udp_timeout_ns)
+        if (now - c.last_seen >= cfg->udp_timeout_ns)
             goto stale;
         e->last_seen = now;
+    } else if (now - c.last_seen >= CT_REFRESH_NS) {
+        e->last_seen = now; /* which way to replace when the buckets are full: coarse is enough */
     }
+    if (!(c.flags & CT_F_CONFIRMED))
+        e->flags = c.flags | CT_F_CONFIRMED;
     gs->ct_hit++;
     *out = b;
     *bidx = idx;
     *vip_id = vid;
     *vflags = vi->flags;
-    *hash = e->hash;
+    *hash = c.hash;
     return 0;
 stale:
     gs->ct_stale++;
@@ -261,7 +285,7 @@ static __always_inline int too_big_for(const struct pkt *p, const struct backend
  * counts as a new flow of its VIP and backend. */
 static __always_inline int pick_backend(struct pkt *p, const struct vip_meta *vip,
                                         const struct lb_config *cfg, struct global_stats *gs,
-                                        __u32 hash, struct backend **out, __u32 *bidx)
+                                        __u32 hash, __u32 fh, struct backend **out, __u32 *bidx)
 {
     struct backend *b;
     __u32 idx, vid = vip->vip_id;
@@ -300,16 +324,17 @@ static __always_inline int pick_backend(struct pkt *p, const struct vip_meta *vi
     } else {
         struct ct_entry fresh = {.backend = idx, .generation = b->generation, .vip_id = vid,
                                  .vip_gen = vi->generation, .hash = hash, .last_seen = now};
+        struct flow4_key k4;
         int err;
 
-        if (p->flow.family == FAMILY_V4) {
-            struct flow4_key k4;
-
-            flow4_of(p, &k4);
-            err = conntrack.update(&k4, &fresh);
-        } else {
-            err = conntrack6.update(&p->flow, &fresh);
-        }
+        /* a flow whose first packet we see is no SYN answered yet: a mid-flow packet
+         * (the LB restarted, or the flow moved from another node) confirms it */
+        if (!(p->flow.proto == PROTO_TCP && (p->tcp_flags & TCP_FLAG_SYN)))
+            fresh.flags = CT_F_CONFIRMED;
+        if (p->flow.family == FAMILY_V4)
+            err = ct_write(0, ct_key_of(p, &k4), fh, &fresh, gs);
+        else
+            err = ct_write(1, (const __u32 *)&p->flow, fh, &fresh, gs);
         if (!err) {
             gs->ct_insert++;
             count_new_flow(vid, idx);
@@ -496,9 +521,13 @@ static __always_inline int balance(struct xdp_md *ctx, struct pkt *p, const stru
     struct vip_meta *vip;
     struct backend *b;
     __u32 vip_id, vflags, hash, idx;
+    struct flow4_key k4;
+    /* the hash that names the flow's connection-table buckets */
+    __u32 fh = p->flow.family == FAMILY_V4 ? ct_key_hash(ct_key_of(p, &k4), CT_KEY4_WORDS)
+                                           : ct_key_hash((const __u32 *)&p->flow, CT_KEY6_WORDS);
 
     /* a SYN always takes a fresh pick: a reused 5-tuple is a new connection */
-    if (!syn && !ct_lookup(p, cfg, gs, &b, &idx, &vip_id, &vflags, &hash)) {
+    if (!syn && !ct_lookup(p, cfg, gs, fh, &b, &idx, &vip_id, &vflags, &hash)) {
         p->vip = vip_id + 1;
         p->backend = idx;
         count_vip(ctx, vip_id);
@@ -513,7 +542,7 @@ static __always_inline int balance(struct xdp_md *ctx, struct pkt *p, const stru
     p->vip = vip_id + 1;
     count_vip(ctx, vip_id);
     hash = vip_flow_hash(&p->flow, vip->flags);
-    if (pick_backend(p, vip, cfg, gs, hash, &b, &idx)) {
+    if (pick_backend(p, vip, cfg, gs, hash, fh, &b, &idx)) {
         gs->no_backend++;
         return XDP_DROP;
     }

@@ -58,13 +58,13 @@ L4LB_MAP("array", __u32, struct vip_filter, vip_filter, MAP_VIP_FILTER_ENTRIES, 
 L4LB_MAP("array", __u32, struct ring, rings, MAP_RINGS_ENTRIES, MAP_RINGS_FLAGS);
 /* backend index -> address, family, generation; index 0 stays empty */
 L4LB_MAP("array", __u32, struct backend, backends, MAP_BACKENDS_ENTRIES, MAP_BACKENDS_FLAGS);
-/* IPv4 flow -> backend. LRU_HASH with BPF_F_NO_COMMON_LRU: one table that every CPU
- * reads (veth runs XDP on the sender's CPU, so a flow's packets move between
- * CPUs), with per-CPU LRU lists so inserts on one CPU do not contend with, or
- * evict for, another CPU's flows. */
-L4LB_MAP("lru_hash", struct flow4_key, struct ct_entry, conntrack, MAP_CONNTRACK_ENTRIES, MAP_CONNTRACK_FLAGS);
+/* bucket number -> CT_WAYS IPv4 flows and their backends: the connection
+ * table, one for all CPUs (veth runs XDP on the sender's CPU, so a flow's
+ * packets move between CPUs). An array, so that the verifier inlines the
+ * lookup: no helper call to find or to write an entry (xdp/conntrack.h). */
+L4LB_MAP("array", __u32, struct ct_bucket4, conntrack, MAP_CONNTRACK_ENTRIES, MAP_CONNTRACK_FLAGS);
 /* the same for IPv6 flows */
-L4LB_MAP("lru_hash", struct flow_key, struct ct_entry, conntrack6, MAP_CONNTRACK6_ENTRIES, MAP_CONNTRACK6_FLAGS);
+L4LB_MAP("array", __u32, struct ct_bucket6, conntrack6, MAP_CONNTRACK6_ENTRIES, MAP_CONNTRACK6_FLAGS);
 /* index 0 -> runtime configuration */
 L4LB_MAP("array", __u32, struct lb_config, config, MAP_CONFIG_ENTRIES, MAP_CONFIG_FLAGS);
 /* vip_id -> packets and bytes, per CPU */

@@ -45,8 +45,8 @@ struct backend {
     __u64 vips[VIP_MASK_WORDS]; /* bit vip_id set while that VIP lists this backend */
 };
 
-/* An IPv4 flow: the key of conntrack (16 bytes: IPv4 flows, the most, hash
- * and compare less than they would as flow_key). */
+/* An IPv4 flow as the connection table keeps it (16 bytes: IPv4 flows, the
+ * most, compare in four words where flow_key takes ten). proto 0: an empty way. */
 struct flow4_key {
     __be32 src;
     __be32 dst;
@@ -56,7 +56,8 @@ struct flow4_key {
     __u8 pad[3];
 };
 
-/* A flow as the LB sees it: client -> VIP. Key of conntrack6 (IPv6 flows). */
+/* A flow as the LB sees it: client -> VIP. The connection table keeps IPv6
+ * flows in this form. */
 struct flow_key {
     __be32 src[4];
     __be32 dst[4];
@@ -68,15 +69,42 @@ struct flow_key {
 };
 
 /* Connection-table value: everything an established packet needs, so that
- * it costs one hash lookup (this one) and a few array reads. */
+ * it costs one bucket read and a few array reads. `seq` guards the entry and
+ * its key against readers on other CPUs (xdp/conntrack.h): even while they
+ * are stable, odd while one CPU rewrites them; seq and hash share the 64-bit
+ * word that a writer claims with one compare-and-swap. backend 0: no entry
+ * (a way whose flow was deleted by user space keeps its key). */
 struct ct_entry {
-    __u32 backend;     /* index into backends */
+    __u32 backend;     /* index into backends; 0: no entry */
     __u32 generation;  /* the backend's generation when the entry was made */
-    __u32 vip_id;      /* the VIP that picked the backend */
+    __u16 vip_id;      /* the VIP that picked the backend */
+    __u16 flags;       /* CT_F_CONFIRMED once the flow sent a packet after its first */
     __u32 vip_gen;     /* vip_info[vip_id].generation when the entry was made */
+    __u32 seq;         /* even: stable; odd: being written (8-byte aligned, with hash) */
     __u32 hash;        /* the flow hash (outer source, flow label) */
-    __u32 pad;
-    __u64 last_seen;   /* ns (coarse monotonic clock), kept for UDP expiry only */
+    __u64 last_seen;   /* ns (coarse monotonic clock): UDP expiry, and which way to replace;
+                        * a TCP entry's is written at most once per CT_REFRESH_NS */
+};
+
+/* One way of the connection table: a flow and its entry (IPv4: 48 bytes, so
+ * that a hit in a bucket's first way, the most common, reads one line). */
+struct ct_way4 {
+    struct flow4_key key;
+    struct ct_entry e;
+};
+
+struct ct_way6 {
+    struct flow_key key;
+    struct ct_entry e;
+};
+
+/* One bucket of the connection table: CT_WAYS ways, filled in order. */
+struct ct_bucket4 {
+    struct ct_way4 way[CT_WAYS];
+};
+
+struct ct_bucket6 {
+    struct ct_way6 way[CT_WAYS];
 };
 
 /* What a connection-table hit needs to know about its VIP, by vip_id. */
@@ -178,6 +206,8 @@ struct global_stats {
     __u64 fib_drop;        /* next_hop fib: no usable route, or egress on an interface l4lb is not on */
     __u64 redirect;        /* next_hop fib: sent out of another interface (XDP_REDIRECT); also in tx */
     __u64 fib_lookup;      /* next_hop fib: FIB lookups (the others used a fib_hops answer) */
+    __u64 ct_evict;        /* an entry written over another flow's: both its buckets were full */
+    __u64 ct_busy;         /* no entry written: another CPU was writing the chosen way */
 };
 
 /* Per-CPU rate-limit windows. */

@@ -15,7 +15,7 @@ from scapy.layers.inet6 import (IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, IPv
 from scapy.layers.l2 import ARP, Dot1Q, Ether
 from scapy.packet import Raw
 
-from l4lb import consts, libbpf
+from l4lb import consts, conntrack, flowhash, libbpf
 from lbfixture import (CLIENT4, CLIENT6, CLIENT_MAC, LB_MAC, VIP4, VIP6, Flow,
                        find_flow, moved, one_cpu, outer_dst, outer_source, predict)
 
@@ -495,21 +495,62 @@ def _handshake_flood(lb, n: int, first: int) -> None:
             assert libbpf.run(lb.prog.fd, bytes(frame)).verdict == libbpf.XDP_TX
 
 
+def _buckets_of(lb, f: Flow) -> tuple[int, int]:
+    """The flow's two connection-table buckets (xdp/conntrack.h)."""
+    t = lb.dp.conntrack_table(consts.FAMILY_V6 if f.v6 else consts.FAMILY_V4)
+    h = conntrack.key_hash(bytes(lb._flow_key(f)))
+    return conntrack.bucket1(h, t.buckets), conntrack.bucket2(h, t.buckets)
+
+
+def _flows_with_first_bucket(lb, bucket: int, n: int, avoid=()) -> list[Flow]:
+    """n flows (TCP from 198.18.0.100-250 to VIP4:80) whose first bucket is `bucket`."""
+    buckets = lb.dp.conntrack_table(consts.FAMILY_V4).buckets
+    out = []
+    for host in range(100, 251):
+        src = f"198.18.0.{host}"
+        for sport in range(1024, 65536):
+            h = conntrack.key_hash(flowhash.flow_bytes(src, VIP4, sport, 80, 6))
+            if conntrack.bucket1(h, buckets) == bucket and (src, sport) not in avoid:
+                out.append(Flow(src=src, sport=sport))
+                if len(out) == n:
+                    return out
+    raise AssertionError(f"fewer than {n} flows with first bucket {bucket}")
+
+
+def _handshake(lb, f: Flow) -> dict:
+    moved = dict(lb.run(f.packet("S")).moved)
+    assert lb.run(f.packet("A")).moved == HIT
+    return moved
+
+
 def test_flood_of_new_flows_does_not_evict_established_entries(lb):
-    # The connection table keeps one LRU list per CPU of ct_size / possible CPUs
-    # entries: a flood of that many connections on one CPU evicts an idle
-    # established flow, unless the new-flow rate limit keeps the flood out.
-    n = lb.capacity.ct_size // _possible_cpus() + 8000
+    # A new flow whose two buckets are both full replaces the oldest flow in
+    # them: flows made to land in an established flow's buckets evict it, unless
+    # the new-flow rate limit keeps them out.
     lb.add_vip(VIP4, 80, "tcp", {A4: 1, B4: 1})
     established = Flow(sport=1000)
+    first, _ = _buckets_of(lb, established)
     with one_cpu():
         lb.configure(new_flow_rate=0)
         lb.run(established.packet("S"))
         lb.run(established.packet("A"))
-        _handshake_flood(lb, n, first=200)
-        assert lb.ct_entry(established) is None, "without the limit the flood evicts it"
+        # more flows fill the established flow's first bucket; another one with
+        # that first bucket, and its second bucket filled by flows of their own
+        ways = consts.CT_WAYS
+        fill = _flows_with_first_bucket(lb, first, ways)
+        last = fill.pop()
+        other = _flows_with_first_bucket(lb, _buckets_of(lb, last)[1], ways,
+                                         avoid={(f.src, f.sport) for f in fill + [last]})
+        for f in fill + other:
+            assert _handshake(lb, f)["ct_insert"] == 1
+        assert lb.ct_entry(established) is not None
+        moved = _handshake(lb, last)
+        assert moved["ct_insert"] == 1 and moved["ct_evict"] == 1
+        assert lb.ct_entry(established) is None, "without the limit the new flow evicts it"
+        assert all(lb.ct_entry(f) is not None for f in fill + other + [last])
 
-        lb.configure(new_flow_rate=5)  # the table is full of the first flood now
+        n = 40000
+        lb.configure(new_flow_rate=5)
         assert lb.run(established.packet("S")).moved["ct_insert"] == 1
         assert lb.run(established.packet("A")).moved == HIT
         before, t0 = lb.stats(), time.monotonic()
@@ -519,6 +560,28 @@ def test_flood_of_new_flows_does_not_evict_established_entries(lb):
     assert lb.run(established.packet("A")).moved == HIT
     assert after["ct_insert"] - before["ct_insert"] <= 5 * (int(seconds) + 2)  # 5 per window
     assert after["tx"] - before["tx"] == 2 * n
+
+
+def test_full_buckets_give_up_a_flow_that_never_sent_a_second_packet_before_an_established_one(lb):
+    # the same buckets as above, but one of the flows filling them only sent a
+    # SYN (a SYN flood's, say), after the established flow: it goes first
+    lb.add_vip(VIP4, 80, "tcp", {A4: 1, B4: 1})
+    established = Flow(sport=1000)
+    first, _ = _buckets_of(lb, established)
+    lb.configure(new_flow_rate=0)
+    _handshake(lb, established)
+    fill = _flows_with_first_bucket(lb, first, consts.CT_WAYS)
+    last = fill.pop()
+    other = _flows_with_first_bucket(lb, _buckets_of(lb, last)[1], consts.CT_WAYS,
+                                     avoid={(f.src, f.sport) for f in fill + [last]})
+    unanswered = other.pop()
+    for f in fill + other:
+        _handshake(lb, f)
+    assert lb.run(unanswered.packet("S")).moved["ct_insert"] == 1
+    moved = _handshake(lb, last)
+    assert moved["ct_insert"] == 1 and moved["ct_evict"] == 1
+    assert lb.ct_entry(unanswered) is None
+    assert all(lb.ct_entry(f) is not None for f in [established] + fill + other + [last])
 
 
 # ---- fragments, extension headers, malformed -------------------------------------------------

@@ -420,11 +420,11 @@ def model_of(lb, conntrack=None) -> LbModel:
 def kernel_conntrack(lb, model: LbModel) -> dict:
     """The kernel's connection table in the model's terms (after a mismatch)."""
     out = {}
-    for k, v in lb.dp.t["conntrack"].items():  # IPv4: flow4_key
+    for k, v in lb.dp.conntrack_table(4).items():  # IPv4: flow4_key
         src, dst, sport, dport, proto = struct.unpack("!4s4sHHB3x", bytes(k))
         addr = model.backends.get(v.backend, ("?", 0))[0]
         out[Flow(4, src, dst, sport, dport, proto)] = CtEntry(v.backend, v.generation, addr)
-    for k, v in lb.dp.t["conntrack6"].items():
+    for k, v in lb.dp.conntrack_table(6).items():
         src, dst, sport, dport, proto, fam, _ = struct.unpack("!16s16sHHBBH", bytes(k))
         addr = model.backends.get(v.backend, ("?", 0))[0]
         out[Flow(fam, src, dst, sport, dport, proto)] = CtEntry(v.backend, v.generation, addr)

@@ -1,0 +1,211 @@
+"""The connection table seen from user space (xdp/conntrack.h): an array map
+of buckets of CT_WAYS flows each, shown as a mapping flow key -> ct_entry with
+the layouts bcc takes from the compiled program (Key: flow4_key or flow_key,
+Leaf: ct_entry), so that readers and tests index it like a hash map.
+
+Placement is the data plane's: a flow lives in the first of its two buckets
+while that has an empty way, else in the second; ways fill in order. A write
+from here (tests, restoring an entry) places a flow the same way; a delete
+keeps the way's key and clears its backend, as the data plane expects (a
+cleared way is taken first when both buckets are full). Writes from user space
+rewrite a whole bucket: one that the data plane writes at the same moment may
+lose that entry (the flow then takes a fresh pick and writes it again), so
+user space writes only to flush flows and in tests. Reads of the whole table
+take a few batch syscalls."""
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+
+from . import consts, libbpf
+
+_MASK32 = 0xFFFFFFFF
+
+
+def bucket1(h: int, buckets: int) -> int:
+    return (h * buckets) >> 32
+
+
+def bucket2(h: int, buckets: int) -> int:
+    """xdp/conntrack.h ct_bucket2."""
+    h ^= consts.CT_SEED2
+    h = (h * 0x85EBCA6B) & _MASK32
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & _MASK32
+    h ^= h >> 16
+    return (h * buckets) >> 32
+
+
+def key_hash(raw: bytes) -> int:
+    """xdp/conntrack.h ct_key_hash of a key's bytes (flow4_key or flow_key):
+    FNV-1a over its little-endian 32-bit words, then murmur's finalizer."""
+    h = 0x811C9DC5
+    for i in range(0, len(raw), 4):
+        h = ((h ^ int.from_bytes(raw[i:i + 4], "little")) * 0x01000193) & _MASK32
+    h ^= len(raw) // 4
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & _MASK32
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & _MASK32
+    h ^= h >> 16
+    return h
+
+
+class CtTable:
+    """One family's table. Key and Leaf are bcc's ctypes types; items(),
+    t[key], t[key] = leaf, del t[key], len(t) and clear() as for a hash map."""
+
+    def __init__(self, table, name: str = ""):
+        self.table = table
+        self.name = name
+        way = dict(table.Leaf._fields_)["way"]._type_
+        fields = dict(way._fields_)
+        self.Key = fields["key"]
+        self.Leaf = fields["e"]
+        self.map_fd = table.map_fd
+        self.buckets = table.max_entries
+        self.ways = consts.CT_WAYS
+        self.key_size = ctypes.sizeof(self.Key)
+        self.entry_size = ctypes.sizeof(self.Leaf)
+        self.way_size = ctypes.sizeof(way)
+        self.bucket_size = ctypes.sizeof(table.Leaf)
+
+    # ---- buckets ----------------------------------------------------------------------------
+    def _read(self, i: int):
+        return self.table[self.table.Key(i)]
+
+    def _write(self, i: int, bucket) -> None:
+        self.table[self.table.Key(i)] = bucket
+
+    def _buckets_of(self, raw: bytes) -> tuple[int, int]:
+        h = key_hash(raw)
+        return bucket1(h, self.buckets), bucket2(h, self.buckets)
+
+    def _find(self, key):
+        """(bucket index, bucket, way) of the key, or None."""
+        raw = bytes(key)
+        i1, i2 = self._buckets_of(raw)
+        b = self._read(i1)
+        for w in range(self.ways):
+            k = bytes(b.way[w].key)
+            if not any(k):
+                return None  # the first bucket has room: the flow is not in the second
+            if k == raw:
+                return i1, b, w
+        b = self._read(i2)
+        for w in range(self.ways):
+            if bytes(b.way[w].key) == raw:
+                return i2, b, w
+        return None
+
+    # ---- the mapping --------------------------------------------------------------------------
+    def __getitem__(self, key):
+        found = self._find(key)
+        if found is None or not found[1].way[found[2]].e.backend:
+            raise KeyError(key)
+        i, b, w = found
+        return self.Leaf.from_buffer_copy(bytes(b.way[w].e))
+
+    def get(self, key, default=None):
+        try:
+            return self[key]
+        except KeyError:
+            return default
+
+    def __setitem__(self, key, leaf) -> None:
+        raw = bytes(key)
+        found = self._find(key)
+        if found is None:
+            found = self._free_way(raw)
+        i, b, w = found
+        seq = b.way[w].e.seq
+        ctypes.memmove(ctypes.addressof(b) + w * self.way_size, raw, self.key_size)
+        ctypes.memmove(ctypes.addressof(b) + w * self.way_size + self.key_size, bytes(leaf),
+                       self.entry_size)
+        b.way[w].e.seq = (seq + 2) & ~1 & _MASK32
+        self._write(i, b)
+
+    def _free_way(self, raw: bytes):
+        i1, i2 = self._buckets_of(raw)
+        for i in (i1, i2):
+            b = self._read(i)
+            for w in range(self.ways):
+                if not any(bytes(b.way[w].key)):
+                    return i, b, w
+        for i in (i1, i2):
+            b = self._read(i)
+            for w in range(self.ways):
+                if not b.way[w].e.backend:
+                    return i, b, w
+        from .errors import CapacityError  # noqa: PLC0415
+
+        raise CapacityError(f"connection table {self.name!r}: both buckets of the flow are full")
+
+    def __delitem__(self, key) -> None:
+        found = self._find(key)
+        if found is None or not found[1].way[found[2]].e.backend:
+            raise KeyError(key)
+        i, b, w = found
+        b.way[w].e.backend = 0
+        b.way[w].e.seq = (b.way[w].e.seq + 2) & ~1 & _MASK32
+        self._write(i, b)
+
+    # ---- the whole table ----------------------------------------------------------------------
+    def read_all(self) -> np.ndarray:
+        """Every bucket as bytes, shape (buckets, bucket size)."""
+        raw = libbpf.array_read(self.map_fd, self.buckets, self.bucket_size, name=self.name)
+        return np.frombuffer(raw, dtype=np.uint8).reshape(self.buckets, self.bucket_size)
+
+    def _live(self, data: np.ndarray):
+        """(keys, entries, live mask) of every way: keys (buckets*ways, key size) bytes,
+        entries (buckets*ways, entry size) bytes."""
+        ways = data.reshape(-1, self.way_size)
+        keys = ways[:, :self.key_size]
+        entries = ways[:, self.key_size:self.key_size + self.entry_size]
+        backend = entries[:, :4].copy().view(np.uint32).ravel()
+        return keys, entries, backend != 0
+
+    def __len__(self) -> int:
+        _, _, live = self._live(self.read_all())
+        return int(live.sum())
+
+    def items(self):
+        keys, entries, live = self._live(self.read_all())
+        return [(self.Key.from_buffer_copy(keys[j].tobytes()), self.Leaf.from_buffer_copy(entries[j].tobytes()))
+                for j in np.flatnonzero(live)]
+
+    def keys(self):
+        return [k for k, _ in self.items()]
+
+    def clear(self) -> None:
+        libbpf.array_write(self.map_fd, 0, bytes(self.buckets * self.bucket_size), self.bucket_size,
+                           name=self.name)
+
+    def remove_all(self, keys: bytes) -> int:
+        """Removes the given flows (keys packed one after another) for good:
+        their ways become empty, the later ways of each bucket move up. Safe
+        only while nothing else writes the table, and when no flow that stays
+        lives in its second bucket because of a bucket one of these flows
+        leaves (benchmarks remove exactly the flows a round added). Returns
+        how many were found."""
+        data = self.read_all().copy()
+        ks = self.key_size
+        n = len(keys) // ks
+        touched = set()
+        found = 0
+        for j in range(n):
+            raw = keys[j * ks:(j + 1) * ks]
+            for i in self._buckets_of(raw):
+                ways = data[i].reshape(self.ways, self.way_size)
+                hit = next((w for w in range(self.ways) if ways[w, :ks].tobytes() == raw), None)
+                if hit is None:
+                    continue
+                ways[hit:-1] = ways[hit + 1:].copy()
+                ways[-1] = 0
+                touched.add(i)
+                found += 1
+                break
+        for i in sorted(touched):
+            libbpf.array_write(self.map_fd, i, data[i].tobytes(), self.bucket_size, name=self.name)
+        return found

@@ -1,0 +1,268 @@
+/* conntrack.h - the connection table: an array of buckets of CT_WAYS flows,
+ * one for IPv4 flows (conntrack) and one for IPv6 (conntrack6), shared by all
+ * CPUs. Finding and writing an entry calls no helper: the verifier inlines an
+ * array lookup, and the rest is loads, compares and stores.
+ *
+ * Where a flow lives: its key's hash (ct_key_hash) names two buckets; the flow goes to the first bucket while it has an empty way, else
+ * to the second. The data plane never empties a way (user space deletes by
+ * clearing the backend and keeping the key), so a first bucket with an empty
+ * way proves that the flow is not in its second bucket: most lookups read one
+ * bucket, and in it the keys first (IPv4: one cache line).
+ *
+ * When both buckets are full a new flow replaces the way (of the eight) whose
+ * flow is least worth keeping: a way user space deleted, then the oldest flow
+ * that never sent a second packet (a SYN flood's, say), then the oldest flow
+ * (counter ct_evict). "Oldest" by last_seen, which a TCP hit refreshes at most
+ * once per CPU_REFRESH_NS; the new-flow rate limit keeps a flood from cycling
+ * through established flows.
+ *
+ * Two CPUs may write one way at once (a flow's packets arrive on any CPU).
+ * Each entry has a sequence word: a writer claims the way by moving it from
+ * even to odd with one compare-and-swap (lost: the flow gets no entry this
+ * time, counter ct_busy), writes key and entry, and makes it even again. A
+ * reader takes an entry only if the word was even and the same before and
+ * after it copied key and entry, so a torn entry is never used: the packet
+ * takes a fresh Maglev pick instead. (x86 keeps loads in order and stores in
+ * order; the compiler barriers keep the program's order.) A hit's own stores
+ * (last_seen, the confirmed flag) are single aligned words outside that
+ * protocol: at worst they land on a flow that has just replaced the one hit,
+ * giving it a newer stamp. */
+#pragma once
+
+#define CT_BUCKETS MAP_CONNTRACK_ENTRIES
+#define CT_KEY4_WORDS (sizeof(struct flow4_key) / 4)
+#define CT_KEY6_WORDS (sizeof(struct flow_key) / 4)
+#define ct_barrier() asm volatile("" ::: "memory")
+
+/* The hash that names a flow's buckets: FNV-1a over the key's 32-bit words,
+ * then murmur's finalizer (one multiply a word: every established packet
+ * computes it; l4lb/conntrack.py computes the same). */
+static __always_inline __u32 ct_key_hash(const __u32 *k, __u32 words)
+{
+    __u32 h = 0x811c9dc5u;
+
+#pragma unroll
+    for (int i = 0; i < CT_KEY6_WORDS; i++)
+        if (i < words)
+            h = (h ^ k[i]) * 0x01000193u;
+    return murmur_final(h, words);
+}
+
+/* The two buckets of a flow hash: (h * buckets) >> 32, for the second bucket
+ * after a murmur-style mix with CT_SEED2 (l4lb/conntrack.py computes the same). */
+static __always_inline __u32 ct_bucket1(__u32 h)
+{
+    return ((__u64)h * CT_BUCKETS) >> 32;
+}
+
+static __always_inline __u32 ct_bucket2(__u32 h)
+{
+    h ^= CT_SEED2;
+    h *= 0x85ebca6bu;
+    h ^= h >> 13;
+    h *= 0xc2b2ae35u;
+    h ^= h >> 16;
+    return ((__u64)h * CT_BUCKETS) >> 32;
+}
+
+/* ct_bucket(v6, i), bucket i of the IPv4 or the IPv6 table, is balancer.c's:
+ * bcc turns map.lookup() into a map access only in the main file. */
+
+/* A bucket seen as words: `words` per key (4 or 10); a way is the key, then
+ * its entry (and for IPv4 the padding to a cache line). */
+static __always_inline __u32 *ct_key_at(void *b, __u32 words, int w)
+{
+    __u32 way = words == CT_KEY4_WORDS ? sizeof(struct ct_way4) : sizeof(struct ct_way6);
+
+    return (__u32 *)((char *)b + w * way);
+}
+
+static __always_inline struct ct_entry *ct_entry_at(void *b, __u32 words, int w)
+{
+    return (struct ct_entry *)(ct_key_at(b, words, w) + words);
+}
+
+static __always_inline int ct_key_eq(const __u32 *a, const __u32 *k, __u32 words)
+{
+    __u32 diff = 0;
+
+#pragma unroll
+    for (int i = 0; i < CT_KEY6_WORDS; i++)
+        if (i < words)
+            diff |= a[i] ^ k[i];
+    return !diff;
+}
+
+/* proto (and for IPv6 the family) lie in a key's last word: 0 only in an empty way */
+static __always_inline int ct_key_empty(const __u32 *a, __u32 words)
+{
+    return a[words - 1] == 0;
+}
+
+/* The flow's way in bucket b: its index, or -1 with *empty set when the bucket
+ * has an empty way (ways fill in order: nothing follows the first empty one). */
+static __always_inline int ct_scan(void *b, const __u32 *k, __u32 words, int *empty)
+{
+#pragma unroll
+    for (int w = 0; w < CT_WAYS; w++) {
+        __u32 *a = ct_key_at(b, words, w);
+
+        if (ct_key_empty(a, words)) {
+            *empty = 1;
+            return -1;
+        }
+        if (ct_key_eq(a, k, words))
+            return w;
+    }
+    return -1;
+}
+
+/* A stable copy of way w's entry if it still holds flow k: 0, or -1. */
+static __always_inline int ct_read(void *b, const __u32 *k, __u32 words, int w, struct ct_entry *out)
+{
+    struct ct_entry *e = ct_entry_at(b, words, w);
+    __u32 seq = *(volatile __u32 *)&e->seq;
+
+    if (seq & 1)
+        return -1;
+    ct_barrier();
+    *out = *e;
+    if (!ct_key_eq(ct_key_at(b, words, w), k, words))
+        return -1;
+    ct_barrier();
+    if (*(volatile __u32 *)&e->seq != seq || !out->backend)
+        return -1;
+    return 0;
+}
+
+/* Flow k's entry: a pointer to it in the table (for the hit's own stores) and
+ * a stable copy in *out; NULL when the flow has none. */
+static __always_inline struct ct_entry *ct_find(int v6, const __u32 *k, __u32 h, struct ct_entry *out)
+{
+    __u32 words = v6 ? CT_KEY6_WORDS : CT_KEY4_WORDS;
+    void *b = ct_bucket(v6, ct_bucket1(h));
+    int w, empty = 0;
+
+    if (!b)
+        return NULL;
+    w = ct_scan(b, k, words, &empty);
+    if (w < 0) {
+        if (empty)
+            return NULL; /* the first bucket has room: the flow was never moved on */
+        b = ct_bucket(v6, ct_bucket2(h));
+        if (!b)
+            return NULL;
+        w = ct_scan(b, k, words, &empty);
+        if (w < 0)
+            return NULL;
+    }
+    if (ct_read(b, k, words, w, out))
+        return NULL;
+    return ct_entry_at(b, words, w);
+}
+
+/* How much a way is worth keeping when both buckets are full: lowest goes. */
+static __always_inline __u64 ct_keep_score(const struct ct_entry *e)
+{
+    if (!e->backend)
+        return 0; /* deleted by user space */
+    return e->last_seen + ((e->flags & CT_F_CONFIRMED) ? (1ull << 62) : 0);
+}
+
+/* Writes flow k's entry: over its own way, in the first empty way of its
+ * first then second bucket, or over the way least worth keeping. Returns 0
+ * when written; -1 when another CPU held the way (ct_busy). */
+static __always_inline int ct_write(int v6, const __u32 *k, __u32 h, const struct ct_entry *fresh,
+                                    struct global_stats *gs)
+{
+    __u32 words = v6 ? CT_KEY6_WORDS : CT_KEY4_WORDS;
+    void *b1 = ct_bucket(v6, ct_bucket1(h));
+    void *b2 = ct_bucket(v6, ct_bucket2(h));
+    void *b = NULL;
+    int w = -1, evict = 0, empty = 0, was_empty = 0;
+    struct ct_entry *e;
+    __u32 *key;
+    __u64 old, *word;
+
+    if (!b1 || !b2)
+        return -1;
+    w = ct_scan(b1, k, words, &empty);
+    if (w >= 0) {
+        b = b1;
+    } else if (empty) {
+        /* the first empty way of the first bucket */
+        was_empty = 1;
+#pragma unroll
+        for (int j = CT_WAYS - 1; j >= 0; j--)
+            if (ct_key_empty(ct_key_at(b1, words, j), words))
+                w = j;
+        b = b1;
+    } else {
+        empty = 0;
+        w = ct_scan(b2, k, words, &empty);
+        if (w < 0 && empty) {
+            was_empty = 1;
+#pragma unroll
+            for (int j = CT_WAYS - 1; j >= 0; j--)
+                if (ct_key_empty(ct_key_at(b2, words, j), words))
+                    w = j;
+        }
+        b = b2;
+        if (w < 0) {
+            /* both full: the way least worth keeping of the eight */
+            __u64 best = ~0ull, s;
+
+#pragma unroll
+            for (int j = 0; j < CT_WAYS; j++) {
+                s = ct_keep_score(ct_entry_at(b1, words, j));
+                if (s < best) {
+                    best = s;
+                    b = b1;
+                    w = j;
+                }
+            }
+#pragma unroll
+            for (int j = 0; j < CT_WAYS; j++) {
+                s = ct_keep_score(ct_entry_at(b2, words, j));
+                if (s < best) {
+                    best = s;
+                    b = b2;
+                    w = j;
+                }
+            }
+            evict = best != 0;
+        }
+    }
+    if (w < 0 || w >= CT_WAYS || !b)
+        return -1;
+    e = ct_entry_at(b, words, w);
+    key = ct_key_at(b, words, w);
+    /* claim: seq even -> odd, in one compare-and-swap of the word it shares with
+     * hash; the way must still be empty (or the flow's) after the sequence word
+     * was read, or another CPU filled it since it was chosen */
+    word = (__u64 *)&e->seq;
+    old = *(volatile __u64 *)word;
+    ct_barrier();
+    if ((old & 1) || (was_empty && !ct_key_empty(key, words)) ||
+        (!was_empty && !evict && !ct_key_eq(key, k, words)) ||
+        __sync_val_compare_and_swap(word, old, old + 1) != old) {
+        gs->ct_busy++;
+        return -1;
+    }
+#pragma unroll
+    for (int j = 0; j < CT_KEY6_WORDS; j++)
+        if (j < words)
+            key[j] = k[j];
+    e->backend = fresh->backend;
+    e->generation = fresh->generation;
+    e->vip_id = fresh->vip_id;
+    e->flags = fresh->flags;
+    e->vip_gen = fresh->vip_gen;
+    e->hash = fresh->hash;
+    e->last_seen = fresh->last_seen;
+    ct_barrier();
+    *(volatile __u32 *)&e->seq = (__u32)old + 2;
+    if (evict)
+        gs->ct_evict++;
+    return 0;
+}

@@ -309,7 +309,7 @@ static __always_inline int pick_backend(struct pkt *p, const struct vip_meta *vi
         return 0;
     now = lb_now();
     /* New-flow rate limit: above it, new flows are served by Maglev alone, so
-     * a flood of new flows cannot evict the established ones from the LRU. */
+     * a flood of new flows cannot push the established ones out of the table. */
     limited = 0;
     if (cfg->new_flow_rate) {
         __u32 zero = 0;

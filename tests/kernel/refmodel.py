@@ -11,7 +11,7 @@ The model is deliberately written from the spec, not from the C: it shares no
 code with xdp/ and uses l4lb only for the documented hash (l4lb.flowhash) and
 the Maglev table (l4lb.maglev.maglev_table). What it leaves out: the rate
 limits (the test configures them out of reach), UDP expiry (the test uses a
-long timeout), LRU eviction (the test stays far below the table size), helper
+long timeout), evictions from full buckets (the test stays far below the table size), helper
 failures (BPF_PROG_TEST_RUN always leaves headroom) and an unconfigured program.
 
 Where the spec is silent the model takes these readings:

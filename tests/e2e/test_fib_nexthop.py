@@ -15,7 +15,7 @@ from scapy.layers.l2 import ARP, Ether
 
 from control.l4lb.v1 import l4lb_pb2 as pb
 from control.launcher import launcher
-from e2e_util import Lb, by_backend, close_all, delta, open_many, settle
+from e2e_util import by_backend, close_all, delta, open_many, settle
 from l4lb.testbed import Testbed, TestbedError
 from l4lb.testbed.common import NETNS_DIR
 from l4lb.testbed.tunnels import give_back, take_decap
@@ -30,15 +30,6 @@ def bed():
         tb.lb.sysctl({"net.ipv4.conf.all.forwarding": 1, "net.ipv6.conf.all.forwarding": 1})
         restart(tb, ["--next-hop", "fib"])
         yield tb
-
-
-@pytest.fixture(scope="module")
-def lb(bed):
-    api = Lb(bed)
-    try:
-        yield api
-    finally:
-        api.close()
 
 
 def restart(bed, extra: list[str]) -> None:
@@ -79,6 +70,17 @@ def answered(bed, address: str, n: int) -> list:
     return conns
 
 
+def every_backend_answers_through_the_fib(bed, lb, address: str) -> None:
+    """20 connections reach every backend, the LB sent their packets (XDP_TX)
+    and the FIB refused none."""
+    before = lb.counters()
+    conns = answered(bed, address, 20)
+    assert len(by_backend(conns)) == len(bed.backends)
+    close_all(conns)
+    moved = delta(settle(lb.counters), before)
+    assert moved.get("tx", 0) >= 20 * 4 and not moved.get("fib_drop")
+
+
 def test_status_says_fib(lb):
     s = lb.call("GetStatus", pb.GetStatusRequest())
     assert s.next_hop == "fib"
@@ -97,12 +99,7 @@ def test_a_route_change_is_followed_without_any_rpc(bed, lb):
             assert delta(lb.counters(), before).get("fib_drop", 0) >= 1
         finally:
             lb_ip(bed, "route", "del", "unreachable", "198.18.2.0/24")
-        before = lb.counters()
-        conns = answered(bed, vid.address, 20)
-        assert len(by_backend(conns)) == len(bed.backends)
-        close_all(conns)
-        moved = delta(settle(lb.counters), before)
-        assert moved.get("tx", 0) >= 20 * 4 and not moved.get("fib_drop")
+        every_backend_answers_through_the_fib(bed, lb, vid.address)
 
 
 def test_a_router_mac_change_is_followed_without_any_rpc(bed, lb):
@@ -115,12 +112,7 @@ def test_a_router_mac_change_is_followed_without_any_rpc(bed, lb):
         router_ip(bed, "link", "set", "dev", "lb", "address", NEW_ROUTER_MAC)
         try:
             announce(bed, NEW_ROUTER_MAC)
-            before = lb.counters()
-            conns = answered(bed, vid.address, 20)
-            assert len(by_backend(conns)) == len(bed.backends)
-            close_all(conns)
-            moved = delta(settle(lb.counters), before)
-            assert moved.get("tx", 0) >= 20 * 4 and not moved.get("fib_drop")
+            every_backend_answers_through_the_fib(bed, lb, vid.address)
             assert lb.call("GetGateway", pb.GetGatewayRequest()).mac == old_mac, \
                 "the configured gateway is the old MAC: the FIB, not the gateway, found the router"
         finally:

@@ -16,6 +16,7 @@ from scapy.layers.l2 import Ether
 from l4lb import flowhash, libbpf, maglev
 from l4lb.model import VipKey
 from lbfixture import CLIENT4, CLIENT6, CLIENT_MAC, LB_MAC, VIP4, VIP6, Flow, gue_source_port, outer_source
+from test_prediction import random_flows
 
 A4, B4, C4 = "198.18.2.1", "198.18.2.2", "198.18.2.3"
 A6, B6, C6 = "fd00:198:18:2::1", "fd00:198:18:2::2", "fd00:198:18:2::3"
@@ -203,24 +204,13 @@ CASES = {  # name: (VIP, port, protocol, backends)
 }
 
 
-def _random_flows(rng: random.Random, vip: str, port: int, proto: str) -> list[Flow]:
-    flows = set()
-    while len(flows) < FLOWS:
-        if ":" in vip:
-            src = str(ipaddress.IPv6Address("fd00:198:18::") + rng.getrandbits(64))
-        else:
-            src = f"198.18.0.{rng.randrange(1, 255)}"
-        flows.add(Flow(src=src, dst=vip, sport=rng.randrange(1, 65536), dport=port, proto=proto))
-    return sorted(flows, key=lambda f: (f.src, f.sport))
-
-
 @pytest.mark.parametrize("name", CASES)
 def test_every_fresh_gue_flow_reaches_the_predicted_backend(lb, name):
     vip, port, proto, backends = CASES[name]
     m = lb.capacity.ring_size
     lb.add_vip(vip, port, proto, backends, encap="gue")
     table = maglev.maglev_table(backends, m)
-    flows = _random_flows(random.Random(f"l4lb gue {name}"), vip, port, proto)
+    flows = random_flows(random.Random(f"l4lb gue {name}"), vip, port, proto)
     before = lb.stats()
     dsts = []
     for f in flows:

@@ -266,6 +266,11 @@ class Dataplane:
         connection-table entry names it then, so no packet counts meanwhile)."""
         self._zero_percpu(self.t[consts.MAP_BACKEND_STATS], index)
 
+    def clear_fib_hop(self, index: int) -> None:
+        """Before the index is given to another backend: the FIB answers kept
+        for the old address (fib_hops, every CPU) are not the new one's."""
+        self._zero_percpu(self.t[consts.MAP_FIB_HOPS], index)
+
     def _zero_percpu(self, t, index: int) -> None:
         values = t[t.Key(index)]
         for i in range(len(values)):

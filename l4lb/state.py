@@ -45,6 +45,7 @@ class Sink(Protocol):
     def put_vip_info(self, vip_id: int, generation: int, flags: int) -> None: ...
     def clear_vip_stats(self, vip_id: int) -> None: ...
     def clear_backend_stats(self, index: int) -> None: ...
+    def clear_fib_hop(self, index: int) -> None: ...
     def set_portless(self, n: int) -> None: ...
 
 
@@ -158,9 +159,11 @@ def sync(have: MapImage, want: MapImage, sink: Sink, capacity: Capacity,
             sink.put_vip_info(vid, *new)
     step("sync.generations")
     # 3. backends before any ring names them, listed by the VIPs of both images;
-    # an index given to another backend (or first used) starts from zero counters:
-    # no ring and no valid connection-table entry names it yet, so nothing counts
-    # on it meanwhile, and a backend that keeps its index keeps its counts
+    # an index given to another backend (or first used) starts from zero counters
+    # and with no FIB answer kept (next_hop fib: the old address's next hop is
+    # not the new one's): no ring and no valid connection-table entry names it
+    # yet, so no packet uses it meanwhile, and a backend that keeps its index
+    # keeps its counts and its answers
     listed: dict[int, frozenset[int]] = {}
     for idx, b in want.backends.items():
         old = have.backends.get(idx)
@@ -168,6 +171,7 @@ def sync(have: MapImage, want: MapImage, sink: Sink, capacity: Capacity,
         listed[idx] = b.vips | (old.vips if same else frozenset())
         if not same:
             sink.clear_backend_stats(idx)
+            sink.clear_fib_hop(idx)
         if not same or old.vips != listed[idx]:
             sink.put_backend(idx, b.address, b.generation, True, sorted(listed[idx]))
     step("sync.backends-added")

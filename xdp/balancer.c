@@ -372,6 +372,8 @@ static __always_inline int next_hop_fib(struct xdp_md *ctx, const struct pkt *p,
         if (--hop->uses == 0) {
             hop->uses = FIB_HOP_USES;
             fresh = lb_now() < hop->expires;
+            if (!fresh) /* emptied: asked again until an answer sends, not only this once */
+                hop->expires = 0;
         }
         action = !fresh ? XDP_ABORTED : hop->egress == hop->ingress ? XDP_TX
                                                                      : tx_ports.redirect_map(hop->slot, 0);

@@ -242,3 +242,44 @@ def test_route_watch_tells_of_a_route_and_a_neighbour_change(net):
         watch.stop()
         net.ip("route", "del", "198.18.2.240/28")
         net.ip("neigh", "del", "198.18.1.4", "dev", "lb0")
+
+
+def test_a_backend_index_given_to_another_address_forgets_the_answer_kept_for_the_old_one(fib, net):
+    """fib_hops is kept per backend index: when the index goes to a backend
+    whose route differs, the next packet asks the FIB for the new address
+    instead of leaving by the old one's next hop."""
+    fib.few_backend_indices(1)
+    fib.add_vip(VIP4, 80, "tcp", {VIA_R2[0]: 1})
+    r, counters = run(fib, net, Flow().packet("S"))
+    assert (r.verdict_name, r.data[0:6]) == ("REDIRECT", mac(R2_MAC))
+    index = fib.index_of(VIA_R2[0])
+    fib.set_backends(VIP4, 80, "tcp", {})
+    fib.set_backends(VIP4, 80, "tcp", {VIA_R1[0]: 1})
+    assert fib.index_of(VIA_R1[0]) == (index[0], index[1] + 1), "the index is reused"
+    r, counters = run(fib, net, Flow().packet("S"))
+    assert (r.verdict_name, r.data[0:6], r.data[6:12]) == ("TX", mac(R1_MAC), mac(LB0_MAC))
+    assert counters == LOOKED_UP
+
+
+def test_an_expired_answer_whose_new_lookup_does_not_send_is_not_used_again(fib, net):
+    """With no control plane to bump fib_gen, the route to a kept backend
+    turns unreachable: once the answer has expired, every packet asks the FIB
+    (and is dropped), not only the one that found it expired."""
+    fib.add_vip(VIP4, 80, "tcp", {VIA_R1[0]: 1})
+    f = Flow()
+    r, counters = run(fib, net, f.packet("S"))
+    assert (r.verdict_name, counters) == ("TX", LOOKED_UP)
+    net.ip("route", "add", "unreachable", f"{VIA_R1[0]}/32")
+    try:
+        time.sleep(consts.FIB_HOP_TTL_NS / 1e9 + 0.1)
+        for n in range(1, consts.FIB_HOP_USES + 1):
+            r, counters = run(fib, net, f.packet("A"))
+            if r.verdict_name == "DROP":
+                break
+        assert counters == {"ct_hit": 1, "fib_lookup": 1, "fib_drop": 1}, f"expired after {n} uses"
+        for _ in range(3):
+            r, counters = run(fib, net, f.packet("A"))
+            assert (r.verdict_name, counters) == ("DROP", {"ct_hit": 1, "fib_lookup": 1, "fib_drop": 1}), \
+                "the expired answer is not used again"
+    finally:
+        net.ip("route", "del", "unreachable", f"{VIA_R1[0]}/32")

@@ -2,38 +2,64 @@
 
 `expect(frame, model)` reads a raw Ethernet frame with nothing but byte
 offsets and returns what the data plane should do with it: the verdict, the
-exact change of every global counter, the VIP counters, and for XDP_TX the
-whole output frame (with the backend and the encapsulation kind for packets
-sent to a backend). It does not change the model: `commit(model, expected)`
-applies the connection-table write that the packet makes.
+exact change of every global counter, the VIP counters, and for XDP_TX (and
+for next_hop fib XDP_REDIRECT, and the encapsulated XDP_PASS of a next hop
+without a neighbour) the whole output frame (with the backend and the
+encapsulation kind for packets sent to a backend). It does not change the
+model: `commit(model, expected)` applies the connection-table write that the
+packet makes, and in next_hop fib the FIB answer it keeps.
+
+next_hop fib (`LbModel.fib`, a FibMode): the kernel's FIB is an oracle the
+caller gives, FibMode.answer(ingress ifindex, outer destination, outer IP
+length) -> FibAnswer (a route with its neighbour: egress and MACs; no
+neighbour; anything else), which the test derives from the routes and
+neighbours it configured. The model keeps, as the spec says, the last answer
+that sent a packet per backend index, used while fib_gen is the one it was
+asked under (the caller counts the bumps in FibMode.gen: every configuration
+write and every bump_fib_gen), the ingress is the same and the index still
+holds the same backend (user space empties an index's answers when it gives
+the index to another backend). It models one CPU: the kernel keeps answers
+per CPU, so the caller pins the thread that runs the packets. It leaves out
+the answers' expiry (FIB_HOP_TTL_NS, read every FIB_HOP_USES uses): the
+caller bumps fib_gen more often than that, so no answer lives to expire
+(tests/kernel/test_nexthop.py covers expiry with the clock).
 
 The model is deliberately written from the spec, not from the C: it shares no
 code with xdp/ and uses l4lb only for the documented hash (l4lb.flowhash) and
 the Maglev table (l4lb.maglev.maglev_table). What it leaves out: the rate
 limits (the test configures them out of reach), UDP expiry (the test uses a
 long timeout), evictions from full buckets (the test stays far below the table size), helper
-failures (BPF_PROG_TEST_RUN always leaves headroom) and an unconfigured program.
+failures (BPF_PROG_TEST_RUN always leaves headroom), an unconfigured program, and in
+next_hop fib the expiry of kept answers (above) and more than one CPU.
 
 Where the spec is silent the model takes these readings:
-- every XDP_PASS of a configured program counts `pass`;
+- every XDP_PASS of a configured program counts `pass` (but next_hop fib's, below);
 - a quoted IPv4 header must say version 4 and IHL >= 5; a quoted IPv6
   header's version is not looked at;
 - an ICMP error about a VIP flow is never answered with "too big" (it is
-  forwarded whatever its size; generated errors stay far below the MTU).
+  forwarded whatever its size; generated errors stay far below the MTU);
+- in next_hop fib a packet that the next hop does not send (no neighbour,
+  drop) counts neither `tx` nor `icmp_fwd`, and its XDP_PASS counts no `pass`;
+  the outer length the FIB checks against the egress MTU is the outer IP
+  packet's (Ethernet padding after the inner packet left out).
 """
 from __future__ import annotations
 
 import ipaddress
 import struct
 from dataclasses import dataclass, field
+from typing import Callable
 
 from l4lb import flowhash, maglev
 
-PASS, DROP, TX = "PASS", "DROP", "TX"
+PASS, DROP, TX, REDIRECT = "PASS", "DROP", "TX", "REDIRECT"
 
 COUNTERS = ("pass", "tx", "ct_hit", "ct_miss", "ct_stale", "ct_insert", "ct_limited",
             "no_backend", "too_big", "icmp_echo", "icmp_fwd", "icmp_limited", "fragment",
-            "ext_header", "malformed", "error")
+            "ext_header", "malformed", "error", "fib_no_neigh", "fib_drop", "redirect", "fib_lookup")
+
+# what the kernel's FIB answers (next_hop fib)
+FIB_SENT, FIB_NO_NEIGH, FIB_FAIL = "sent", "no_neigh", "fail"
 
 ETH_IP, ETH_IPV6, ETH_8021Q, ETH_8021AD = 0x0800, 0x86DD, 0x8100, 0x88A8
 TCP, UDP, ICMP, ICMPV6 = 6, 17, 1, 58
@@ -81,6 +107,38 @@ class Vip:
     gue: bool = False  # encap: gue (UDP to the node's gue_port), else IP-in-IP
 
 
+@dataclass(frozen=True)
+class FibAnswer:
+    """The kernel FIB's answer for an outer packet: FIB_SENT (a route and
+    its next hop's neighbour entry: egress interface, the next hop's MAC and
+    the egress's MAC), FIB_NO_NEIGH (a route, no usable neighbour entry) or
+    FIB_FAIL (anything else: no route, unreachable, forwarding off, too big
+    for the egress MTU)."""
+    result: str
+    egress: int = 0
+    dmac: bytes = b""
+    smac: bytes = b""
+    why: str = ""
+
+
+@dataclass(frozen=True)
+class KeptHop:
+    backend: tuple     # (address, generation) of the backend it was asked for
+    ingress: int
+    gen: int           # fib_gen when asked
+    answer: FibAnswer
+
+
+@dataclass
+class FibMode:
+    """next_hop fib: the FIB as an oracle and what the (one) CPU keeps."""
+    answer: Callable[[int, str, int], FibAnswer]  # (ingress, outer destination, outer IP length)
+    tx_ports: frozenset   # ifindexes that tx_port_slots lists
+    ingress: int          # the ingress ifindex of the next frame
+    gen: int = 0          # fib_gen, as the caller counts its bumps
+    kept: dict = field(default_factory=dict)  # backend index -> KeptHop
+
+
 @dataclass
 class LbModel:
     vips: dict           # (family, packed address, port, proto) -> Vip
@@ -93,6 +151,7 @@ class LbModel:
     conntrack: dict = field(default_factory=dict)  # Flow -> CtEntry
     listed: dict = field(default_factory=dict)     # backend index -> ids of the VIPs that list it
     gue_port: int = 6080
+    fib: FibMode | None = None  # next_hop fib; None: gateway
 
     @property
     def vip_addresses(self) -> set:
@@ -103,9 +162,12 @@ class LbModel:
         return any(port == 0 for _f, _a, port, _p in self.vips)
 
     @classmethod
-    def from_state(cls, state, runtime, ring_size: int, conntrack: dict | None = None) -> "LbModel":
+    def from_state(cls, state, runtime, ring_size: int, conntrack: dict | None = None,
+                   fib: FibMode | None = None) -> "LbModel":
         """The model of a balancer configured through l4lb.state.LbState and a
-        l4lb.dataplane.RuntimeConfig; the connection table is carried over."""
+        l4lb.dataplane.RuntimeConfig; the connection table is carried over, and
+        with runtime.next_hop fib the FibMode (its kept answers too)."""
+        assert (runtime.next_hop == "fib") == (fib is not None), runtime.next_hop
         vips = {}
         for key, v in state.vips.items():
             ip = ipaddress.ip_address(key.address)
@@ -119,7 +181,7 @@ class LbModel:
                   for addr, b in state.backends.items()}
         return cls(vips, backends, bytes(int(x, 16) for x in runtime.gateway_mac.split(":")),
                    runtime.encap_v4, runtime.encap_v6, runtime.mtu, ring_size,
-                   dict(conntrack or {}), listed, runtime.gue_port)
+                   dict(conntrack or {}), listed, runtime.gue_port, fib)
 
     def index_of(self, address: str) -> tuple[int, int]:
         for idx, (addr, gen) in self.backends.items():
@@ -141,10 +203,12 @@ class Expected:
     backend: str | None = None                  # TX to a backend: its address
     kind: str | None = None                     # 4in4, 4in6, 6in6 (gue4in4, ... for GUE), echo4, echo6,
                                                 # too_big4, too_big6
-    output: bytes | None = None                 # TX: the whole frame sent; PASS: the input
+    output: bytes | None = None                 # TX, REDIRECT: the whole frame sent; PASS: the input
+                                                # (next_hop fib without a neighbour: the frame passed)
     inner_offset: int | None = None             # encapsulation: where the inner packet starts
     flow: Flow | None = None
     ct_write: tuple | None = None               # (Flow, CtEntry) written to the table
+    fib_keep: tuple | None = None               # next_hop fib: (backend index, KeptHop) kept
 
     def count(self, name: str, n: int = 1) -> None:
         assert name in COUNTERS, name
@@ -169,6 +233,9 @@ def commit(model: LbModel, exp: Expected) -> None:
     if exp.ct_write:
         flow, entry = exp.ct_write
         model.conntrack[flow] = entry
+    if exp.fib_keep:
+        index, kept = exp.fib_keep
+        model.fib.kept[index] = kept
 
 
 # --- checksums ---------------------------------------------------------------------------
@@ -457,11 +524,52 @@ def _balance(frame: bytes, ip: _Ip, model: LbModel, vip: Vip, flow: Flow, tcp_fl
                        ("an ICMP error" if icmp_error else "no DF: sent, outer DF clear"))
     e.verdict, e.backend = TX, backend
     e.kind = ("gue" if vip.gue else "") + {(4, 4): "4in4", (4, 6): "4in6", (6, 6): "6in6"}[(ip.family, b_family)]
-    e.count("tx")
-    if icmp_error:
-        e.count("icmp_fwd")
     e.output, e.inner_offset = _encap(frame, ip, model, backend, h, vip.gue)
+    if model.fib is not None:
+        _next_hop_fib(e, model, frame[0:6], ip.ip_len + overhead)
+    if e.verdict in (TX, REDIRECT):
+        e.count("tx")
+        if icmp_error:
+            e.count("icmp_fwd")
     return e
+
+
+def _next_hop_fib(e: Expected, model: LbModel, own_mac: bytes, outer_len: int) -> None:
+    """next_hop fib: the encapsulated frame e.output sent by a kept answer or
+    by the FIB's; sets the verdict, the MACs and the FIB's counters."""
+    fib = model.fib
+    index, generation = model.index_of(e.backend)
+    kept = fib.kept.get(index)
+    if kept is not None and kept.gen == fib.gen and kept.ingress == fib.ingress and \
+            kept.backend == (e.backend, generation) and \
+            (kept.answer.egress == fib.ingress or kept.answer.egress in fib.tx_ports):
+        ans = kept.answer
+        now = fib.answer(fib.ingress, e.backend, outer_len)  # only to name the path
+        e.trace.append("next hop kept" + ("" if now == ans else f" (the FIB now says {now.result} {now.why})"))
+    else:
+        if kept is not None and kept.gen == fib.gen and kept.backend != (e.backend, generation):
+            e.trace.append(f"the index's kept answer was for {kept.backend[0]}")
+        e.count("fib_lookup")
+        ans = fib.answer(fib.ingress, e.backend, outer_len)
+        e.trace.append(f"FIB: {ans.result} {ans.why}".rstrip())
+        if ans.result == FIB_NO_NEIGH:  # up the stack, encapsulated, addressed to this NIC
+            e.verdict = PASS
+            e.count("fib_no_neigh")
+            e.output = own_mac + e.output[6:]
+            return
+        if ans.result != FIB_SENT or (ans.egress != fib.ingress and ans.egress not in fib.tx_ports):
+            e.verdict, e.output = DROP, None
+            e.count("fib_drop")
+            if ans.result == FIB_SENT:
+                e.trace.append(f"egress {ans.egress} not in tx_ports")
+            return
+        e.fib_keep = (index, KeptHop((e.backend, generation), fib.ingress, fib.gen, ans))
+    if ans.egress == fib.ingress:
+        e.verdict = TX
+    else:
+        e.verdict = REDIRECT
+        e.count("redirect")
+    e.output = ans.dmac + ans.smac + e.output[12:]
 
 
 def _l2(frame: bytes, l3: int, dst: bytes, src: bytes, etype: int) -> bytes:

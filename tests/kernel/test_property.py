@@ -13,13 +13,28 @@ table is compared with the model's at each change and at the end.
 ICMP whose headers would run past the IP length into Ethernet padding
 (icmp_reads_padding) must be judged by the IP length alone; the run must
 meet such frames, and the tests at the end pin the cases down.
+
+The run is made twice: with next_hop gateway, and with next_hop fib in a
+namespace (l4lb.testbed.FibNet, FibRun below) whose routes send the backends
+different ways: back out of the ingress interface, out of the other one
+(redirect), to a next hop without a neighbour entry, nowhere. The same
+frames come in on lb0 and some on lb1; halfway the routes and a neighbour
+change and, a few dozen frames later, fib_gen is bumped (as `l4lb run` does
+on rtnetlink events), so the answers kept per backend are first used past
+the change and then asked again. The model's FIB is read from the
+namespace's routes, neighbours and links (NamespaceFib), never from the
+program.
 """
 from __future__ import annotations
 
+import contextlib
 import ipaddress
+import json
 import os
 import random
 import struct
+import subprocess
+import time
 from collections import Counter
 from dataclasses import dataclass
 
@@ -33,7 +48,10 @@ import refmodel
 from lbfixture import CLIENT_MAC, LB_MAC
 from refmodel import COUNTERS, CtEntry, Flow, LbModel
 
+from l4lb import consts, libbpf
 from l4lb.model import VipKey
+from l4lb.testbed import FibNet
+from l4lb.testbed.fibnet import LB0_MAC, LB1_MAC
 
 SEED = int(os.environ.get("L4LB_PROPERTY_SEED", "1318"))
 CASES = int(os.environ.get("L4LB_PROPERTY_CASES", "3000"))
@@ -389,6 +407,194 @@ class Generator:
         return Case(desc, frame)
 
 
+# --- next_hop fib: the namespace's FIB, read with `ip -j` -------------------------------------
+
+# The backends of VIPS through FibNet: its /26 and /66 routes send 198.18.2.0/26 and
+# fd00:198:18:2::/66 via R1 on lb0 (2.1, 2.5, ::1, ::7 stay there); these host routes send the
+# others elsewhere. Before the run:
+FIB_ROUTES = [
+    ("198.18.2.2", "via", "198.18.1.3", "dev", "lb0"),              # R1b: no neighbour entry
+    ("198.18.2.3", "via", "198.18.1.10", "dev", "lb1"),             # R2: out of lb1
+    ("198.18.2.4", "unreachable"),
+    ("198.18.2.6", "via", "198.18.1.10", "dev", "lb1"),
+    ("fd00:198:18:2::2", "via", "fd00:198:18:1:2::2", "dev", "lb1"),
+    ("fd00:198:18:2::3", "via", "fd00:198:18:1:1::3", "dev", "lb0"),  # R1b
+    ("fd00:198:18:2::4", "unreachable"),
+]
+# Halfway (FIB_CHANGE_AT): 2.1 moves to R2, 2.2 gets R1 (a neighbour), 2.6 goes out of lb1p
+# (an interface the program is not on), fd00:198:18:2::2 becomes unreachable and R1's IPv6
+# neighbour entry changes its MAC; fib_gen is bumped FIB_BUMP_AFTER frames later.
+FIB_CHANGES = [
+    ("route", "replace", "198.18.2.1", "via", "198.18.1.10", "dev", "lb1"),
+    ("route", "replace", "198.18.2.2", "via", "198.18.1.2", "dev", "lb0"),
+    ("neigh", "replace", "198.18.2.6", "lladdr", "02:00:00:00:0f:0b", "dev", "lb1p", "nud", "permanent"),
+    ("route", "replace", "198.18.2.6", "dev", "lb1p"),
+    ("route", "replace", "unreachable", "fd00:198:18:2::2"),
+    ("neigh", "replace", "fd00:198:18:1:1::2", "lladdr", "02:00:00:00:0f:09", "dev", "lb0", "nud", "permanent"),
+]
+FIB_CHANGE_AT, FIB_BUMP_AFTER = CASES // 2, 40
+# The model leaves the kept answers' expiry (FIB_HOP_TTL_NS) out: fib_gen is bumped before
+# every FIB_BUMP_EVERY-th case (at 50, 150, ...: the index reused at CASES // 3 then meets
+# the kept answer of its former backend), and sooner if FIB_BUMP_S have passed, so no
+# answer lives long enough to expire.
+FIB_BUMP_EVERY, FIB_BUMP_S = 100, consts.FIB_HOP_TTL_NS / 1e9 / 2
+LB1_SHARE = 0.25  # frames that come in on lb1 rather than lb0
+NUD_VALID = {"PERMANENT", "NOARP", "REACHABLE", "PROBE", "STALE", "DELAY"}
+
+
+def _mac(text: str) -> bytes:
+    return bytes(int(x, 16) for x in text.split(":"))
+
+
+class NamespaceFib:
+    """The kernel FIB of a FibNet namespace as `ip -j` shows its routes (the
+    local table, then main: longest prefix, lowest metric), neighbours, links
+    and per-interface forwarding, asked as bpf_fib_lookup is from XDP: from
+    the ingress interface, the egress MTU checked before the neighbour."""
+
+    def __init__(self, net: FibNet):
+        self.net = net
+        self.read()
+
+    def _ip(self, *args: str):
+        r = subprocess.run(["ip", "-n", self.net.ns, "-j", *args], capture_output=True, text=True, check=True)
+        return json.loads(r.stdout or "[]")
+
+    def read(self) -> None:
+        self.links = {ln["ifname"]: ln for ln in self._ip("link", "show")}
+        self.by_index = {ln["ifindex"]: ln for ln in self.links.values()}
+        self.routes = {}
+        for fam in (4, 6):
+            for table in ("local", "main"):
+                rows = []
+                for rt in self._ip(f"-{fam}", "route", "show", "table", table):
+                    dst = "::/0" if rt["dst"] == "default" and fam == 6 else \
+                        "0.0.0.0/0" if rt["dst"] == "default" else rt["dst"]
+                    rows.append((ipaddress.ip_network(dst), rt))
+                self.routes[(fam, table)] = rows
+        self.neigh = {(n["dev"], ipaddress.ip_address(n["dst"])): n for n in self._ip("neigh", "show")}
+
+        def forwarding(ifname, fam):
+            path = f"/proc/sys/net/ipv{fam}/conf/{ifname}/forwarding"  # per namespace: read on its thread
+            return self.net.node.run(lambda: open(path).read().strip()) == "1"
+
+        self.forwarding = {(ln["ifindex"], fam): forwarding(name, fam)
+                           for name, ln in self.links.items() for fam in (4, 6)}
+
+    def _route(self, fam: int, dst):
+        for table in ("local", "main"):
+            best = None
+            for net, rt in self.routes[(fam, table)]:
+                if dst in net and (best is None or (net.prefixlen, -rt.get("metric", 0)) >
+                                   (best[0].prefixlen, -best[1].get("metric", 0))):
+                    best = (net, rt)
+            if best:
+                return best[1]
+        return None
+
+    def __call__(self, ingress: int, address: str, outer_len: int) -> refmodel.FibAnswer:
+        dst = ipaddress.ip_address(address)
+        fam = dst.version
+        if not self.forwarding[(ingress, fam)]:
+            return refmodel.FibAnswer(refmodel.FIB_FAIL, why="forwarding off on the ingress")
+        rt = self._route(fam, dst)
+        if rt is None:
+            return refmodel.FibAnswer(refmodel.FIB_FAIL, why="no route")
+        if rt.get("type", "unicast") != "unicast":
+            return refmodel.FibAnswer(refmodel.FIB_FAIL, why=rt["type"])
+        link = self.links[rt["dev"]]
+        mtu = next((m["mtu"] for m in rt.get("metrics", []) if "mtu" in m), link["mtu"])
+        if outer_len > mtu:
+            return refmodel.FibAnswer(refmodel.FIB_FAIL, why=f"{outer_len} > egress MTU {mtu}")
+        hop = ipaddress.ip_address(rt["gateway"]) if "gateway" in rt else dst
+        n = self.neigh.get((rt["dev"], hop))
+        if n is None or "lladdr" not in n or not NUD_VALID & set(n.get("state", [])):
+            return refmodel.FibAnswer(refmodel.FIB_NO_NEIGH, link["ifindex"], why=f"{hop} on {rt['dev']}")
+        return refmodel.FibAnswer(refmodel.FIB_SENT, link["ifindex"], _mac(n["lladdr"]), _mac(link["address"]),
+                                  why=f"{hop} on {rt['dev']}")
+
+
+class FibRun:
+    """The balancer in next_hop fib inside a FibNet: the namespace's thread
+    (pinned to one CPU: answers are kept per CPU) runs the packets, from lb0
+    or lb1, both in tx_ports."""
+
+    def __init__(self, lb, seed: int):
+        self.lb = lb
+        self.r = random.Random(seed)  # its own: the frames are those of the gateway run
+        self.net = FibNet()
+        try:
+            self.net.node.run(os.sched_setaffinity, 0, {min(os.sched_getaffinity(0))})
+            for dst, *how in FIB_ROUTES:
+                self.net.ip("route", "add", *(how[:1] + [dst] if how[0] == "unreachable" else [dst] + how))
+            self.net.node.run(lb.dp.set_tx_ports, [self.net.lb0, self.net.lb1])
+            lb.configure(next_hop="fib")
+            self.oracle = NamespaceFib(self.net)
+            self.mode = refmodel.FibMode(self.oracle, frozenset({self.net.lb0, self.net.lb1}), self.net.lb0)
+            self.last_bump = time.monotonic()
+        except BaseException:
+            self.net.close()
+            raise
+
+    def close(self) -> None:
+        self.net.close()
+
+    def bump(self) -> None:
+        """What `l4lb run` does after rtnetlink events."""
+        self.lb.dp.bump_fib_gen()
+        self.mode.gen += 1
+        self.last_bump = time.monotonic()
+
+    def configured(self) -> None:
+        """A configuration write bumped fib_gen."""
+        self.mode.gen += 1
+        self.last_bump = time.monotonic()
+
+    def before(self, i: int, frame: bytes) -> bytes:
+        """Route changes and bumps due before case i; its ingress (a frame for lb1 is addressed to it)."""
+        if i == FIB_CHANGE_AT:
+            for change in FIB_CHANGES:
+                self.net.ip(*change)
+            self.oracle.read()
+        if i == FIB_CHANGE_AT + FIB_BUMP_AFTER or i % FIB_BUMP_EVERY == FIB_BUMP_EVERY // 2 or \
+                time.monotonic() - self.last_bump > FIB_BUMP_S:
+            self.bump()
+        self.mode.ingress = self.net.lb1 if self.r.random() < LB1_SHARE else self.net.lb0
+        if self.mode.ingress == self.net.lb1 and frame[0:6] == _mac(LB0_MAC):
+            frame = _mac(LB1_MAC) + frame[6:]
+        return frame
+
+    def run(self, frame: bytes):
+        r = self.net.node.run(libbpf.run, self.lb.prog.fd, frame, ifindex=self.mode.ingress)
+        age = time.monotonic() - self.last_bump
+        assert age < consts.FIB_HOP_TTL_NS / 1e9, \
+            f"{age:.2f} s since fib_gen was bumped: kept answers may have expired, which the model leaves out"
+        return r
+
+    def paths(self, exp: refmodel.Expected) -> list[tuple[str, bool]]:
+        """Paths of next_hop fib the run must reach, and whether exp took each."""
+        trace = " > ".join(exp.trace)
+        lb0 = self.mode.ingress == self.net.lb0
+        fresh = "FIB: sent" in trace
+        return [
+            ("fib: TX, asked, from lb0", fresh and exp.verdict == "TX" and lb0),
+            ("fib: TX, asked, from lb1", fresh and exp.verdict == "TX" and not lb0),
+            ("fib: redirect, asked, lb0 to lb1", fresh and exp.verdict == "REDIRECT" and lb0),
+            ("fib: redirect, asked, lb1 to lb0", fresh and exp.verdict == "REDIRECT" and not lb0),
+            ("fib: TX, kept", "next hop kept" in trace and exp.verdict == "TX"),
+            ("fib: redirect, kept", "next hop kept" in trace and exp.verdict == "REDIRECT"),
+            ("fib: kept past a route change", "the FIB now says" in trace),
+            ("fib: an index given to another backend asks again", "kept answer was for" in trace),
+            ("fib: no neighbour, passed", "FIB: no_neigh" in trace and exp.verdict == "PASS"),
+            ("fib: unreachable, dropped", "FIB: fail unreachable" in trace),
+            ("fib: egress not in tx_ports, dropped", "not in tx_ports" in trace),
+            ("fib: too big for the egress, dropped", "> egress MTU" in trace),
+            ("fib: VLAN frame sent", "vlan" in trace and exp.verdict in ("TX", "REDIRECT")),
+            ("fib: ICMP error forwarded", "ICMP error" in trace and exp.verdict in ("TX", "REDIRECT")),
+            ("fib: GUE sent", (exp.kind or "").startswith("gue") and exp.verdict in ("TX", "REDIRECT")),
+        ]
+
+
 # --- running and comparing ------------------------------------------------------------------
 
 
@@ -413,8 +619,8 @@ def reconfigure(lb, gen: Generator, stage: int) -> None:
         gen.mtu = LATER_MTU
 
 
-def model_of(lb, conntrack=None) -> LbModel:
-    return LbModel.from_state(lb.state, lb.config, lb.capacity.ring_size, conntrack)
+def model_of(lb, conntrack=None, fib: refmodel.FibMode | None = None) -> LbModel:
+    return LbModel.from_state(lb.state, lb.config, lb.capacity.ring_size, conntrack, fib)
 
 
 def kernel_conntrack(lb, model: LbModel) -> dict:
@@ -536,11 +742,21 @@ def compare(exp: refmodel.Expected, verdict: str, out: bytes, frame: bytes, gdel
     return problems
 
 
-def test_random_frames_match_the_reference_model(lb):
+@pytest.mark.parametrize("next_hop", ["gateway", "fib"])
+def test_random_frames_match_the_reference_model(lb, next_hop):
     configure(lb)
+    with contextlib.ExitStack() as stack:
+        fib = None
+        if next_hop == "fib":
+            fib = FibRun(lb, SEED + 1)
+            stack.callback(fib.close)
+        random_frames_match_the_reference_model(lb, fib)
+
+
+def random_frames_match_the_reference_model(lb, fib: FibRun | None):
     rnd = random.Random(SEED)
     gen = Generator(rnd)
-    model = model_of(lb)
+    model = model_of(lb, fib=fib and fib.mode)
     vip_ids = sorted(v.vip_id for v in lb.state.vips.values())
     before = lb.stats()
     vbefore = vip_counters(lb, vip_ids)
@@ -551,12 +767,16 @@ def test_random_frames_match_the_reference_model(lb):
         if i in stages:
             check_conntrack(lb, model)
             reconfigure(lb, gen, stages[i])
-            model = model_of(lb, model.conntrack)
+            if fib and stages[i] == 2:
+                fib.configured()  # lb.configure wrote the configuration
+            model = model_of(lb, model.conntrack, fib and fib.mode)
         case = gen.case()
+        if fib:
+            case.frame = fib.before(i, case.frame)
         if icmp_reads_padding(case.frame):
             held_back += 1  # counted: the run must meet such frames
         exp = refmodel.expect(case.frame, model)
-        r = lb.prog.run(case.frame)
+        r = fib.run(case.frame) if fib else lb.prog.run(case.frame)
         after, vafter = lb.stats(), vip_counters(lb, vip_ids)
         gdelta = {k: after[k] - before[k] for k in COUNTERS}
         vdelta = {v: {f: vafter[v][f] - vbefore[v][f] for f in ("packets", "bytes")} for v in vip_ids}
@@ -566,7 +786,8 @@ def test_random_frames_match_the_reference_model(lb):
             failures.append(
                 f"case {i} (seed {SEED}): {case.desc}\n"
                 f"  frame ({len(case.frame)} bytes) {case.frame.hex()}\n"
-                f"  scapy: {describe_frame(case.frame)}\n"
+                f"  scapy: {describe_frame(case.frame)}\n" +
+                (f"  ingress {fib.mode.ingress}, fib_gen +{fib.mode.gen}\n" if fib else "") +
                 f"  model: {exp.describe()}\n" + "".join(f"  - {p}\n" for p in problems))
             model.conntrack = kernel_conntrack(lb, model)  # go on from the kernel's table
             if len(failures) >= 10:
@@ -576,6 +797,8 @@ def test_random_frames_match_the_reference_model(lb):
         seen_counters.update({k: v for k, v in exp.counters.items() if v})
         seen_kinds[exp.kind or exp.verdict] += 1
         seen_paths.update(path for path, hit in paths(exp, model) if hit)
+        if fib:
+            seen_paths.update(path for path, hit in fib.paths(exp) if hit)
     if not failures:
         check_conntrack(lb, model)
     assert not failures, (f"{len(failures)} frame(s) differ from the model "
@@ -585,12 +808,15 @@ def test_random_frames_match_the_reference_model(lb):
                      "icmp_echo", "icmp_fwd", "fragment", "ext_header", "malformed"}
     want_kinds = {"PASS", "DROP", "4in4", "4in6", "6in6", "gue4in4", "gue4in6", "gue6in6", "echo4", "echo6",
                   "too_big4", "too_big6"}
+    if fib:
+        want_counters |= {"fib_lookup", "redirect", "fib_no_neigh", "fib_drop"}
     missing = (want_counters - set(seen_counters)) | (want_kinds - set(seen_kinds)) | \
-        ({p for p, _ in paths(refmodel.Expected("PASS"), model)} - set(seen_paths))
+        ({p for p, _ in paths(refmodel.Expected("PASS"), model)} - set(seen_paths)) | \
+        ({p for p, _ in fib.paths(refmodel.Expected("PASS"))} - set(seen_paths) if fib else set())
     assert not missing, (f"{CASES} cases never reached {sorted(missing)}: {dict(seen_counters)} "
                          f"{dict(seen_kinds)} {dict(seen_paths)}")
     assert held_back > 0, "no ICMP frame with headers reaching into padding was generated"
-    print(f"\n{CASES} frames compared ({held_back} with ICMP headers reaching into padding), seed {SEED}: {dict(seen_kinds)}; "
+    print(f"\n{'next_hop fib: ' if fib else ''}{CASES} frames compared ({held_back} with ICMP headers reaching into padding), seed {SEED}: {dict(seen_kinds)}; "
           f"counters {dict(seen_counters)}; paths {dict(seen_paths)}")
 
 

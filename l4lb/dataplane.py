@@ -100,7 +100,8 @@ class Dataplane:
         """Exactly these interfaces (the ones the program is attached to), in
         slots 0.., and nothing else: a slot is written before its ifindex
         points at it, and an ifindex stops pointing at a slot before the slot
-        is cleared."""
+        is cleared. Then fib_gen is bumped: an answer kept before names its
+        egress by its old slot, which may now hold another interface."""
         if len(ifindexes) > consts.MAX_INTERFACES:
             raise CapacityError(f"{len(ifindexes)} interfaces: at most {consts.MAX_INTERFACES}")
         ports, slots = self.t[consts.MAP_TX_PORTS], self.t[consts.MAP_TX_PORT_SLOTS]
@@ -116,6 +117,7 @@ class Dataplane:
                 del ports[ports.Key(i)]
             except KeyError:
                 pass
+        self.bump_fib_gen()
 
     def tx_ports(self) -> dict[int, int]:
         """{ifindex: slot} as the maps hold it."""

@@ -125,6 +125,23 @@ def test_unreachable_backend_is_dropped(fib, net, fam):
     assert counters == {"ct_miss": 1, "ct_insert": 1, "fib_lookup": 1, "fib_drop": 1}
 
 
+def test_a_change_of_tx_ports_asks_the_fib_again(fib, net):
+    """A kept answer names its egress by its slot in tx_ports: when the slots
+    change (l4lb run attached to other interfaces), the next packet asks the
+    FIB again rather than leave by whatever interface now holds the slot."""
+    fib.add_vip(VIP4, 80, "tcp", {VIA_R2[0]: 1})
+    f = Flow()
+    r, counters = run(fib, net, f.packet("S"))
+    assert (r.verdict_name, counters) == ("REDIRECT", {**LOOKED_UP, "redirect": 1})
+    r, counters = run(fib, net, f.packet("A"))
+    assert (r.verdict_name, counters) == ("REDIRECT", {"tx": 1, "ct_hit": 1, "redirect": 1}), "kept"
+    net.node.run(fib.dp.set_tx_ports, [net.lb1, net.lb0])  # lb0 now holds lb1's slot
+    assert fib.dp.tx_ports() == {net.lb1: 0, net.lb0: 1}
+    r, counters = run(fib, net, f.packet("A"))
+    assert (r.verdict_name, r.data[0:6]) == ("REDIRECT", mac(R2_MAC))
+    assert counters == {"tx": 1, "ct_hit": 1, "redirect": 1, "fib_lookup": 1}, "asked again"
+
+
 def test_ingress_interface_without_forwarding_drops(fib, net):
     fib.add_vip(VIP4, 80, "tcp", {VIA_R1[0]: 1})
     net.forwarding("lb0", False)

@@ -84,15 +84,17 @@ def forwarding_off(ifname: str) -> list[str]:
     return off
 
 
-# rtnetlink multicast groups a route, rule, address, link or neighbour change is told on
-_RT_GROUPS = (1, 3, 5, 7, 8, 9, 11, 19, 32)  # LINK NEIGH IPV4_IFADDR IPV4_ROUTE IPV4_RULE IPV6_IFADDR IPV6_ROUTE IPV6_RULE NEXTHOP
+# rtnetlink multicast groups a route, rule, address, link, neighbour or forwarding change is
+# told on (forwarding: the FIB answers XDP only for ingress interfaces that forward)
+_RT_GROUPS = (1, 3, 5, 7, 8, 9, 11, 19, 24, 25, 32)  # LINK NEIGH IPV4_IFADDR IPV4_ROUTE IPV4_RULE
+# IPV6_IFADDR IPV6_ROUTE IPV6_RULE IPV4_NETCONF IPV6_NETCONF NEXTHOP
 _SOL_NETLINK, _NETLINK_ADD_MEMBERSHIP = 270, 1
 
 
 class RouteWatch:
     """Calls on_change() (from a thread of its own) after the kernel tells of
-    a change of routes, rules, addresses, links or neighbours in this network
-    namespace; what arrived together gives one call. stop() ends it."""
+    a change of routes, rules, addresses, links, neighbours or forwarding in
+    this network namespace; what arrived together gives one call. stop() ends it."""
 
     def __init__(self, on_change, poll: float = 0.2):
         self.on_change, self.poll = on_change, poll

@@ -300,3 +300,19 @@ def test_an_expired_answer_whose_new_lookup_does_not_send_is_not_used_again(fib,
                 "the expired answer is not used again"
     finally:
         net.ip("route", "del", "unreachable", f"{VIA_R1[0]}/32")
+
+
+def test_route_watch_tells_of_forwarding_switched_on_an_interface(net):
+    """The FIB answers only for ingress interfaces that forward: switching
+    forwarding is a change kept answers must not outlive (netconf events)."""
+    changed = threading.Event()
+    watch = net.node.run(netlink.RouteWatch, changed.set)
+    try:
+        for fam in (4, 6):
+            for on in (0, 1):
+                changed.clear()
+                net.sysctl(f"net.ipv{fam}.conf.lb1.forwarding", on)
+                assert changed.wait(5), f"IPv{fam} forwarding {on} on lb1"
+    finally:
+        watch.stop()
+        net.forwarding("lb1", True)

@@ -18,11 +18,13 @@ that sent a packet per backend index, used while fib_gen is the one it was
 asked under (the caller counts the bumps in FibMode.gen: every configuration
 write and every bump_fib_gen), the ingress is the same and the index still
 holds the same backend (user space empties an index's answers when it gives
-the index to another backend). It models one CPU: the kernel keeps answers
-per CPU, so the caller pins the thread that runs the packets. It leaves out
-the answers' expiry (FIB_HOP_TTL_NS, read every FIB_HOP_USES uses): the
-caller bumps fib_gen more often than that, so no answer lives to expire
-(tests/kernel/test_nexthop.py covers expiry with the clock).
+the index to another backend). Expiry: an answer counts its uses and reads
+the clock at every FIB_HOP_USES-th; the model has no clock, so the caller
+says when every answer kept has expired (FibMode.expire_all, after waiting
+FIB_HOP_TTL_NS) and otherwise keeps every answer younger than that (bumping
+fib_gen often enough); an answer found expired is emptied. It models one
+CPU: the kernel keeps answers per CPU, so the caller pins the thread that
+runs the packets.
 
 The model is deliberately written from the spec, not from the C: it shares no
 code with xdp/ and uses l4lb only for the documented hash (l4lb.flowhash) and
@@ -30,7 +32,7 @@ the Maglev table (l4lb.maglev.maglev_table). What it leaves out: the rate
 limits (the test configures them out of reach), UDP expiry (the test uses a
 long timeout), evictions from full buckets (the test stays far below the table size), helper
 failures (BPF_PROG_TEST_RUN always leaves headroom), an unconfigured program, and in
-next_hop fib the expiry of kept answers (above) and more than one CPU.
+next_hop fib the clock (the caller tells of expiry, above) and more than one CPU.
 
 Where the spec is silent the model takes these readings:
 - every XDP_PASS of a configured program counts `pass` (but next_hop fib's, below);
@@ -47,7 +49,7 @@ from __future__ import annotations
 
 import ipaddress
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from l4lb import flowhash, maglev
@@ -60,6 +62,7 @@ COUNTERS = ("pass", "tx", "ct_hit", "ct_miss", "ct_stale", "ct_insert", "ct_limi
 
 # what the kernel's FIB answers (next_hop fib)
 FIB_SENT, FIB_NO_NEIGH, FIB_FAIL = "sent", "no_neigh", "fail"
+FIB_HOP_USES = 64  # a kept answer reads the clock once every so many uses
 
 ETH_IP, ETH_IPV6, ETH_8021Q, ETH_8021AD = 0x0800, 0x86DD, 0x8100, 0x88A8
 TCP, UDP, ICMP, ICMPV6 = 6, 17, 1, 58
@@ -127,6 +130,9 @@ class KeptHop:
     ingress: int
     gen: int           # fib_gen when asked
     answer: FibAnswer
+    uses: int = FIB_HOP_USES  # uses left before the clock is read
+    expired: bool = False     # the clock would say it has expired
+    emptied: bool = False     # found expired: asked again until an answer sends
 
 
 @dataclass
@@ -137,6 +143,10 @@ class FibMode:
     ingress: int          # the ingress ifindex of the next frame
     gen: int = 0          # fib_gen, as the caller counts its bumps
     kept: dict = field(default_factory=dict)  # backend index -> KeptHop
+
+    def expire_all(self) -> None:
+        """FIB_HOP_TTL_NS has passed since the last packet: every answer kept has expired."""
+        self.kept = {i: replace(k, expired=True) for i, k in self.kept.items()}
 
 
 @dataclass
@@ -539,16 +549,24 @@ def _next_hop_fib(e: Expected, model: LbModel, own_mac: bytes, outer_len: int) -
     by the FIB's; sets the verdict, the MACs and the FIB's counters."""
     fib = model.fib
     index, generation = model.index_of(e.backend)
-    kept = fib.kept.get(index)
-    if kept is not None and kept.gen == fib.gen and kept.ingress == fib.ingress and \
-            kept.backend == (e.backend, generation) and \
-            (kept.answer.egress == fib.ingress or kept.answer.egress in fib.tx_ports):
-        ans = kept.answer
-        now = fib.answer(fib.ingress, e.backend, outer_len)  # only to name the path
-        e.trace.append("next hop kept" + ("" if now == ans else f" (the FIB now says {now.result} {now.why})"))
-    else:
-        if kept is not None and kept.gen == fib.gen and kept.backend != (e.backend, generation):
-            e.trace.append(f"the index's kept answer was for {kept.backend[0]}")
+    kept, ans = fib.kept.get(index), None
+    if kept is not None and kept.gen == fib.gen and kept.backend != (e.backend, generation):
+        e.trace.append(f"the index's kept answer was for {kept.backend[0]}")
+    elif kept is not None and kept.emptied:
+        e.trace.append("the kept answer was emptied at its expiry")
+    elif kept is not None and kept.gen == fib.gen and kept.ingress == fib.ingress:
+        # a use: every FIB_HOP_USES-th reads the clock
+        uses, expired = kept.uses - 1, False
+        if uses == 0:
+            uses, expired = FIB_HOP_USES, kept.expired
+        e.fib_keep = (index, replace(kept, uses=uses, emptied=expired))
+        if expired:
+            e.trace.append("the kept answer has expired")
+        elif kept.answer.egress == fib.ingress or kept.answer.egress in fib.tx_ports:
+            ans = kept.answer
+            now = fib.answer(fib.ingress, e.backend, outer_len)  # only to name the path
+            e.trace.append("next hop kept" + ("" if now == ans else f" (the FIB now says {now.result} {now.why})"))
+    if ans is None:
         e.count("fib_lookup")
         ans = fib.answer(fib.ingress, e.backend, outer_len)
         e.trace.append(f"FIB: {ans.result} {ans.why}".rstrip())

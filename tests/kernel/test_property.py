@@ -21,7 +21,9 @@ different ways: back out of the ingress interface, out of the other one
 frames come in on lb0 and some on lb1; halfway the routes and a neighbour
 change and, a few dozen frames later, fib_gen is bumped (as `l4lb run` does
 on rtnetlink events), so the answers kept per backend are first used past
-the change and then asked again. The model's FIB is read from the
+the change and then asked again; later routes change with no bump at all
+and the run waits until every answer kept has expired, so that answers find
+it out at their next clock read. The model's FIB is read from the
 namespace's routes, neighbours and links (NamespaceFib), never from the
 program.
 """
@@ -433,11 +435,22 @@ FIB_CHANGES = [
     ("neigh", "replace", "fd00:198:18:1:1::2", "lladdr", "02:00:00:00:0f:09", "dev", "lb0", "nud", "permanent"),
 ]
 FIB_CHANGE_AT, FIB_BUMP_AFTER = CASES // 2, 40
-# The model leaves the kept answers' expiry (FIB_HOP_TTL_NS) out: fib_gen is bumped before
-# every FIB_BUMP_EVERY-th case (at 50, 150, ...: the index reused at CASES // 3 then meets
-# the kept answer of its former backend), and sooner if FIB_BUMP_S have passed, so no
-# answer lives long enough to expire.
-FIB_BUMP_EVERY, FIB_BUMP_S = 100, consts.FIB_HOP_TTL_NS / 1e9 / 2
+# Later (FIB_PAUSE_AT) 2.1 becomes unreachable and R1's IPv6 neighbour entry goes, with no
+# fib_gen bump this time (no control plane): the run waits FIB_HOP_TTL_NS, so every answer
+# kept has expired. FIB_PAUSE_CASES frames before and after it run without a bump and all
+# from lb0 (an answer is kept for one ingress: one from lb1 would ask and replace it), so
+# that answers count enough uses to read the clock (every FIB_HOP_USES), find it expired
+# and ask again.
+FIB_PAUSE_CHANGES = [
+    ("route", "replace", "unreachable", "198.18.2.1"),
+    ("neigh", "del", "fd00:198:18:1:1::2", "dev", "lb0"),
+]
+FIB_PAUSE_AT, FIB_PAUSE_CASES = 2 * CASES // 3 + CASES // 6, 400
+# The model has no clock: otherwise fib_gen is bumped before every FIB_BUMP_EVERY-th case
+# (at 50, 150, ...: the index reused at CASES // 3 then meets the kept answer of its former
+# backend), and sooner if FIB_BUMP_S have passed, so no other answer lives long enough to
+# expire.
+FIB_BUMP_EVERY, FIB_BUMP_S = 100, consts.FIB_HOP_TTL_NS / 1e9 * 0.6
 LB1_SHARE = 0.25  # frames that come in on lb1 rather than lb0
 NUD_VALID = {"PERMANENT", "NOARP", "REACHABLE", "PROBE", "STALE", "DELAY"}
 
@@ -520,6 +533,7 @@ class FibRun:
     or lb1, both in tx_ports."""
 
     def __init__(self, lb, seed: int):
+        assert refmodel.FIB_HOP_USES == consts.FIB_HOP_USES
         self.lb = lb
         self.r = random.Random(seed)  # its own: the frames are those of the gateway run
         self.net = FibNet()
@@ -556,10 +570,18 @@ class FibRun:
             for change in FIB_CHANGES:
                 self.net.ip(*change)
             self.oracle.read()
-        if i == FIB_CHANGE_AT + FIB_BUMP_AFTER or i % FIB_BUMP_EVERY == FIB_BUMP_EVERY // 2 or \
+        if i == FIB_PAUSE_AT:
+            for change in FIB_PAUSE_CHANGES:
+                self.net.ip(*change)
+            self.oracle.read()
+            time.sleep(consts.FIB_HOP_TTL_NS / 1e9 + 0.1)
+            self.mode.expire_all()
+            self.last_bump = time.monotonic()  # the answers asked from now on are young
+        paused = abs(i - FIB_PAUSE_AT) < FIB_PAUSE_CASES
+        if i == FIB_CHANGE_AT + FIB_BUMP_AFTER or (i % FIB_BUMP_EVERY == FIB_BUMP_EVERY // 2 and not paused) or \
                 time.monotonic() - self.last_bump > FIB_BUMP_S:
             self.bump()
-        self.mode.ingress = self.net.lb1 if self.r.random() < LB1_SHARE else self.net.lb0
+        self.mode.ingress = self.net.lb1 if self.r.random() < LB1_SHARE and not paused else self.net.lb0
         if self.mode.ingress == self.net.lb1 and frame[0:6] == _mac(LB0_MAC):
             frame = _mac(LB1_MAC) + frame[6:]
         return frame
@@ -568,7 +590,7 @@ class FibRun:
         r = self.net.node.run(libbpf.run, self.lb.prog.fd, frame, ifindex=self.mode.ingress)
         age = time.monotonic() - self.last_bump
         assert age < consts.FIB_HOP_TTL_NS / 1e9, \
-            f"{age:.2f} s since fib_gen was bumped: kept answers may have expired, which the model leaves out"
+            f"{age:.2f} s since fib_gen was bumped: kept answers may have expired unannounced (the model has no clock)"
         return r
 
     def paths(self, exp: refmodel.Expected) -> list[tuple[str, bool]]:
@@ -585,6 +607,8 @@ class FibRun:
             ("fib: redirect, kept", "next hop kept" in trace and exp.verdict == "REDIRECT"),
             ("fib: kept past a route change", "the FIB now says" in trace),
             ("fib: an index given to another backend asks again", "kept answer was for" in trace),
+            ("fib: an answer found expired asks again", "kept answer has expired" in trace),
+            ("fib: expired, its new answer did not send, asks again", "emptied at its expiry" in trace),
             ("fib: no neighbour, passed", "FIB: no_neigh" in trace and exp.verdict == "PASS"),
             ("fib: unreachable, dropped", "FIB: fail unreachable" in trace),
             ("fib: egress not in tx_ports, dropped", "not in tx_ports" in trace),

@@ -99,8 +99,9 @@ static __always_inline int ct_key_empty(const __u32 *a, __u32 words)
     return a[words - 1] == 0;
 }
 
-/* The flow's way in bucket b: its index, or -1 with *empty set when the bucket
- * has an empty way (ways fill in order: nothing follows the first empty one). */
+/* The flow's way in bucket b: its index, or -1 with *empty set to the first
+ * empty way + 1 when the bucket has one (ways fill in order: nothing follows
+ * the first empty one). */
 static __always_inline int ct_scan(void *b, const __u32 *k, __u32 words, int *empty)
 {
 #pragma unroll
@@ -108,7 +109,7 @@ static __always_inline int ct_scan(void *b, const __u32 *k, __u32 words, int *em
         __u32 *a = ct_key_at(b, words, w);
 
         if (ct_key_empty(a, words)) {
-            *empty = 1;
+            *empty = w + 1;
             return -1;
         }
         if (ct_key_eq(a, k, words))
@@ -169,6 +170,21 @@ static __always_inline __u64 ct_keep_score(const struct ct_entry *e)
     return e->last_seen + ((e->flags & CT_F_CONFIRMED) ? (1ull << 62) : 0);
 }
 
+/* Bucket bk's way least worth keeping, if lower than *best: it becomes *b, *w. */
+static __always_inline void ct_least_worth(void *bk, __u32 words, __u64 *best, void **b, int *w)
+{
+#pragma unroll
+    for (int j = 0; j < CT_WAYS; j++) {
+        __u64 s = ct_keep_score(ct_entry_at(bk, words, j));
+
+        if (s < *best) {
+            *best = s;
+            *b = bk;
+            *w = j;
+        }
+    }
+}
+
 /* Writes flow k's entry: over its own way, in the first empty way of its
  * first then second bucket, or over the way least worth keeping. Returns 0
  * when written; -1 when another CPU held the way (ct_busy). */
@@ -186,52 +202,24 @@ static __always_inline int ct_write(int v6, const __u32 *k, __u32 h, const struc
 
     if (!b1 || !b2)
         return -1;
+    /* the flow's own way, else the first empty way (ct_scan found it), in the
+     * first bucket, then in the second */
+    b = b1;
     w = ct_scan(b1, k, words, &empty);
-    if (w >= 0) {
-        b = b1;
-    } else if (empty) {
-        /* the first empty way of the first bucket */
-        was_empty = 1;
-#pragma unroll
-        for (int j = CT_WAYS - 1; j >= 0; j--)
-            if (ct_key_empty(ct_key_at(b1, words, j), words))
-                w = j;
-        b = b1;
-    } else {
-        empty = 0;
-        w = ct_scan(b2, k, words, &empty);
-        if (w < 0 && empty) {
-            was_empty = 1;
-#pragma unroll
-            for (int j = CT_WAYS - 1; j >= 0; j--)
-                if (ct_key_empty(ct_key_at(b2, words, j), words))
-                    w = j;
-        }
+    if (w < 0 && !empty) {
         b = b2;
-        if (w < 0) {
-            /* both full: the way least worth keeping of the eight */
-            __u64 best = ~0ull, s;
+        w = ct_scan(b2, k, words, &empty);
+    }
+    if (w < 0 && empty) {
+        was_empty = 1;
+        w = empty - 1;
+    } else if (w < 0) {
+        /* both full: the way least worth keeping of the eight */
+        __u64 best = ~0ull;
 
-#pragma unroll
-            for (int j = 0; j < CT_WAYS; j++) {
-                s = ct_keep_score(ct_entry_at(b1, words, j));
-                if (s < best) {
-                    best = s;
-                    b = b1;
-                    w = j;
-                }
-            }
-#pragma unroll
-            for (int j = 0; j < CT_WAYS; j++) {
-                s = ct_keep_score(ct_entry_at(b2, words, j));
-                if (s < best) {
-                    best = s;
-                    b = b2;
-                    w = j;
-                }
-            }
-            evict = best != 0;
-        }
+        ct_least_worth(b1, words, &best, &b, &w);
+        ct_least_worth(b2, words, &best, &b, &w);
+        evict = best != 0;
     }
     if (w < 0 || w >= CT_WAYS || !b)
         return -1;

@@ -100,15 +100,19 @@ def parse_decimal(text: str, what: str, accepted: str) -> int:
     return int(t)
 
 
-def parse_port(value, what: str = "port") -> int:
-    accepted = "0-65535; 0 = every port"
+def _port_number(value, what: str, lowest: int, accepted: str) -> int:
+    """A port number from lowest to 65535, given as an int or as decimal text."""
     if isinstance(value, str):
         value = parse_decimal(value, what, accepted)
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValidationError(f"{what}: {shown(value)} is not a port number ({accepted})")
-    if not 0 <= value <= 65535:
+    if not lowest <= value <= 65535:
         raise ValidationError(f"{what}: {shown(value)} is out of range ({accepted})")
     return value
+
+
+def parse_port(value, what: str = "port") -> int:
+    return _port_number(value, what, 0, "0-65535; 0 = every port")
 
 
 def parse_protocol(value, what: str = "protocol") -> str:
@@ -157,14 +161,7 @@ def parse_encap(value, what: str = "encap") -> str:
 
 def parse_gue_port(value, what: str = "gue_port") -> int:
     """The node-wide GUE destination port: 1-65535 (0 is no UDP port)."""
-    accepted = "1-65535; the UDP port the backends decapsulate GUE on"
-    if isinstance(value, str):
-        value = parse_decimal(value, what, accepted)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValidationError(f"{what}: {shown(value)} is not a port number ({accepted})")
-    if not 1 <= value <= 65535:
-        raise ValidationError(f"{what}: {shown(value)} is out of range ({accepted})")
-    return value
+    return _port_number(value, what, 1, "1-65535; the UDP port the backends decapsulate GUE on")
 
 
 def parse_mac(value, what: str = "gateway_mac") -> str:

@@ -19,6 +19,16 @@ from l4lb.flowhash import flow_hash, ring_slot
 from l4lb.maglev import maglev_table
 from l4lb.testbed import Conn, Testbed, TestbedError
 
+def wait_for(cond, timeout: float, what: str) -> None:
+    """Polls cond() every 50 ms until it is true; fails naming `what` after timeout s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
 # The spread tests accept a count when a correct balancer would produce one at
 # least this far from its mean with probability ALPHA or more (over all the
 # backends of a test together): a correct balancer fails them once in 1000 runs.

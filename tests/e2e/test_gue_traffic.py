@@ -6,12 +6,11 @@ GUE on that port never sees the connection. Health probes through the tunnel
 travel in GUE too."""
 from __future__ import annotations
 
-import time
 
 import pytest
 
 from control.l4lb.v1 import l4lb_pb2 as pb
-from e2e_util import canonical, close_all, delta, settle
+from e2e_util import canonical, close_all, delta, settle, wait_for
 from l4lb import decap
 from l4lb.testbed import TestbedError, fou_support
 
@@ -87,15 +86,6 @@ def test_a_backend_without_gue_on_that_port_gets_nothing(bed, lb):
             decap.set_endpoints(b.program, (b.addr4, b.addr6))
 
 
-def _wait(cond, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
 def test_tunnel_health_probes_of_a_gue_vip_travel_in_gue(bed, lb):
     """The probes go as the VIP's packets do: in GUE. A backend that stops taking GUE
     is found down while it still takes IP-in-IP; back up when it takes GUE again."""
@@ -113,16 +103,16 @@ def test_tunnel_health_probes_of_a_gue_vip_travel_in_gue(bed, lb):
         lb.call("SetHealthCheck", pb.SetHealthCheckRequest(id=vid, health=check))
         try:
             # the first tunnel check loads the probes' tc program (seconds)
-            _wait(lambda: {v for v in health().values()} == {("up", "connected")}, 30, "every backend up")
+            wait_for(lambda: {v for v in health().values()} == {("up", "connected")}, 30, "every backend up")
             gue0 = {b.role: b.gue_total() for b in bed.backends}
-            _wait(lambda: all(b.gue_total() > gue0[b.role] + 2 for b in bed.backends), 10,
+            wait_for(lambda: all(b.gue_total() > gue0[b.role] + 2 for b in bed.backends), 10,
                   "probes arriving in GUE at every backend")
             try:
                 decap.set_endpoints(b1.program, (b1.addr4, b1.addr6), gue_port=None)
-                _wait(lambda: health()[b1.addr4][0] == "down", 10, "b1 down without GUE")
+                wait_for(lambda: health()[b1.addr4][0] == "down", 10, "b1 down without GUE")
                 assert all(health()[b.addr4][0] == "up" for b in bed.backends[1:])
             finally:
                 decap.set_endpoints(b1.program, (b1.addr4, b1.addr6))
-            _wait(lambda: health()[b1.addr4][0] == "up", 10, "b1 up with GUE again")
+            wait_for(lambda: health()[b1.addr4][0] == "up", 10, "b1 up with GUE again")
         finally:
             lb.call("SetHealthCheck", pb.SetHealthCheckRequest(id=vid, health=pb.HealthCheck(kind="none")))

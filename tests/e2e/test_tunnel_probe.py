@@ -10,11 +10,11 @@ from __future__ import annotations
 import ipaddress
 import subprocess
 import threading
-import time
 
 import pytest
 
 from control.l4lb.v1 import l4lb_pb2 as pb
+from e2e_util import wait_for
 from l4lb import bpf, consts, netlink
 from l4lb.probe import Prober, Target, probe_mark
 
@@ -33,15 +33,6 @@ class Transitions:
     def of(self, key):
         with self.lock:
             return [(up, reason) for k, up, reason in self.seen if k == key]
-
-
-def wait_for(cond, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture(scope="module")

@@ -48,7 +48,8 @@ VERDICTS = {
 }
 # global_stats field -> event of l4lb_conntrack_events_total
 CT_EVENTS = {"ct_hit": "hit", "ct_miss": "miss", "ct_stale": "stale", "ct_insert": "insert",
-             "ct_limited": "rate_limited", "ct_evict": "evict", "ct_busy": "busy"}
+             "ct_limited": "rate_limited", "ct_evict": "evict", "ct_busy": "busy",
+             "ct_promote": "promote", "ct_syn_evict": "syn_evict"}
 FAMILIES = {consts.FAMILY_V4: "ipv4", consts.FAMILY_V6: "ipv6"}
 
 RING_BUILD_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)

@@ -11,7 +11,14 @@ cleared way is taken first when both buckets are full). Writes from user space
 rewrite a whole bucket: one that the data plane writes at the same moment may
 lose that entry (the flow then takes a fresh pick and writes it again), so
 user space writes only to flush flows and in tests. Reads of the whole table
-take a few batch syscalls."""
+take a few batch syscalls.
+
+A SYN's entry waits in the family's SYN table (slot = key hash mod its
+slots) until the flow's next packet moves it into the connection table; an
+entry there is newer than one in the buckets. The mapping shows both as one:
+a key's entry is its SYN slot's when that holds the key, else its bucket's;
+writes go into the buckets and empty the key's SYN slot, deletes remove the
+key from both."""
 from __future__ import annotations
 
 import ctypes
@@ -54,9 +61,10 @@ def key_hash(raw: bytes) -> int:
 
 class CtTable:
     """One family's table. Key and Leaf are bcc's ctypes types; items(),
-    t[key], t[key] = leaf, del t[key], len(t) and clear() as for a hash map."""
+    t[key], t[key] = leaf, del t[key], len(t) and clear() as for a hash map.
+    `syn` is the family's SYN table (an array of single ways)."""
 
-    def __init__(self, table, name: str = ""):
+    def __init__(self, table, name: str = "", syn=None):
         self.table = table
         self.name = name
         way = dict(table.Leaf._fields_)["way"]._type_
@@ -70,6 +78,46 @@ class CtTable:
         self.entry_size = ctypes.sizeof(self.Leaf)
         self.way_size = ctypes.sizeof(way)
         self.bucket_size = ctypes.sizeof(table.Leaf)
+        self.syn = syn
+        self.syn_slots = syn.max_entries if syn is not None else 0
+
+    # ---- the SYN table -------------------------------------------------------------------
+    def syn_slot(self, raw: bytes) -> int:
+        """xdp/balancer.c ct_syn_slot: the key's slot of the SYN table."""
+        return key_hash(raw) & (self.syn_slots - 1)
+
+    def _syn_way(self, raw: bytes):
+        """(slot, way) when the key's SYN slot holds its entry, else None."""
+        if self.syn is None:
+            return None
+        i = self.syn_slot(raw)
+        way = self.syn[self.syn.Key(i)]
+        if bytes(way.key) != raw or not way.e.backend:
+            return None
+        return i, way
+
+    def _syn_clear(self, raw: bytes) -> bool:
+        found = self._syn_way(raw)
+        if found is None:
+            return False
+        i, way = found
+        self.syn[self.syn.Key(i)] = type(way)()
+        return True
+
+    def _syn_data(self):
+        """Every slot of the SYN table as bytes, shape (slots, way size); None without one."""
+        if self.syn is None:
+            return None
+        raw = libbpf.array_read(self.syn.map_fd, self.syn_slots, self.way_size, name=f"{self.name} SYN table")
+        return np.frombuffer(raw, dtype=np.uint8).reshape(self.syn_slots, self.way_size)
+
+    def syn_items(self):
+        """(key, entry) of every flow in the SYN table."""
+        if self.syn is None:
+            return []
+        keys, entries, live = self._live(self._syn_data())
+        return [(self.Key.from_buffer_copy(keys[j].tobytes()), self.Leaf.from_buffer_copy(entries[j].tobytes()))
+                for j in np.flatnonzero(live)]
 
     # ---- buckets ----------------------------------------------------------------------------
     def _read(self, i: int):
@@ -101,6 +149,9 @@ class CtTable:
 
     # ---- the mapping --------------------------------------------------------------------------
     def __getitem__(self, key):
+        syn = self._syn_way(bytes(key))
+        if syn is not None:
+            return self.Leaf.from_buffer_copy(bytes(syn[1].e))
         found = self._find(key)
         if found is None or not found[1].way[found[2]].e.backend:
             raise KeyError(key)
@@ -125,6 +176,7 @@ class CtTable:
                        self.entry_size)
         b.way[w].e.seq = (seq + 2) & ~1 & _MASK32
         self._write(i, b)
+        self._syn_clear(raw)
 
     def _free_way(self, raw: bytes):
         i1, i2 = self._buckets_of(raw)
@@ -143,8 +195,11 @@ class CtTable:
         raise CapacityError(f"connection table {self.name!r}: both buckets of the flow are full")
 
     def __delitem__(self, key) -> None:
+        syn = self._syn_clear(bytes(key))
         found = self._find(key)
         if found is None or not found[1].way[found[2]].e.backend:
+            if syn:
+                return
             raise KeyError(key)
         i, b, w = found
         b.way[w].e.backend = 0
@@ -166,14 +221,19 @@ class CtTable:
         backend = entries[:, :4].copy().view(np.uint32).ravel()
         return keys, entries, backend != 0
 
-    def __len__(self) -> int:
-        _, _, live = self._live(self.read_all())
-        return int(live.sum())
-
     def items(self):
+        """Every flow with an entry, once: its SYN slot's entry when it has one."""
         keys, entries, live = self._live(self.read_all())
-        return [(self.Key.from_buffer_copy(keys[j].tobytes()), self.Leaf.from_buffer_copy(entries[j].tobytes()))
-                for j in np.flatnonzero(live)]
+        out = {keys[j].tobytes(): entries[j].tobytes() for j in np.flatnonzero(live)}
+        for k, e in self.syn_items():
+            out[bytes(k)] = bytes(e)
+        return [(self.Key.from_buffer_copy(k), self.Leaf.from_buffer_copy(e)) for k, e in out.items()]
+
+    def __len__(self) -> int:
+        if self.syn is None:
+            _, _, live = self._live(self.read_all())
+            return int(live.sum())
+        return len(self.items())
 
     def keys(self):
         return [k for k, _ in self.items()]
@@ -181,6 +241,9 @@ class CtTable:
     def clear(self) -> None:
         libbpf.array_write(self.map_fd, 0, bytes(self.buckets * self.bucket_size), self.bucket_size,
                            name=self.name)
+        if self.syn is not None:
+            libbpf.array_write(self.syn.map_fd, 0, bytes(self.syn_slots * self.way_size), self.way_size,
+                               name=f"{self.name} SYN table")
 
     def remove_all(self, keys: bytes) -> int:
         """Removes the given flows (keys packed one after another) for good:
@@ -188,24 +251,35 @@ class CtTable:
         only while nothing else writes the table, and when no flow that stays
         lives in its second bucket because of a bucket one of these flows
         leaves (benchmarks remove exactly the flows a round added). Returns
-        how many were found."""
+        how many were found (a flow in both its SYN slot and a bucket counts once)."""
         data = self.read_all().copy()
+        syn = self._syn_data()
         ks = self.key_size
         n = len(keys) // ks
         touched = set()
         found = 0
         for j in range(n):
             raw = keys[j * ks:(j + 1) * ks]
-            for i in self._buckets_of(raw):
-                ways = data[i].reshape(self.ways, self.way_size)
-                hit = next((w for w in range(self.ways) if ways[w, :ks].tobytes() == raw), None)
-                if hit is None:
-                    continue
-                ways[hit:-1] = ways[hit + 1:].copy()
-                ways[-1] = 0
-                touched.add(i)
-                found += 1
-                break
+            in_syn = False
+            if syn is not None:
+                slot = syn[self.syn_slot(raw)]
+                in_syn = slot[:ks].tobytes() == raw and slot[ks:ks + 4].any()
+                if in_syn:
+                    self.syn[self.syn.Key(self.syn_slot(raw))] = self.syn.Leaf()
+            found += self._remove_from_buckets(data, raw, touched) or int(in_syn)
         for i in sorted(touched):
             libbpf.array_write(self.map_fd, i, data[i].tobytes(), self.bucket_size, name=self.name)
         return found
+
+    def _remove_from_buckets(self, data: np.ndarray, raw: bytes, touched: set) -> int:
+        ks = self.key_size
+        for i in self._buckets_of(raw):
+            ways = data[i].reshape(self.ways, self.way_size)
+            hit = next((w for w in range(self.ways) if ways[w, :ks].tobytes() == raw), None)
+            if hit is None:
+                continue
+            ways[hit:-1] = ways[hit + 1:].copy()
+            ways[-1] = 0
+            touched.add(i)
+            return 1
+        return 0

@@ -34,6 +34,10 @@ CT_SLACK = 4  # ways per flow of ct_size: at a quarter full, a flow whose two bu
 CT_SEED2 = 0x2C1B3C6D  # mixes the flow hash into the index of a flow's second bucket
 CT_F_CONFIRMED = 1  # ct_entry.flags: the flow sent a packet after its first one
 CT_REFRESH_NS = 1_000_000_000  # a TCP entry's last_seen is written at most this often
+# A SYN's entry waits in the SYN table (one way per slot, slot = flow hash mod
+# CT_SYN_SLOTS) until the flow's next packet moves it into the connection
+# table: small enough to stay in the CPU's caches (xdp/conntrack.h).
+CT_SYN_SLOTS = 16384
 
 # --- per-VIP flags (vip_meta.flags) -----------------------------------------
 VIP_F_NO_SPORT = 1 << 0  # hash without the source port (e.g. QUIC, multi-flow clients)
@@ -122,6 +126,8 @@ MAP_VIP_FILTER = "vip_filter"
 MAP_BACKENDS = "backends"
 MAP_CONNTRACK = "conntrack"  # IPv4 flows
 MAP_CONNTRACK6 = "conntrack6"  # IPv6 flows
+MAP_CT_SYN = "ct_syn"  # IPv4 flows that sent a SYN and nothing since
+MAP_CT_SYN6 = "ct_syn6"  # the same for IPv6
 MAP_CONFIG = "config"
 MAP_VIP_STATS = "vip_stats"
 MAP_VIP_FLOWS = "vip_flows"
@@ -201,6 +207,8 @@ MAPS: tuple[MapSpec, ...] = (
             users=(PROG_PROBE,)),
     MapSpec(MAP_CONNTRACK, "array", "__u32", "struct ct_bucket4", lambda c: ct_buckets(c.ct_size)),
     MapSpec(MAP_CONNTRACK6, "array", "__u32", "struct ct_bucket6", lambda c: ct_buckets(c.ct_size)),
+    MapSpec(MAP_CT_SYN, "array", "__u32", "struct ct_way4", lambda c: CT_SYN_SLOTS),
+    MapSpec(MAP_CT_SYN6, "array", "__u32", "struct ct_way6", lambda c: CT_SYN_SLOTS),
     MapSpec(MAP_CONFIG, "array", "__u32", "struct lb_config", lambda c: 1, users=(PROG_PROBE,)),
     MapSpec(MAP_VIP_STATS, "percpu_array", "__u32", "struct vip_stats", lambda c: c.max_vips),
     MapSpec(MAP_VIP_FLOWS, "percpu_array", "__u32", "struct vip_flows", lambda c: c.max_vips),

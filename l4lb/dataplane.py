@@ -353,9 +353,10 @@ class Dataplane:
 
     def conntrack_table(self, family: int) -> CtTable:
         """The family's connection table as a mapping flow key -> ct_entry."""
-        name = consts.MAP_CONNTRACK if family == consts.FAMILY_V4 else consts.MAP_CONNTRACK6
+        v4 = family == consts.FAMILY_V4
+        name = consts.MAP_CONNTRACK if v4 else consts.MAP_CONNTRACK6
         if name not in self._ct:
-            self._ct[name] = CtTable(self.t[name], name)
+            self._ct[name] = CtTable(self.t[name], name, self.t[consts.MAP_CT_SYN if v4 else consts.MAP_CT_SYN6])
         return self._ct[name]
 
     def flows(self, key: VipKey):

@@ -36,6 +36,19 @@ static __always_inline void *ct_bucket(int v6, __u32 i)
     return b;
 }
 
+/* Flow hash fh's slot of the IPv4 or the IPv6 SYN table (xdp/conntrack.h). */
+static __always_inline void *ct_syn_slot(int v6, __u32 fh)
+{
+    __u32 i = fh & (MAP_CT_SYN_ENTRIES - 1);
+    void *s;
+
+    if (v6)
+        s = ct_syn6.lookup(&i);
+    else
+        s = ct_syn.lookup(&i);
+    return s;
+}
+
 #include "conntrack.h"
 
 /* The clock of UDP expiry and the rate limits: the coarse monotonic clock
@@ -202,29 +215,53 @@ static __always_inline const __u32 *ct_key_of(const struct pkt *p, struct flow4_
     return (const __u32 *)k4;
 }
 
-/* An established flow: its connection-table entry says where it goes, as
- * long as the VIP is still the one that made the entry (same generation),
- * the backend is still the one it named and the VIP still lists it, and a
- * UDP entry has not expired. `fh` names the flow's buckets (ct_key_hash).
- * Returns 0 with the backend (and its index), VIP, the VIP's flags (its
- * encapsulation) and hash. */
+/* Flow k's entry (k: `words` words, fh its hash): from its slot of the SYN
+ * table, where an entry is newer than any in the connection table (*syn then
+ * holds the slot, *seq the sequence word it was read under), else from the
+ * connection table (*e then points at it). 0 with a stable copy in *c, or -1. */
+static __always_inline int ct_get(int v6, const __u32 *k, __u32 fh, struct ct_entry *c,
+                                  struct ct_entry **e, void **syn, __u32 *seq)
+{
+    __u32 words = v6 ? CT_KEY6_WORDS : CT_KEY4_WORDS;
+    void *s = ct_syn_slot(v6, fh);
+
+    if (s && !ct_syn_find(s, k, words, c, seq)) {
+        *syn = s;
+        return 0;
+    }
+    *e = ct_find(v6, k, fh, c);
+    return *e ? 0 : -1;
+}
+
+/* An established flow: its entry says where it goes, as long as the VIP is
+ * still the one that made the entry (same generation), the backend is still
+ * the one it named and the VIP still lists it, and a UDP entry has not
+ * expired. `fh` names the flow's buckets and SYN slot (ct_key_hash). The
+ * flow's first packet after its SYN moves the entry from the SYN table into
+ * the connection table. Returns 0 with the backend (and its index), VIP, the
+ * VIP's flags (its encapsulation) and hash. */
 static __always_inline int ct_lookup(struct pkt *p, const struct lb_config *cfg,
                                      struct global_stats *gs, __u32 fh, struct backend **out,
                                      __u32 *bidx, __u32 *vip_id, __u32 *vflags, __u32 *hash)
 {
+    int v6 = p->flow.family != FAMILY_V4;
+    __u32 words = v6 ? CT_KEY6_WORDS : CT_KEY4_WORDS;
     struct flow4_key k4;
-    struct ct_entry c, *e;
+    const __u32 *k = ct_key_of(p, &k4);
+    struct ct_entry c, *e = NULL;
+    void *syn = NULL;
     struct vip_info *vi;
     struct backend *b;
-    __u32 idx, vid;
+    __u32 idx, vid, seq = 0;
     __u64 now;
+    int err;
 
-    /* one call per family: each inlined with its own key size and map */
-    if (p->flow.family == FAMILY_V4)
-        e = ct_find(0, ct_key_of(p, &k4), fh, &c);
+    /* one call per family: each inlined with its own key size and maps */
+    if (v6)
+        err = ct_get(1, k, fh, &c, &e, &syn, &seq);
     else
-        e = ct_find(1, (const __u32 *)&p->flow, fh, &c);
-    if (!e)
+        err = ct_get(0, k, fh, &c, &e, &syn, &seq);
+    if (err)
         return -1;
     idx = c.backend;
     vid = c.vip_id;
@@ -232,20 +269,36 @@ static __always_inline int ct_lookup(struct pkt *p, const struct lb_config *cfg,
     vi = vip_info.lookup(&vid);
     if (!b || !vi || vi->generation != c.vip_gen)
         goto stale;
-    if (vi->flags & VIP_F_NO_CONNTRACK)
+    if (vi->flags & VIP_F_NO_CONNTRACK) {
+        if (syn)
+            ct_syn_clear(syn, words, seq);
         return -1; /* such a VIP never uses the table (the flag came after the entry) */
+    }
     if (!(b->flags & BACKEND_F_VALID) || b->generation != c.generation || !listed_by(b, vid))
         goto stale;
     now = lb_now();
-    if (p->flow.proto == PROTO_UDP) {
+    if (syn) {
+        /* into the connection table, confirmed; the slot stays until that succeeds */
+        c.flags |= CT_F_CONFIRMED;
+        c.last_seen = now;
+        if (v6)
+            err = ct_write(1, k, fh, &c, gs);
+        else
+            err = ct_write(0, k, fh, &c, gs);
+        if (!err) {
+            ct_syn_clear(syn, words, seq);
+            gs->ct_promote++;
+        }
+    } else if (p->flow.proto == PROTO_UDP) {
         if (now - c.last_seen >= cfg->udp_timeout_ns)
             goto stale;
         e->last_seen = now;
-    } else if (now - c.last_seen >= CT_REFRESH_NS) {
-        e->last_seen = now; /* which way to replace when the buckets are full: coarse is enough */
+    } else {
+        if (now - c.last_seen >= CT_REFRESH_NS)
+            e->last_seen = now; /* which way to replace when the buckets are full: coarse is enough */
+        if (!(c.flags & CT_F_CONFIRMED))
+            e->flags = c.flags | CT_F_CONFIRMED;
     }
-    if (!(c.flags & CT_F_CONFIRMED))
-        e->flags = c.flags | CT_F_CONFIRMED;
     gs->ct_hit++;
     *out = b;
     *bidx = idx;
@@ -254,6 +307,8 @@ static __always_inline int ct_lookup(struct pkt *p, const struct lb_config *cfg,
     *hash = c.hash;
     return 0;
 stale:
+    if (syn)
+        ct_syn_clear(syn, words, seq);
     gs->ct_stale++;
     return -1;
 }
@@ -327,14 +382,30 @@ static __always_inline int pick_backend(struct pkt *p, const struct vip_meta *vi
         struct flow4_key k4;
         int err;
 
-        /* a flow whose first packet we see is no SYN answered yet: a mid-flow packet
-         * (the LB restarted, or the flow moved from another node) confirms it */
-        if (!(p->flow.proto == PROTO_TCP && (p->tcp_flags & TCP_FLAG_SYN)))
+        const __u32 *k = ct_key_of(p, &k4);
+        void *s;
+
+        /* a SYN's entry waits in the SYN table for the flow's next packet; a
+         * flow whose first packet we see is no SYN (the LB restarted, or the
+         * flow moved from another node) goes into the connection table, confirmed */
+        if (p->flow.proto == PROTO_TCP && (p->tcp_flags & TCP_FLAG_SYN)) {
+            err = -1;
+            if (p->flow.family == FAMILY_V4) {
+                s = ct_syn_slot(0, fh);
+                if (s)
+                    err = ct_syn_write(s, k, CT_KEY4_WORDS, &fresh, gs);
+            } else {
+                s = ct_syn_slot(1, fh);
+                if (s)
+                    err = ct_syn_write(s, k, CT_KEY6_WORDS, &fresh, gs);
+            }
+        } else {
             fresh.flags = CT_F_CONFIRMED;
-        if (p->flow.family == FAMILY_V4)
-            err = ct_write(0, ct_key_of(p, &k4), fh, &fresh, gs);
-        else
-            err = ct_write(1, (const __u32 *)&p->flow, fh, &fresh, gs);
+            if (p->flow.family == FAMILY_V4)
+                err = ct_write(0, k, fh, &fresh, gs);
+            else
+                err = ct_write(1, k, fh, &fresh, gs);
+        }
         if (!err) {
             gs->ct_insert++;
             count_new_flow(vid, idx);

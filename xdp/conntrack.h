@@ -185,6 +185,26 @@ static __always_inline void ct_least_worth(void *bk, __u32 words, __u64 *best, v
     }
 }
 
+/* Writes flow k and its entry into a way this CPU has claimed (its sequence
+ * word odd), then releases it with sequence word `seq` (even). */
+static __always_inline void ct_store(__u32 *key, struct ct_entry *e, const __u32 *k, __u32 words,
+                                     const struct ct_entry *fresh, __u32 seq)
+{
+#pragma unroll
+    for (int j = 0; j < CT_KEY6_WORDS; j++)
+        if (j < words)
+            key[j] = k[j];
+    e->backend = fresh->backend;
+    e->generation = fresh->generation;
+    e->vip_id = fresh->vip_id;
+    e->flags = fresh->flags;
+    e->vip_gen = fresh->vip_gen;
+    e->hash = fresh->hash;
+    e->last_seen = fresh->last_seen;
+    ct_barrier();
+    *(volatile __u32 *)&e->seq = seq;
+}
+
 /* Writes flow k's entry: over its own way, in the first empty way of its
  * first then second bucket, or over the way least worth keeping. Returns 0
  * when written; -1 when another CPU held the way (ct_busy). */
@@ -237,20 +257,72 @@ static __always_inline int ct_write(int v6, const __u32 *k, __u32 h, const struc
         gs->ct_busy++;
         return -1;
     }
-#pragma unroll
-    for (int j = 0; j < CT_KEY6_WORDS; j++)
-        if (j < words)
-            key[j] = k[j];
-    e->backend = fresh->backend;
-    e->generation = fresh->generation;
-    e->vip_id = fresh->vip_id;
-    e->flags = fresh->flags;
-    e->vip_gen = fresh->vip_gen;
-    e->hash = fresh->hash;
-    e->last_seen = fresh->last_seen;
-    ct_barrier();
-    *(volatile __u32 *)&e->seq = (__u32)old + 2;
+    ct_store(key, e, k, words, fresh, (__u32)old + 2);
     if (evict)
         gs->ct_evict++;
+    return 0;
+}
+
+/* The SYN table. A connection table of a production size is far larger than
+ * the CPU's caches, so writing a new flow's entry into its bucket waits for
+ * memory, and a SYN flood would write over established flows. A SYN's entry
+ * goes instead into the SYN table: CT_SYN_SLOTS slots of one way each, slot =
+ * flow hash mod CT_SYN_SLOTS, small enough to stay in cache. A later SYN whose
+ * flow has the same slot writes over it (ct_syn_evict): that flow's next
+ * packet then finds no entry and takes a fresh pick, as after a restart.
+ *
+ * Every packet that is not a SYN looks in the flow's slot first: an entry
+ * there is newer than any in the connection table (a SYN re-picks). Found
+ * and still valid, it moves into the connection table, confirmed (ct_write,
+ * ct_promote), and its slot is emptied; found stale, its slot is emptied and
+ * the packet takes a fresh pick. The slot's sequence word guards it as a
+ * way's guards the way. ct_syn_slot(v6, fh) is balancer.c's. */
+
+/* Flow k's entry in slot s: a stable copy in *out and the sequence word it
+ * was read under in *seq; 0, or -1 when the slot holds no entry of k. */
+static __always_inline int ct_syn_find(void *s, const __u32 *k, __u32 words, struct ct_entry *out,
+                                       __u32 *seq)
+{
+    if (ct_read(s, k, words, 0, out))
+        return -1;
+    *seq = out->seq;
+    return 0;
+}
+
+/* Empties slot s if it still holds what was read under `seq`. */
+static __always_inline void ct_syn_clear(void *s, __u32 words, __u32 seq)
+{
+    struct ct_entry *e = ct_entry_at(s, words, 0);
+    __u64 *word = (__u64 *)&e->seq;
+    __u64 old = *(volatile __u64 *)word;
+
+    if ((__u32)old != seq || __sync_val_compare_and_swap(word, old, old + 1) != old)
+        return; /* rewritten since, or being rewritten: that write stands */
+    ct_key_at(s, words, 0)[words - 1] = 0;
+    e->backend = 0;
+    ct_barrier();
+    *(volatile __u32 *)&e->seq = seq + 2;
+}
+
+/* Writes a SYN's entry into slot s, over whatever the slot held. Returns 0,
+ * or -1 when another CPU was writing the slot (ct_busy). */
+static __always_inline int ct_syn_write(void *s, const __u32 *k, __u32 words,
+                                        const struct ct_entry *fresh, struct global_stats *gs)
+{
+    struct ct_entry *e = ct_entry_at(s, words, 0);
+    __u32 *key = ct_key_at(s, words, 0);
+    __u64 *word = (__u64 *)&e->seq;
+    __u64 old = *(volatile __u64 *)word;
+    int other;
+
+    ct_barrier();
+    if ((old & 1) || __sync_val_compare_and_swap(word, old, old + 1) != old) {
+        gs->ct_busy++;
+        return -1;
+    }
+    other = e->backend && !ct_key_eq(key, k, words);
+    ct_store(key, e, k, words, fresh, (__u32)old + 2);
+    if (other)
+        gs->ct_syn_evict++;
     return 0;
 }

@@ -65,6 +65,12 @@ L4LB_MAP("array", __u32, struct backend, backends, MAP_BACKENDS_ENTRIES, MAP_BAC
 L4LB_MAP("array", __u32, struct ct_bucket4, conntrack, MAP_CONNTRACK_ENTRIES, MAP_CONNTRACK_FLAGS);
 /* the same for IPv6 flows */
 L4LB_MAP("array", __u32, struct ct_bucket6, conntrack6, MAP_CONNTRACK6_ENTRIES, MAP_CONNTRACK6_FLAGS);
+/* flow hash mod slots -> the IPv4 flow whose SYN wrote it last, and its
+ * entry, until the flow's next packet moves it into conntrack: a SYN writes
+ * here, in cache, not into a bucket of the large table (xdp/conntrack.h) */
+L4LB_MAP("array", __u32, struct ct_way4, ct_syn, MAP_CT_SYN_ENTRIES, MAP_CT_SYN_FLAGS);
+/* the same for IPv6 flows */
+L4LB_MAP("array", __u32, struct ct_way6, ct_syn6, MAP_CT_SYN6_ENTRIES, MAP_CT_SYN6_FLAGS);
 /* index 0 -> runtime configuration */
 L4LB_MAP("array", __u32, struct lb_config, config, MAP_CONFIG_ENTRIES, MAP_CONFIG_FLAGS);
 /* vip_id -> packets and bytes, per CPU */

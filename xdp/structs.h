@@ -208,6 +208,8 @@ struct global_stats {
     __u64 fib_lookup;      /* next_hop fib: FIB lookups (the others used a fib_hops answer) */
     __u64 ct_evict;        /* an entry written over another flow's: both its buckets were full */
     __u64 ct_busy;         /* no entry written: another CPU was writing the chosen way */
+    __u64 ct_promote;      /* a SYN's entry moved from the SYN table to the connection table */
+    __u64 ct_syn_evict;    /* a SYN's entry written over another flow's that had sent nothing since its SYN */
 };
 
 /* Per-CPU rate-limit windows. */

@@ -32,7 +32,6 @@ DEFAULT_CT_SIZE = 262144  # connection-table entries per family (shared by all C
 CT_WAYS = 4
 CT_SLACK = 4  # ways per flow of ct_size: at a quarter full, a flow whose two buckets are both full is rare
 CT_SEED2 = 0x2C1B3C6D  # mixes the flow hash into the index of a flow's second bucket
-CT_F_CONFIRMED = 1  # ct_entry.flags: the flow sent a packet after its first one
 CT_REFRESH_NS = 1_000_000_000  # a TCP entry's last_seen is written at most this often
 # A SYN's entry waits in the SYN table (one way per slot, slot = flow hash mod
 # CT_SYN_SLOTS) until the flow's next packet moves it into the connection
@@ -245,7 +244,6 @@ def cflags(cap: Capacity) -> list[str]:
         "CT_SIZE": cap.ct_size,
         "CT_WAYS": CT_WAYS,
         "CT_SEED2": CT_SEED2,
-        "CT_F_CONFIRMED": CT_F_CONFIRMED,
         "CT_REFRESH_NS": CT_REFRESH_NS,
         "FLOW_HASH_SEED": FLOW_HASH_SEED,
         "VIP_F_NO_SPORT": VIP_F_NO_SPORT,

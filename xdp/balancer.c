@@ -278,10 +278,13 @@ static __always_inline int ct_lookup(struct pkt *p, const struct lb_config *cfg,
         goto stale;
     now = lb_now();
     if (syn) {
-        /* into the connection table, confirmed; the slot stays until that succeeds */
-        c.flags |= CT_F_CONFIRMED;
+        /* into the connection table; the slot stays until that succeeds (an
+         * ICMP error about the flow is not its next packet: it moves nothing) */
         c.last_seen = now;
-        if (v6)
+        err = -1;
+        if (p->icmp_error)
+            ;
+        else if (v6)
             err = ct_write(1, k, fh, &c, gs);
         else
             err = ct_write(0, k, fh, &c, gs);
@@ -293,11 +296,8 @@ static __always_inline int ct_lookup(struct pkt *p, const struct lb_config *cfg,
         if (now - c.last_seen >= cfg->udp_timeout_ns)
             goto stale;
         e->last_seen = now;
-    } else {
-        if (now - c.last_seen >= CT_REFRESH_NS)
-            e->last_seen = now; /* which way to replace when the buckets are full: coarse is enough */
-        if (!(c.flags & CT_F_CONFIRMED))
-            e->flags = c.flags | CT_F_CONFIRMED;
+    } else if (now - c.last_seen >= CT_REFRESH_NS) {
+        e->last_seen = now; /* which way to replace when the buckets are full: coarse is enough */
     }
     gs->ct_hit++;
     *out = b;
@@ -386,8 +386,9 @@ static __always_inline int pick_backend(struct pkt *p, const struct vip_meta *vi
         void *s;
 
         /* a SYN's entry waits in the SYN table for the flow's next packet; a
-         * flow whose first packet we see is no SYN (the LB restarted, or the
-         * flow moved from another node) goes into the connection table, confirmed */
+         * flow whose first packet we see is no SYN (UDP; TCP when the LB
+         * restarted, or the flow moved from another node) goes into the
+         * connection table at once */
         if (p->flow.proto == PROTO_TCP && (p->tcp_flags & TCP_FLAG_SYN)) {
             err = -1;
             if (p->flow.family == FAMILY_V4) {
@@ -400,7 +401,6 @@ static __always_inline int pick_backend(struct pkt *p, const struct vip_meta *vi
                     err = ct_syn_write(s, k, CT_KEY6_WORDS, &fresh, gs);
             }
         } else {
-            fresh.flags = CT_F_CONFIRMED;
             if (p->flow.family == FAMILY_V4)
                 err = ct_write(0, k, fh, &fresh, gs);
             else

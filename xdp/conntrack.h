@@ -10,10 +10,10 @@
  * bucket, and in it the keys first (IPv4: one cache line).
  *
  * When both buckets are full a new flow replaces the way (of the eight) whose
- * flow is least worth keeping: a way user space deleted, then the oldest flow
- * that never sent a second packet (a SYN flood's, say), then the oldest flow
+ * flow is least worth keeping: a way user space deleted, else the oldest flow
  * (counter ct_evict). "Oldest" by last_seen, which a TCP hit refreshes at most
- * once per CPU_REFRESH_NS; the new-flow rate limit keeps a flood from cycling
+ * once per CT_REFRESH_NS. A SYN never writes here (the SYN table, below), and
+ * the new-flow rate limit keeps a flood of other first packets from cycling
  * through established flows.
  *
  * Two CPUs may write one way at once (a flow's packets arrive on any CPU).
@@ -23,10 +23,9 @@
  * reader takes an entry only if the word was even and the same before and
  * after it copied key and entry, so a torn entry is never used: the packet
  * takes a fresh Maglev pick instead. (x86 keeps loads in order and stores in
- * order; the compiler barriers keep the program's order.) A hit's own stores
- * (last_seen, the confirmed flag) are single aligned words outside that
- * protocol: at worst they land on a flow that has just replaced the one hit,
- * giving it a newer stamp. */
+ * order; the compiler barriers keep the program's order.) A hit's own store
+ * (last_seen) is a single aligned word outside that protocol: at worst it
+ * lands on a flow that has just replaced the one hit, giving it a newer stamp. */
 #pragma once
 
 #define CT_BUCKETS MAP_CONNTRACK_ENTRIES
@@ -167,7 +166,7 @@ static __always_inline __u64 ct_keep_score(const struct ct_entry *e)
 {
     if (!e->backend)
         return 0; /* deleted by user space */
-    return e->last_seen + ((e->flags & CT_F_CONFIRMED) ? (1ull << 62) : 0);
+    return e->last_seen;
 }
 
 /* Bucket bk's way least worth keeping, if lower than *best: it becomes *b, *w. */
@@ -273,8 +272,9 @@ static __always_inline int ct_write(int v6, const __u32 *k, __u32 h, const struc
  *
  * Every packet that is not a SYN looks in the flow's slot first: an entry
  * there is newer than any in the connection table (a SYN re-picks). Found
- * and still valid, it moves into the connection table, confirmed (ct_write,
- * ct_promote), and its slot is emptied; found stale, its slot is emptied and
+ * and still valid, it moves into the connection table (ct_write,
+ * ct_promote), and its slot is emptied (an ICMP error about the flow uses it
+ * and moves nothing); found stale, its slot is emptied and
  * the packet takes a fresh pick. The slot's sequence word guards it as a
  * way's guards the way. ct_syn_slot(v6, fh) is balancer.c's. */
 

@@ -78,7 +78,7 @@ struct ct_entry {
     __u32 backend;     /* index into backends; 0: no entry */
     __u32 generation;  /* the backend's generation when the entry was made */
     __u16 vip_id;      /* the VIP that picked the backend */
-    __u16 flags;       /* CT_F_CONFIRMED once the flow sent a packet after its first */
+    __u16 flags;       /* none yet: 0 */
     __u32 vip_gen;     /* vip_info[vip_id].generation when the entry was made */
     __u32 seq;         /* even: stable; odd: being written (8-byte aligned, with hash) */
     __u32 hash;        /* the flow hash (outer source, flow label) */

@@ -32,6 +32,9 @@ ROUTER4 = "198.18.1.1"  # an LB-link address: not a VIP
 ROUTER6 = "fd00:198:18:1::1"
 
 PROTO = {"tcp": 6, "udp": 17}
+# the first packet of a flow after its SYN: the entry the SYN left in the SYN
+# table is used and moves into the connection table's buckets (xdp/conntrack.h)
+PROMOTE = {"tx": 1, "ct_hit": 1, "ct_promote": 1}
 ETH_IP, ETH_IPV6, ETH_VLAN = 0x0800, 0x86DD, 0x8100
 
 
@@ -241,6 +244,24 @@ class Lb:
                         and key.port == port and key.protocol == f.proto):
                     return v
         raise KeyError(f"no VIP for {f}")
+
+    def in_syn_table(self, f: Flow) -> bool:
+        """The flow's entry waits in the SYN table (its SYN was its last packet)."""
+        t = self._ct(f)
+        raw = bytes(self._flow_key(f))
+        return raw in {bytes(k) for k, _ in t.syn_items()}
+
+    def syn_evictions(self, flows) -> int:
+        """How many SYNs of `flows`, sent in this order into an empty SYN table,
+        find their slot holding another of them (ct_syn_evict)."""
+        held: dict[tuple[bool, int], bytes] = {}
+        n = 0
+        for f in flows:
+            raw = bytes(self._flow_key(f))
+            slot = (f.v6, self._ct(f).syn_slot(raw))
+            n += slot in held and held[slot] != raw
+            held[slot] = raw
+        return n
 
     def ct_count(self) -> int:
         return self.dp.conntrack_size()

@@ -16,7 +16,7 @@ from scapy.layers.l2 import ARP, Dot1Q, Ether
 from scapy.packet import Raw
 
 from l4lb import consts, conntrack, flowhash, libbpf
-from lbfixture import (CLIENT4, CLIENT6, CLIENT_MAC, LB_MAC, VIP4, VIP6, Flow,
+from lbfixture import (CLIENT4, CLIENT6, CLIENT_MAC, LB_MAC, PROMOTE, VIP4, VIP6, Flow,
                        find_flow, moved, one_cpu, outer_dst, outer_source, predict)
 
 A4, B4, C4 = "198.18.2.1", "198.18.2.2", "198.18.2.3"
@@ -223,10 +223,14 @@ def test_second_packet_of_a_flow_hits_the_connection_table(lb):
     r = lb.run(f.packet("S"))
     lb.check_encap(r, f.packet("S"), want, f.hash())
     assert r.moved == ENCAP
-    for flags in ("A", "PA", "FA"):
+    assert lb.in_syn_table(f)
+    entry = lb.ct_entry(f)
+    for flags, counters in (("A", PROMOTE), ("PA", HIT), ("FA", HIT)):
         r = lb.run(f.packet(flags, payload=b"data"))
         lb.check_encap(r, f.packet(flags, payload=b"data"), want, f.hash())
-        assert r.moved == HIT
+        assert r.moved == counters
+        # the first packet after the SYN moved the entry into the buckets
+        assert not lb.in_syn_table(f) and lb.ct_entry(f) == entry
     assert lb.ct_count() == 1
 
 
@@ -244,12 +248,15 @@ def test_syn_takes_a_fresh_pick_even_with_a_cached_flow(lb):
     lb.check_encap(r, f.packet("S"), B4, f.hash())
     assert r.moved == ENCAP
     assert lb.ct_entry(f) == lb.index_of(B4)
-    r = lb.run(f.packet("A"))
+    r = lb.run(f.packet("A"))  # the SYN's entry is newer than the one in the buckets
     lb.check_encap(r, f.packet("A"), B4, f.hash())
-    assert r.moved == HIT
+    assert r.moved == PROMOTE
+    r = lb.run(f.packet("A"))  # and it replaced that one
+    lb.check_encap(r, f.packet("A"), B4, f.hash())
+    assert r.moved == HIT and lb.ct_entry(f) == lb.index_of(B4)
     r = lb.run(g.packet("A"))  # the established flow stays where it was
     lb.check_encap(r, g.packet("A"), A4, g.hash())
-    assert r.moved == HIT
+    assert r.moved == PROMOTE
     r = lb.run(g.packet("SA"))  # SYN-ACK is not a new connection: the entry holds
     lb.check_encap(r, g.packet("SA"), A4, g.hash())
     assert r.moved == HIT
@@ -273,7 +280,7 @@ def test_rst_of_an_established_flow_follows_its_entry(lb):
     lb.set_backends(VIP4, 80, "tcp", {A4: 1, B4: 1})
     r = lb.run(f.packet("RA"))
     lb.check_encap(r, f.packet("RA"), A4, f.hash())
-    assert r.moved == HIT
+    assert r.moved == PROMOTE
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
@@ -292,7 +299,7 @@ def test_entry_made_on_one_cpu_is_hit_on_another(lb):
     finally:
         os.sched_setaffinity(0, saved)
     lb.check_encap(r, f.packet("A"), A4, f.hash())
-    assert r.moved == HIT
+    assert r.moved == PROMOTE
 
 
 def test_hit_on_a_backend_removed_from_this_vip_but_kept_by_another_re_picks(lb):
@@ -413,7 +420,7 @@ def test_drained_backend_gets_no_new_flows_but_keeps_established_ones(lb):
     lb.set_backends(VIP4, 80, "tcp", {A4: 0, B4: 1})
     r = lb.run(f.packet("A"))
     lb.check_encap(r, f.packet("A"), A4, f.hash())
-    assert r.moved == HIT
+    assert r.moved == PROMOTE
     for i in range(50):
         g = Flow(sport=50000 + i)
         r = lb.run(g.packet("S"))
@@ -453,7 +460,9 @@ def test_tcp_entry_does_not_expire_with_the_udp_timeout(lb):
     f = Flow()
     lb.run(f.packet("S"))
     time.sleep(0.03)
-    assert lb.run(f.packet("A")).moved == HIT
+    assert lb.run(f.packet("A")).moved == PROMOTE  # in the SYN table
+    time.sleep(0.03)
+    assert lb.run(f.packet("A")).moved == HIT  # in the buckets
 
 
 def test_new_flows_above_the_rate_limit_are_forwarded_without_an_entry(lb):
@@ -518,9 +527,12 @@ def _flows_with_first_bucket(lb, bucket: int, n: int, avoid=()) -> list[Flow]:
 
 
 def _handshake(lb, f: Flow) -> dict:
-    moved = dict(lb.run(f.packet("S")).moved)
-    assert lb.run(f.packet("A")).moved == HIT
-    return moved
+    """SYN, then ACK: the counters both moved (the ACK's entry write is the one
+    that may evict)."""
+    syn = lb.run(f.packet("S")).moved
+    ack = lb.run(f.packet("A")).moved
+    assert {k: v for k, v in ack.items() if k != "ct_evict"} == PROMOTE
+    return {k: syn.get(k, 0) + ack.get(k, 0) for k in syn.keys() | ack.keys()}
 
 
 def test_flood_of_new_flows_does_not_evict_established_entries(lb):
@@ -552,7 +564,7 @@ def test_flood_of_new_flows_does_not_evict_established_entries(lb):
         n = 40000
         lb.configure(new_flow_rate=5)
         assert lb.run(established.packet("S")).moved["ct_insert"] == 1
-        assert lb.run(established.packet("A")).moved == HIT
+        assert lb.run(established.packet("A")).moved == PROMOTE
         before, t0 = lb.stats(), time.monotonic()
         _handshake_flood(lb, n, first=100)
         after, seconds = lb.stats(), time.monotonic() - t0
@@ -562,9 +574,10 @@ def test_flood_of_new_flows_does_not_evict_established_entries(lb):
     assert after["tx"] - before["tx"] == 2 * n
 
 
-def test_full_buckets_give_up_a_flow_that_never_sent_a_second_packet_before_an_established_one(lb):
-    # the same buckets as above, but one of the flows filling them only sent a
-    # SYN (a SYN flood's, say), after the established flow: it goes first
+def test_a_syn_flood_into_full_buckets_replaces_no_flow(lb):
+    # the same full buckets as above; SYNs of flows with those buckets, rate
+    # limit off, write only the SYN table: every answered flow stays, and only
+    # a flow whose handshake goes on takes a way (the oldest)
     lb.add_vip(VIP4, 80, "tcp", {A4: 1, B4: 1})
     established = Flow(sport=1000)
     first, _ = _buckets_of(lb, established)
@@ -574,14 +587,21 @@ def test_full_buckets_give_up_a_flow_that_never_sent_a_second_packet_before_an_e
     last = fill.pop()
     other = _flows_with_first_bucket(lb, _buckets_of(lb, last)[1], consts.CT_WAYS,
                                      avoid={(f.src, f.sport) for f in fill + [last]})
-    unanswered = other.pop()
     for f in fill + other:
         _handshake(lb, f)
-    assert lb.run(unanswered.packet("S")).moved["ct_insert"] == 1
+    flood = _flows_with_first_bucket(lb, first, 64, avoid={(f.src, f.sport) for f in fill + other + [last]})
+    before = lb.stats()
+    for f in flood:
+        assert lb.run(f.packet("S")).moved["ct_insert"] == 1
+    moved = {k: v - before[k] for k, v in lb.stats().items() if v != before[k]}
+    assert moved.get("ct_evict", 0) == 0 and moved["ct_insert"] == len(flood)
+    assert moved.get("ct_syn_evict", 0) == lb.syn_evictions(flood)
+    assert all(lb.ct_entry(f) is not None and not lb.in_syn_table(f)
+               for f in [established] + fill + other)
     moved = _handshake(lb, last)
     assert moved["ct_insert"] == 1 and moved["ct_evict"] == 1
-    assert lb.ct_entry(unanswered) is None
-    assert all(lb.ct_entry(f) is not None for f in [established] + fill + other + [last])
+    assert lb.ct_entry(established) is None, "the oldest answered flow made way"
+    assert all(lb.ct_entry(f) is not None for f in fill + other + [last])
 
 
 # ---- fragments, extension headers, malformed -------------------------------------------------
@@ -711,4 +731,4 @@ def test_per_vip_counters_count_packets_and_frame_bytes(lb):
     assert lb.vip_stats(a.vip_id) == {"packets": 3, "bytes": sum(len(p) for p in sent_a)}
     assert lb.vip_stats(b.vip_id) == {"packets": 2, "bytes": sum(len(p) for p in sent_b)}
     assert lb.stats() == {**{k: 0 for k in lb.stats()}, "tx": 5, "ct_miss": 2, "ct_insert": 2,
-                          "ct_hit": 3, "pass": 1}
+                          "ct_hit": 3, "ct_promote": 1, "pass": 1}

@@ -732,3 +732,27 @@ def test_per_vip_counters_count_packets_and_frame_bytes(lb):
     assert lb.vip_stats(b.vip_id) == {"packets": 2, "bytes": sum(len(p) for p in sent_b)}
     assert lb.stats() == {**{k: 0 for k in lb.stats()}, "tx": 5, "ct_miss": 2, "ct_insert": 2,
                           "ct_hit": 3, "ct_promote": 1, "pass": 1}
+
+
+def test_user_space_sees_the_syn_table_and_the_buckets_as_one_table(lb):
+    lb.add_vip(VIP4, 80, "tcp", {A4: 1})
+    f = find_flow({A4: 1, B4: 1}, lambda b: b == B4, lb.capacity.ring_size)
+    g = Flow(sport=f.sport + 1)
+    _handshake(lb, f)  # f in the buckets, to A4
+    lb.set_backends(VIP4, 80, "tcp", {A4: 1, B4: 1})
+    assert lb.run(f.packet("S")).moved == ENCAP  # f again, to B4: in the SYN table too
+    assert lb.run(g.packet("S")).moved == ENCAP  # g only in the SYN table
+    t = lb.dp.conntrack_table(consts.FAMILY_V4)
+    assert lb.in_syn_table(f) and lb.in_syn_table(g)
+    assert len(t) == 2 and lb.ct_count() == 2, "a flow in both counts once"
+    assert lb.ct_entry(f) == lb.index_of(B4), "the SYN table's entry is the newer"
+    assert {bytes(k): v.backend for k, v in t.items()}[bytes(lb._flow_key(f))] == lb.index_of(B4)[0]
+    del t[lb._flow_key(f)]
+    assert lb.ct_entry(f) is None and not lb.in_syn_table(f), "deleted from both"
+    assert lb.run(f.packet("A")).moved == ENCAP  # a fresh pick, into the buckets
+    lb.ct_put(g, *lb.index_of(A4))  # a write from user space replaces the SYN table's entry
+    assert not lb.in_syn_table(g) and lb.ct_entry(g) == lb.index_of(A4)
+    assert lb.run(g.packet("A")).moved == HIT
+    assert lb.run(g.packet("S")).moved == ENCAP
+    t.clear()
+    assert len(t) == 0 and t.items() == [] and not lb.in_syn_table(g)

@@ -115,9 +115,7 @@ class CtTable:
         """(key, entry) of every flow in the SYN table."""
         if self.syn is None:
             return []
-        keys, entries, live = self._live(self._syn_data())
-        return [(self.Key.from_buffer_copy(keys[j].tobytes()), self.Leaf.from_buffer_copy(entries[j].tobytes()))
-                for j in np.flatnonzero(live)]
+        return self._items(self._syn_data())
 
     # ---- buckets ----------------------------------------------------------------------------
     def _read(self, i: int):
@@ -221,13 +219,21 @@ class CtTable:
         backend = entries[:, :4].copy().view(np.uint32).ravel()
         return keys, entries, backend != 0
 
+    def _items(self, data: np.ndarray):
+        """(key, entry) of every live way of data (buckets or SYN-table slots)."""
+        keys, entries, live = self._live(data)
+        return [(self.Key.from_buffer_copy(keys[j].tobytes()), self.Leaf.from_buffer_copy(entries[j].tobytes()))
+                for j in np.flatnonzero(live)]
+
+    def bucket_items(self):
+        """(key, entry) of every flow in the buckets, the SYN table left out."""
+        return self._items(self.read_all())
+
     def items(self):
         """Every flow with an entry, once: its SYN slot's entry when it has one."""
-        keys, entries, live = self._live(self.read_all())
-        out = {keys[j].tobytes(): entries[j].tobytes() for j in np.flatnonzero(live)}
-        for k, e in self.syn_items():
-            out[bytes(k)] = bytes(e)
-        return [(self.Key.from_buffer_copy(k), self.Leaf.from_buffer_copy(e)) for k, e in out.items()]
+        out = {bytes(k): e for k, e in self.bucket_items()}
+        out.update((bytes(k), e) for k, e in self.syn_items())
+        return [(self.Key.from_buffer_copy(k), e) for k, e in out.items()]
 
     def __len__(self) -> int:
         """Flows with an entry, each once (numpy over whole-table reads: no

@@ -9,6 +9,19 @@ encapsulation kind for packets sent to a backend). It does not change the
 model: `commit(model, expected)` applies the connection-table write that the
 packet makes, and in next_hop fib the FIB answer it keeps.
 
+The connection table is two tables, as docs/dataplane.md ("The SYN table")
+has it: the buckets (`LbModel.conntrack`, flow -> entry) and the SYN tables
+(`LbModel.syn`, (family, slot) -> (flow, entry); slot = the hash of the
+flow's key bytes mod SYN_SLOTS). A TCP packet with the SYN flag that takes
+a fresh pick and writes an entry writes its slot, over whatever the slot
+held (ct_syn_evict when that was another flow's); any other such packet
+writes the buckets. A packet that is not a SYN looks in its flow's slot
+first: an entry there is newer than the buckets'; a usable one moves into
+the buckets (ct_promote), an unusable one is dropped (ct_stale), and either
+way the slot is emptied. A slot that does not hold the flow sends the
+lookup on to the buckets. `LbModel.entries()` is the one mapping that user
+space shows (l4lb.conntrack.CtTable.items()).
+
 next_hop fib (`LbModel.fib`, a FibMode): the kernel's FIB is an oracle the
 caller gives, FibMode.answer(ingress ifindex, outer destination, outer IP
 length) -> FibAnswer (a route with its neighbour: egress and MACs; no
@@ -27,12 +40,16 @@ CPU: the kernel keeps answers per CPU, so the caller pins the thread that
 runs the packets.
 
 The model is deliberately written from the spec, not from the C: it shares no
-code with xdp/ and uses l4lb only for the documented hash (l4lb.flowhash) and
-the Maglev table (l4lb.maglev.maglev_table). What it leaves out: the rate
-limits (the test configures them out of reach), UDP expiry (the test uses a
-long timeout), evictions from full buckets (the test stays far below the table size), helper
-failures (BPF_PROG_TEST_RUN always leaves headroom), an unconfigured program, and in
-next_hop fib the clock (the caller tells of expiry, above) and more than one CPU.
+code with xdp/ and uses l4lb only for the documented hashes (l4lb.flowhash,
+and l4lb.conntrack.key_hash for the SYN-table slot) and the Maglev table
+(l4lb.maglev.maglev_table). What it leaves out: the rate limits (the test
+configures them out of reach), UDP expiry (the test uses a long timeout),
+evictions from full buckets (the test stays far below the table size:
+ct_evict stays 0), ways and slots busy on another CPU (one CPU: ct_busy
+stays 0), VIP generations (the test adds and deletes no VIP while it runs),
+helper failures (BPF_PROG_TEST_RUN always leaves headroom), an unconfigured
+program, and in next_hop fib the clock (the caller tells of expiry, above)
+and more than one CPU.
 
 Where the spec is silent the model takes these readings:
 - every XDP_PASS of a configured program counts `pass` (but next_hop fib's, below);
@@ -53,12 +70,14 @@ from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from l4lb import flowhash, maglev
+from l4lb.conntrack import key_hash
 
 PASS, DROP, TX, REDIRECT = "PASS", "DROP", "TX", "REDIRECT"
 
 COUNTERS = ("pass", "tx", "ct_hit", "ct_miss", "ct_stale", "ct_insert", "ct_limited",
             "no_backend", "too_big", "icmp_echo", "icmp_fwd", "icmp_limited", "fragment",
-            "ext_header", "malformed", "error", "fib_no_neigh", "fib_drop", "redirect", "fib_lookup")
+            "ext_header", "malformed", "error", "fib_no_neigh", "fib_drop", "redirect", "fib_lookup",
+            "ct_evict", "ct_busy", "ct_promote", "ct_syn_evict")
 
 # what the kernel's FIB answers (next_hop fib)
 FIB_SENT, FIB_NO_NEIGH, FIB_FAIL = "sent", "no_neigh", "fail"
@@ -70,6 +89,7 @@ IPV6_EXT_HEADERS = frozenset({0, 43, 44, 50, 51, 60, 135, 139, 140})
 TCP_FIN, TCP_SYN, TCP_RST, TCP_ACK = 0x01, 0x02, 0x04, 0x10
 OUTER_TTL = 64
 IPV6_MIN_MTU = 1280
+SYN_SLOTS = 16384  # slots of each family's SYN table
 
 
 # --- the configuration the data plane was given ------------------------------------
@@ -88,6 +108,19 @@ class Flow:
     def __str__(self) -> str:
         s, d = ipaddress.ip_address(self.src), ipaddress.ip_address(self.dst)
         return f"{s}:{self.sport} -> {d}:{self.dport}/{self.proto}"
+
+    def key(self) -> bytes:
+        """The connection table's key: IPv4 flow4_key (addresses, ports in
+        network order, protocol, 3 bytes of padding), IPv6 flow_key (the same
+        with 16-byte addresses, then the family and 2 bytes of padding)."""
+        ports = struct.pack("!HHB", self.sport, self.dport, self.proto)
+        if self.family == 4:
+            return self.src + self.dst + ports + bytes(3)
+        return self.src + self.dst + ports + bytes([self.family]) + bytes(2)
+
+    def syn_slot(self) -> tuple[int, int]:
+        """The flow's SYN-table slot: (family, index in the family's table)."""
+        return self.family, key_hash(self.key()) % SYN_SLOTS
 
 
 @dataclass(frozen=True)
@@ -158,7 +191,8 @@ class LbModel:
     encap_v6: ipaddress.IPv6Network
     mtu: int
     ring_size: int
-    conntrack: dict = field(default_factory=dict)  # Flow -> CtEntry
+    conntrack: dict = field(default_factory=dict)  # Flow -> CtEntry: the buckets
+    syn: dict = field(default_factory=dict)        # (family, slot) -> (Flow, CtEntry): the SYN tables
     listed: dict = field(default_factory=dict)     # backend index -> ids of the VIPs that list it
     gue_port: int = 6080
     fib: FibMode | None = None  # next_hop fib; None: gateway
@@ -171,12 +205,20 @@ class LbModel:
     def portless(self) -> bool:
         return any(port == 0 for _f, _a, port, _p in self.vips)
 
+    def entries(self) -> dict:
+        """Flow -> CtEntry of every flow with an entry: its SYN slot's when that
+        holds it, else its bucket's."""
+        out = dict(self.conntrack)
+        out.update(self.syn.values())
+        return out
+
     @classmethod
     def from_state(cls, state, runtime, ring_size: int, conntrack: dict | None = None,
-                   fib: FibMode | None = None) -> "LbModel":
+                   fib: FibMode | None = None, syn: dict | None = None) -> "LbModel":
         """The model of a balancer configured through l4lb.state.LbState and a
-        l4lb.dataplane.RuntimeConfig; the connection table is carried over, and
-        with runtime.next_hop fib the FibMode (its kept answers too)."""
+        l4lb.dataplane.RuntimeConfig; the connection table (buckets and SYN
+        tables) is carried over, and with runtime.next_hop fib the FibMode (its
+        kept answers too)."""
         assert (runtime.next_hop == "fib") == (fib is not None), runtime.next_hop
         vips = {}
         for key, v in state.vips.items():
@@ -191,7 +233,7 @@ class LbModel:
                   for addr, b in state.backends.items()}
         return cls(vips, backends, bytes(int(x, 16) for x in runtime.gateway_mac.split(":")),
                    runtime.encap_v4, runtime.encap_v6, runtime.mtu, ring_size,
-                   dict(conntrack or {}), listed, runtime.gue_port, fib)
+                   dict(conntrack or {}), dict(syn or {}), listed, runtime.gue_port, fib)
 
     def index_of(self, address: str) -> tuple[int, int]:
         for idx, (addr, gen) in self.backends.items():
@@ -217,7 +259,9 @@ class Expected:
                                                 # (next_hop fib without a neighbour: the frame passed)
     inner_offset: int | None = None             # encapsulation: where the inner packet starts
     flow: Flow | None = None
-    ct_write: tuple | None = None               # (Flow, CtEntry) written to the table
+    ct_write: tuple | None = None               # (Flow, CtEntry) written to the buckets
+    syn_clear: tuple | None = None              # (family, slot) of the SYN table emptied
+    syn_write: tuple | None = None              # ((family, slot), Flow, CtEntry) written to a SYN table
     fib_keep: tuple | None = None               # next_hop fib: (backend index, KeptHop) kept
 
     def count(self, name: str, n: int = 1) -> None:
@@ -240,6 +284,11 @@ class Expected:
 
 def commit(model: LbModel, exp: Expected) -> None:
     """Applies the packet's effect on the connection table to the model."""
+    if exp.syn_clear:
+        del model.syn[exp.syn_clear]
+    if exp.syn_write:
+        slot, flow, entry = exp.syn_write
+        model.syn[slot] = (flow, entry)
     if exp.ct_write:
         flow, entry = exp.ct_write
         model.conntrack[flow] = entry
@@ -480,21 +529,8 @@ def _balance(frame: bytes, ip: _Ip, model: LbModel, vip: Vip, flow: Flow, tcp_fl
     use_ct = not vip.no_conntrack
     syn = flow.proto == TCP and tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
     rst = flow.proto == TCP and bool(tcp_flags & TCP_RST)
-    backend = None
-    if use_ct and not syn:
-        entry = model.conntrack.get(flow)
-        if entry is not None:
-            live = model.backends.get(entry.index)
-            if live is not None and live[1] == entry.generation and \
-                    vip.vip_id in model.listed.get(entry.index, ()):
-                e.count("ct_hit")
-                e.trace.append(f"ct hit -> {entry.address}")
-                backend = entry.address
-            else:
-                e.count("ct_stale")
-                why = ("backend gone" if live is None else f"generation {entry.generation} != {live[1]}"
-                       if live[1] != entry.generation else f"not listed by VIP {vip.vip_id} any more")
-                e.trace.append(f"ct stale ({entry.address}: {why})")
+    # a SYN always takes a fresh pick: a reused 5-tuple is a new connection
+    backend = None if syn else _established(model, vip, flow, use_ct, e)
     # the outer IP header, and for GUE the UDP header after it
     udp = 8 if vip.gue else 0
     b_family = ipaddress.ip_address(backend).version if backend else None
@@ -520,9 +556,7 @@ def _balance(frame: bytes, ip: _Ip, model: LbModel, vip: Vip, flow: Flow, tcp_fl
         elif too_big:
             e.trace.append("too big: answered with ICMP, no insert")
         else:
-            idx, gen = model.index_of(backend)
-            e.count("ct_insert")
-            e.ct_write = (flow, CtEntry(idx, gen, backend))
+            _remember(model, flow, tcp_flags, backend, e)
     if too_big:
         e.verdict, e.kind = TX, f"too_big{ip.family}"
         e.count("too_big")
@@ -542,6 +576,60 @@ def _balance(frame: bytes, ip: _Ip, model: LbModel, vip: Vip, flow: Flow, tcp_fl
         if icmp_error:
             e.count("icmp_fwd")
     return e
+
+
+def _established(model: LbModel, vip: Vip, flow: Flow, use_ct: bool, e: Expected) -> str | None:
+    """The backend of the flow's entry if it is still usable (ct_hit), else
+    None (ct_stale if there was one): a fresh pick follows. The flow's SYN
+    slot first, whose entry is newer than the buckets' and leaves the slot
+    either way: a usable one into the buckets (ct_promote), the others dropped."""
+    slot = flow.syn_slot()
+    held = model.syn.get(slot)
+    in_syn = held is not None and held[0] == flow
+    entry = held[1] if in_syn else model.conntrack.get(flow)
+    if entry is None:
+        return None
+    if in_syn:
+        e.syn_clear = slot
+    if not use_ct:  # the VIP became no_conntrack since: it never uses the table
+        if in_syn:
+            e.trace.append("no_conntrack VIP: the SYN-table entry dropped")
+        return None
+    live = model.backends.get(entry.index)
+    if live is None or live[1] != entry.generation or vip.vip_id not in model.listed.get(entry.index, ()):
+        e.count("ct_stale")
+        why = ("backend gone" if live is None else f"generation {entry.generation} != {live[1]}"
+               if live[1] != entry.generation else f"not listed by VIP {vip.vip_id} any more")
+        e.trace.append(f"{'SYN-table entry' if in_syn else 'ct'} stale ({entry.address}: {why})")
+        return None
+    e.count("ct_hit")
+    if not in_syn:
+        e.trace.append(f"ct hit -> {entry.address}")
+        return entry.address
+    e.count("ct_promote")
+    e.ct_write = (flow, entry)
+    older = model.conntrack.get(flow)
+    e.trace.append(f"SYN-table hit -> {entry.address}, promoted" +
+                   (f" over the buckets' entry -> {older.address}" if older else ""))
+    return entry.address
+
+
+def _remember(model: LbModel, flow: Flow, tcp_flags: int, backend: str, e: Expected) -> None:
+    """A fresh pick's entry: a SYN's (SYN+ACK too) into its SYN slot, over
+    whatever the slot holds; any other into the buckets."""
+    idx, gen = model.index_of(backend)
+    entry = CtEntry(idx, gen, backend)
+    e.count("ct_insert")
+    if flow.proto != TCP or not tcp_flags & TCP_SYN:
+        e.ct_write = (flow, entry)
+        return
+    slot = flow.syn_slot()
+    held = model.syn.get(slot)
+    e.syn_write = (slot, flow, entry)
+    e.trace.append("into the SYN table" + (" (the flow is in the buckets too)" if flow in model.conntrack else ""))
+    if held is not None and held[0] != flow:
+        e.count("ct_syn_evict")
+        e.trace.append(f"over the SYN slot of {held[0]}")
 
 
 def _next_hop_fib(e: Expected, model: LbModel, own_mac: bytes, outer_len: int) -> None:

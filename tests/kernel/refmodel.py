@@ -18,7 +18,8 @@ held (ct_syn_evict when that was another flow's); any other such packet
 writes the buckets. A packet that is not a SYN looks in its flow's slot
 first: an entry there is newer than the buckets'; a usable one moves into
 the buckets (ct_promote), an unusable one is dropped (ct_stale), and either
-way the slot is emptied. A slot that does not hold the flow sends the
+way the slot is emptied (an ICMP error about the flow uses a usable one and
+leaves it there). A slot that does not hold the flow sends the
 lookup on to the buckets. `LbModel.entries()` is the one mapping that user
 space shows (l4lb.conntrack.CtTable.items()).
 
@@ -530,7 +531,7 @@ def _balance(frame: bytes, ip: _Ip, model: LbModel, vip: Vip, flow: Flow, tcp_fl
     syn = flow.proto == TCP and tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
     rst = flow.proto == TCP and bool(tcp_flags & TCP_RST)
     # a SYN always takes a fresh pick: a reused 5-tuple is a new connection
-    backend = None if syn else _established(model, vip, flow, use_ct, e)
+    backend = None if syn else _established(model, vip, flow, use_ct, icmp_error, e)
     # the outer IP header, and for GUE the UDP header after it
     udp = 8 if vip.gue else 0
     b_family = ipaddress.ip_address(backend).version if backend else None
@@ -578,11 +579,13 @@ def _balance(frame: bytes, ip: _Ip, model: LbModel, vip: Vip, flow: Flow, tcp_fl
     return e
 
 
-def _established(model: LbModel, vip: Vip, flow: Flow, use_ct: bool, e: Expected) -> str | None:
+def _established(model: LbModel, vip: Vip, flow: Flow, use_ct: bool, icmp_error: bool,
+                 e: Expected) -> str | None:
     """The backend of the flow's entry if it is still usable (ct_hit), else
     None (ct_stale if there was one): a fresh pick follows. The flow's SYN
     slot first, whose entry is newer than the buckets' and leaves the slot
-    either way: a usable one into the buckets (ct_promote), the others dropped."""
+    either way: a usable one into the buckets (ct_promote), the others
+    dropped; an ICMP error about the flow only uses a usable one."""
     slot = flow.syn_slot()
     held = model.syn.get(slot)
     in_syn = held is not None and held[0] == flow
@@ -605,6 +608,10 @@ def _established(model: LbModel, vip: Vip, flow: Flow, use_ct: bool, e: Expected
     e.count("ct_hit")
     if not in_syn:
         e.trace.append(f"ct hit -> {entry.address}")
+        return entry.address
+    if icmp_error:
+        e.syn_clear = None
+        e.trace.append(f"SYN-table hit -> {entry.address}, an ICMP error: stays in the SYN table")
         return entry.address
     e.count("ct_promote")
     e.ct_write = (flow, entry)

@@ -127,6 +127,7 @@ MAP_CONNTRACK = "conntrack"  # IPv4 flows
 MAP_CONNTRACK6 = "conntrack6"  # IPv6 flows
 MAP_CT_SYN = "ct_syn"  # IPv4 flows that sent a SYN and nothing since
 MAP_CT_SYN6 = "ct_syn6"  # the same for IPv6
+MAP_CT_SYN_USED = "ct_syn_used"  # which SYN slots hold an entry: [0] IPv4, [1] IPv6
 MAP_CONFIG = "config"
 MAP_VIP_STATS = "vip_stats"
 MAP_VIP_FLOWS = "vip_flows"
@@ -208,6 +209,7 @@ MAPS: tuple[MapSpec, ...] = (
     MapSpec(MAP_CONNTRACK6, "array", "__u32", "struct ct_bucket6", lambda c: ct_buckets(c.ct_size)),
     MapSpec(MAP_CT_SYN, "array", "__u32", "struct ct_way4", lambda c: CT_SYN_SLOTS),
     MapSpec(MAP_CT_SYN6, "array", "__u32", "struct ct_way6", lambda c: CT_SYN_SLOTS),
+    MapSpec(MAP_CT_SYN_USED, "array", "__u32", "struct ct_syn_used", lambda c: 2),
     MapSpec(MAP_CONFIG, "array", "__u32", "struct lb_config", lambda c: 1, users=(PROG_PROBE,)),
     MapSpec(MAP_VIP_STATS, "percpu_array", "__u32", "struct vip_stats", lambda c: c.max_vips),
     MapSpec(MAP_VIP_FLOWS, "percpu_array", "__u32", "struct vip_flows", lambda c: c.max_vips),

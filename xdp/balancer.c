@@ -49,6 +49,15 @@ static __always_inline void *ct_syn_slot(int v6, __u32 fh)
     return s;
 }
 
+/* The byte of ct_syn_used that says whether that slot may hold an entry. */
+static __always_inline __u8 *ct_syn_used_at(int v6, __u32 fh)
+{
+    __u32 t = v6 ? 1 : 0;
+    struct ct_syn_used *u = ct_syn_used.lookup(&t);
+
+    return u ? &u->used[fh & (MAP_CT_SYN_ENTRIES - 1)] : NULL;
+}
+
 #include "conntrack.h"
 
 /* The clock of UDP expiry and the rate limits: the coarse monotonic clock
@@ -220,14 +229,21 @@ static __always_inline const __u32 *ct_key_of(const struct pkt *p, struct flow4_
  * holds the slot, *seq the sequence word it was read under), else from the
  * connection table (*e then points at it). 0 with a stable copy in *c, or -1. */
 static __always_inline int ct_get(int v6, const __u32 *k, __u32 fh, struct ct_entry *c,
-                                  struct ct_entry **e, void **syn, __u32 *seq)
+                                  struct ct_entry **e, void **syn, __u8 **used, __u32 *seq)
 {
     __u32 words = v6 ? CT_KEY6_WORDS : CT_KEY4_WORDS;
-    void *s = ct_syn_slot(v6, fh);
+    __u8 *u = ct_syn_used_at(v6, fh);
 
-    if (s && !ct_syn_find(s, k, words, c, seq)) {
-        *syn = s;
-        return 0;
+    /* the slot only when its byte says it may hold an entry: most packets
+     * read one byte of a small array here, not a slot of the SYN table */
+    if (u && *(volatile __u8 *)u) {
+        void *s = ct_syn_slot(v6, fh);
+
+        if (s && !ct_syn_find(s, k, words, c, seq)) {
+            *syn = s;
+            *used = u;
+            return 0;
+        }
     }
     *e = ct_find(v6, k, fh, c);
     return *e ? 0 : -1;
@@ -250,6 +266,7 @@ static __always_inline int ct_lookup(struct pkt *p, const struct lb_config *cfg,
     const __u32 *k = ct_key_of(p, &k4);
     struct ct_entry c, *e = NULL;
     void *syn = NULL;
+    __u8 *used = NULL;
     struct vip_info *vi;
     struct backend *b;
     __u32 idx, vid, seq = 0;
@@ -258,9 +275,9 @@ static __always_inline int ct_lookup(struct pkt *p, const struct lb_config *cfg,
 
     /* one call per family: each inlined with its own key size and maps */
     if (v6)
-        err = ct_get(1, k, fh, &c, &e, &syn, &seq);
+        err = ct_get(1, k, fh, &c, &e, &syn, &used, &seq);
     else
-        err = ct_get(0, k, fh, &c, &e, &syn, &seq);
+        err = ct_get(0, k, fh, &c, &e, &syn, &used, &seq);
     if (err)
         return -1;
     idx = c.backend;
@@ -271,7 +288,7 @@ static __always_inline int ct_lookup(struct pkt *p, const struct lb_config *cfg,
         goto stale;
     if (vi->flags & VIP_F_NO_CONNTRACK) {
         if (syn)
-            ct_syn_clear(syn, words, seq);
+            ct_syn_clear(syn, words, seq, used);
         return -1; /* such a VIP never uses the table (the flag came after the entry) */
     }
     if (!(b->flags & BACKEND_F_VALID) || b->generation != c.generation || !listed_by(b, vid))
@@ -289,7 +306,7 @@ static __always_inline int ct_lookup(struct pkt *p, const struct lb_config *cfg,
         else
             err = ct_write(0, k, fh, &c, gs);
         if (!err) {
-            ct_syn_clear(syn, words, seq);
+            ct_syn_clear(syn, words, seq, used);
             gs->ct_promote++;
         }
     } else if (p->flow.proto == PROTO_UDP) {
@@ -308,7 +325,7 @@ static __always_inline int ct_lookup(struct pkt *p, const struct lb_config *cfg,
     return 0;
 stale:
     if (syn)
-        ct_syn_clear(syn, words, seq);
+        ct_syn_clear(syn, words, seq, used);
     gs->ct_stale++;
     return -1;
 }
@@ -384,6 +401,7 @@ static __always_inline int pick_backend(struct pkt *p, const struct vip_meta *vi
 
         const __u32 *k = ct_key_of(p, &k4);
         void *s;
+        __u8 *u;
 
         /* a SYN's entry waits in the SYN table for the flow's next packet; a
          * flow whose first packet we see is no SYN (UDP; TCP when the LB
@@ -393,12 +411,14 @@ static __always_inline int pick_backend(struct pkt *p, const struct vip_meta *vi
             err = -1;
             if (p->flow.family == FAMILY_V4) {
                 s = ct_syn_slot(0, fh);
-                if (s)
-                    err = ct_syn_write(s, k, CT_KEY4_WORDS, &fresh, gs);
+                u = ct_syn_used_at(0, fh);
+                if (s && u)
+                    err = ct_syn_write(s, k, CT_KEY4_WORDS, &fresh, gs, u);
             } else {
                 s = ct_syn_slot(1, fh);
-                if (s)
-                    err = ct_syn_write(s, k, CT_KEY6_WORDS, &fresh, gs);
+                u = ct_syn_used_at(1, fh);
+                if (s && u)
+                    err = ct_syn_write(s, k, CT_KEY6_WORDS, &fresh, gs, u);
             }
         } else {
             if (p->flow.family == FAMILY_V4)

@@ -289,8 +289,10 @@ static __always_inline int ct_syn_find(void *s, const __u32 *k, __u32 words, str
     return 0;
 }
 
-/* Empties slot s if it still holds what was read under `seq`. */
-static __always_inline void ct_syn_clear(void *s, __u32 words, __u32 seq)
+/* Empties slot s if it still holds what was read under `seq`, and says so
+ * in its byte `used` (written while the slot is claimed, so that the byte and
+ * the slot change in the same order for every CPU). */
+static __always_inline void ct_syn_clear(void *s, __u32 words, __u32 seq, __u8 *used)
 {
     struct ct_entry *e = ct_entry_at(s, words, 0);
     __u64 *word = (__u64 *)&e->seq;
@@ -300,6 +302,7 @@ static __always_inline void ct_syn_clear(void *s, __u32 words, __u32 seq)
         return; /* rewritten since, or being rewritten: that write stands */
     ct_key_at(s, words, 0)[words - 1] = 0;
     e->backend = 0;
+    *(volatile __u8 *)used = 0;
     ct_barrier();
     *(volatile __u32 *)&e->seq = seq + 2;
 }
@@ -307,7 +310,8 @@ static __always_inline void ct_syn_clear(void *s, __u32 words, __u32 seq)
 /* Writes a SYN's entry into slot s, over whatever the slot held. Returns 0,
  * or -1 when another CPU was writing the slot (ct_busy). */
 static __always_inline int ct_syn_write(void *s, const __u32 *k, __u32 words,
-                                        const struct ct_entry *fresh, struct global_stats *gs)
+                                        const struct ct_entry *fresh, struct global_stats *gs,
+                                        __u8 *used)
 {
     struct ct_entry *e = ct_entry_at(s, words, 0);
     __u32 *key = ct_key_at(s, words, 0);
@@ -321,6 +325,7 @@ static __always_inline int ct_syn_write(void *s, const __u32 *k, __u32 words,
         return -1;
     }
     other = e->backend && !ct_key_eq(key, k, words);
+    *(volatile __u8 *)used = 1;
     ct_store(key, e, k, words, fresh, (__u32)old + 2);
     if (other)
         gs->ct_syn_evict++;

@@ -71,6 +71,9 @@ L4LB_MAP("array", __u32, struct ct_bucket6, conntrack6, MAP_CONNTRACK6_ENTRIES, 
 L4LB_MAP("array", __u32, struct ct_way4, ct_syn, MAP_CT_SYN_ENTRIES, MAP_CT_SYN_FLAGS);
 /* the same for IPv6 flows */
 L4LB_MAP("array", __u32, struct ct_way6, ct_syn6, MAP_CT_SYN6_ENTRIES, MAP_CT_SYN6_FLAGS);
+/* 0 (IPv4), 1 (IPv6) -> a byte per SYN slot: 1 while the slot may hold an
+ * entry, so that established packets read their slot only then */
+L4LB_MAP("array", __u32, struct ct_syn_used, ct_syn_used, MAP_CT_SYN_USED_ENTRIES, MAP_CT_SYN_USED_FLAGS);
 /* index 0 -> runtime configuration */
 L4LB_MAP("array", __u32, struct lb_config, config, MAP_CONFIG_ENTRIES, MAP_CONFIG_FLAGS);
 /* vip_id -> packets and bytes, per CPU */

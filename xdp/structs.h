@@ -98,6 +98,12 @@ struct ct_way6 {
     struct ct_entry e;
 };
 
+/* Which slots of a SYN table may hold an entry: a byte per slot, 1 while it
+ * does (xdp/conntrack.h), so that a packet reads its slot only then. */
+struct ct_syn_used {
+    __u8 used[MAP_CT_SYN_ENTRIES];
+};
+
 /* One bucket of the connection table: CT_WAYS ways, filled in order. */
 struct ct_bucket4 {
     struct ct_way4 way[CT_WAYS];

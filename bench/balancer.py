@@ -9,6 +9,7 @@ import statistics
 from dataclasses import asdict, dataclass, field
 
 from scapy.layers.inet import IP, TCP
+from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 
 from l4lb import consts, libbpf
@@ -25,6 +26,9 @@ WORKTREE = worktree()
 
 ICMP_RATE_UNLIMITED = 0xFFFFFFFF
 EVICT_SLACK = 16  # entries a full LRU table may gain or lose: evictions come in small batches
+# counters of the flows a round of new flows may give up for later ones: a way of a pair of
+# full buckets (ct_evict), a slot of the SYN table that a later SYN took (ct_syn_evict)
+EVICTS = ("ct_evict", "ct_syn_evict")
 
 # verdict paths of balancer.c: every path moves exactly one of these counters
 VERDICT_COUNTERS = {
@@ -54,6 +58,20 @@ def tcp4_frame(src: str, dst: str, flags: str, sport: int) -> bytes:
     return bytes(eth() / IP(src=src, dst=dst, flags="DF", ttl=64) / tcp(flags, sport))
 
 
+def with_tcp(frame: bytes, flags: str) -> bytes:
+    """The same flow's packet with the TCP header of tcp(flags) (the client's SYN or
+    ACK), lengths and checksums made again. The varied fields keep their offsets (the
+    IP header is the same; the TCP options come after them)."""
+    pkt = Ether(frame)
+    ip = pkt[IP] if IP in pkt else pkt[IPv6]
+    old = pkt[TCP]
+    ip.remove_payload()
+    for f in ("len", "chksum", "plen"):
+        if f in ip.fields:
+            delattr(ip, f)  # made again from the new payload
+    return bytes(pkt / tcp(flags, old.sport, old.dport))
+
+
 IP_OFF = 14
 # an IPv4 TCP frame of tcp4_frame() made a new flow on every run
 VARY4 = Vary(sport_off=IP_OFF + 20, addr_off=IP_OFF + 14, ipcsum_off=IP_OFF + 10,
@@ -78,18 +96,12 @@ class Case:
     fill_table: bool = False    # the table is full before timing: every insert evicts
     resident: bool = False      # on the balancer whose table holds a resident population
     may_move: tuple[str, ...] = ()  # counters that may move by any amount (recorded): a table of
-                                    # buckets gives up a flow, rarely, when a new flow's buckets are full
+                                    # buckets gives up a flow, rarely, when a new flow's buckets are
+                                    # full (ct_evict); SYNs of a round take each other's slots of a
+                                    # SYN table (ct_syn_evict)
     fib: bool = False           # on the balancer in next_hop fib, run in a namespace of routes
                                 # (l4lb.testbed.FibNet) with its lb0 as the ingress interface
     encap: str = "ipip"         # the VIP's encapsulation: a build without GUE leaves "gue" cases out
-
-
-def seed_frame(case: Case) -> bytes:
-    """The SYN of a case's flow (its frame with the TCP flags set to SYN alone)."""
-    frame = bytearray(case.frame)
-    off = case.vary.sport_off + 13
-    frame[off] = 0x02
-    return bytes(frame)
 
 
 def drop_case(frame: bytes) -> Case:
@@ -281,30 +293,45 @@ class Measurer:
         return libbpf.run(self.target_fd(case), frame if frame is not None else case.frame,
                           ifindex=self.ifindex)
 
-    def through_harness(self, case: Case, repeat: int = 1) -> libbpf.RunResult:
-        """`repeat` untimed runs through the harness (new flows if the case varies them)."""
-        self.harness.load_frame(case.frame, case.vary, self.next_flow)
+    def through_harness(self, case: Case, repeat: int = 1,
+                        frame: bytes | None = None) -> libbpf.RunResult:
+        """`repeat` untimed runs through the harness (new flows if the case varies them),
+        of the case's frame or of `frame` (another packet of the same flows)."""
+        self.harness.load_frame(case.frame if frame is None else frame, case.vary, self.next_flow)
         r = self.harness.time(self.target_fd(case), repeat).result
         if case.vary:
             self.next_flow += repeat
         return r
 
     def fill_conntrack(self, lb: Balancer, case: Case) -> None:
-        """Inserts new flows until the table stops growing: from then on every insert
-        on this CPU evicts the least recently used entry."""
+        """Makes new flows until the table stops growing: from then on every new flow
+        on this CPU replaces another. Each flow's first packet is an ACK (the case's
+        flow, with_tcp): in every build it writes its entry into the connection table
+        itself, confirmed, where a SYN's waits in the SYN table of a build that has one.
+        That build's SYN table is then filled too, by SYNs, until every slot holds a
+        flow (a flood of new flows: every SYN takes another's slot)."""
+        ack = with_tcp(case.frame, "A")
         if hasattr(lb.conntrack, "remove_all"):
             # an array of buckets: full once every way holds a flow; from then on every
             # insert finds both its buckets full and replaces a flow (ct_evict)
             ways = lb.conntrack.buckets * lb.conntrack.ways
             for _ in range(200):
                 if ctmap.count(lb.conntrack) == ways:
+                    break
+                self.through_harness(case, self.share, ack)
+            else:
+                raise L4lbError(f"the connection table of {ways} ways never filled")
+            slots = getattr(lb.conntrack, "syn_slots", 0)
+            syn = with_tcp(case.frame, "S")
+            for _ in range(100):
+                if not slots or len(lb.conntrack.syn_items()) == slots:
                     return
-                self.through_harness(case, self.share)
-            raise L4lbError(f"the connection table of {ways} ways never filled")
+                self.through_harness(case, slots, syn)
+            raise L4lbError(f"the SYN table of {slots} slots never filled")
         entries = ctmap.count(lb.conntrack)
         chunk = self.share
         for _ in range(4 * self.ncpus + 4):
-            self.through_harness(case, chunk)
+            self.through_harness(case, chunk, ack)
             now = ctmap.count(lb.conntrack)
             grew, entries = now - entries, now
             if grew < chunk // 2:
@@ -384,46 +411,55 @@ class Measurer:
             fails.append("last run: output differs from a direct run on its packet")
 
     # ---- established flows, every run another one -------------------------------------------
-    def seed(self, lb: Balancer, syn: bytes, vary: Vary, flow0: int, n: int, fails: list[str],
+    def seed(self, lb: Balancer, first: bytes, vary: Vary, flow0: int, n: int, fails: list[str],
              grows: bool = True) -> int:
-        """Makes the entries of flows flow0 .. flow0+n-1 with SYNs of them (untimed).
-        Returns the entries written; grows: the table must have grown by n."""
-        table = lb.table_for(syn)
-        n0, (g0, _) = ctmap.count(table), lb.stats(None)
-        self.harness.load_frame(syn, vary, flow0)
+        """Sends flows flow0 .. flow0+n-1 their packet `first` (untimed), each the flow's
+        first: a SYN, or another packet, which writes the flow's entry into the connection
+        table itself in every build. Returns the entries written (ct_insert); grows: the
+        table must have grown by n. SYNs of one call must not take each other's SYN slots
+        (ct_syn_evict): their flows would find no entry."""
+        table = lb.table_for(first)
+        n0 = ctmap.count(table) if grows else 0
+        g0, _ = lb.stats(None)
+        self.harness.load_frame(first, vary, flow0)
         seeded = self.harness.time(lb.prog.fd, n).result
-        n1, (g1, _) = ctmap.count(table), lb.stats(None)
+        g1, _ = lb.stats(None)
         inserted = g1["ct_insert"] - g0["ct_insert"]
-        if seeded.verdict != XDP_TX or inserted != n:
-            fails.append(f"seeding SYNs: {inserted} entries written, expected {n}")
-        if grows and n1 - n0 != n:
-            fails.append(f"seeding SYNs: the table grew by {n1 - n0}, expected {n}")
+        syn_evicted = g1.get("ct_syn_evict", 0) - g0.get("ct_syn_evict", 0)
+        if seeded.verdict != XDP_TX or inserted != n or syn_evicted:
+            fails.append(f"seeding: {inserted} entries written, {syn_evicted} SYN slots taken "
+                         f"over; expected {n} and 0")
+        if grows and ctmap.count(table) - n0 != n:
+            fails.append(f"seeding: the table grew by {ctmap.count(table) - n0}, expected {n}")
         return inserted
 
-    def measure_spread(self, case: Case, round_no: int, seed: bytes | None = None) -> RoundResult:
-        """Every run hits a different established flow. With `seed` (the SYN of the case's
-        flow), this round's `repeat` flows get their entries first from SYNs (untimed) and
-        lose them after; without it the runs cycle through the flows resident in the table
-        (case.vary.wrap of them, made before, from flow number 0)."""
+    def measure_spread(self, case: Case, round_no: int, seeded: bool = False) -> RoundResult:
+        """Every run hits a different established flow. seeded: this round's `repeat`
+        flows get their entries first from the case's own packet (untimed, each flow's
+        first: an ACK writes the entry, confirmed, in every build) and lose them after,
+        so that every timed run is its flow's second packet; otherwise the runs cycle
+        through the flows resident in the table (case.vary.wrap of them, made before,
+        from flow number 0)."""
         repeat, lb, fails = self.repeat, self.lb(case), []
         res = RoundResult(case.name, round_no, repeat, 0, 0.0)
         table = lb.table_for(case.frame)
         inserted = 0
-        if seed is not None:
+        if seeded:
             flow0 = self.next_flow
             self.next_flow += repeat
-            inserted = self.seed(lb, seed, case.vary, flow0, repeat, fails,
+            inserted = self.seed(lb, case.frame, case.vary, flow0, repeat, fails,
                                  grows=not case.fill_table)
         else:
             flow0 = 0
             if hasattr(table, "remove_all") and ctmap.count(table) < case.vary.wrap:
                 # a table of buckets gave up a resident flow for a SYN case's flow (both its
-                # buckets full, rare): the residents' SYNs again, untimed, bring it back
-                self.harness.load_frame(seed_frame(case), case.vary, 0)
+                # buckets full, rare; a build with a SYN table writes no SYN there): the
+                # residents' own packets again, untimed, bring it back
+                self.harness.load_frame(case.frame, case.vary, 0)
                 self.harness.time(lb.prog.fd, case.vary.wrap)
                 res.reseeded = True
                 if ctmap.count(table) < case.vary.wrap:
-                    fails.append("resident flows missing, and their SYNs did not bring them back")
+                    fails.append("resident flows missing, and their packets did not bring them back")
         entries0 = ctmap.count(table)
 
         before = self.harness_alone(case, fails, flow0)
@@ -439,7 +475,7 @@ class Measurer:
         self.prove_harness(res, case, hc, flow0, fails)
         last = case.vary.apply(case.frame, case.vary.after(flow0, repeat - 1))
         self.prove_last_run(case, t, self.direct(case, last), fails)
-        if seed is None:
+        if not seeded:
             res.new_entries = ctmap.count(table) - entries0
             if res.new_entries:
                 fails.append(f"the resident flows' table changed by {res.new_entries} entries")
@@ -523,19 +559,24 @@ class Measurer:
         if hc is not None:
             self.prove_harness(res, case, hc, flow0, fails)
 
-        # every SYN made its own new entry
+        # every SYN made its own new entry, but for those a later one gave up (ct_evict: a
+        # way of the connection table; ct_syn_evict: a slot of the SYN table)
         if case.vary:
             entries1 = ctmap.count(table)
+            evicted = sum(res.counters.get(k, 0) for k in EVICTS)
             if case.fill_table:
-                # the kernel evicts a few entries at a time: allow that much movement
                 res.new_entries = entries1 - entries0
-                if abs(entries1 - entries0) > EVICT_SLACK:
-                    fails.append(f"full table: {entries0} entries before, {entries1} after; "
-                                 "every insert should have evicted one")
+                if "ct_evict" not in s1[0]:
+                    # the kernel's LRU evicts a few entries at a time, uncounted: allow that much
+                    if abs(entries1 - entries0) > EVICT_SLACK:
+                        fails.append(f"full table: {entries0} entries before, {entries1} after; "
+                                     "every insert should have evicted one")
+                elif entries1 - entries0 != repeat - evicted:
+                    fails.append(f"full table: {entries0} entries before, {entries1} after, "
+                                 f"{evicted} given up; expected {repeat - evicted} more")
             else:
                 # delete exactly this round's flows, newest first (see ctmap.py); a flow
-                # given up for a later one of the round (ct_evict) is not there
-                evicted = res.counters.get("ct_evict", 0)
+                # given up for a later one of the round is not there
                 keys = ctmap.flow_keys(table, case.frame, case.vary, flow0, repeat)
                 res.new_entries = ctmap.delete_keys(table, keys)
                 if entries1 - entries0 != repeat - evicted or res.new_entries > repeat or \

@@ -4,6 +4,7 @@ proven (bench.pktcost and bench.scaling measure this way; the method is in
 bench/pktcost.py's notes)."""
 from __future__ import annotations
 
+import ctypes
 import os
 import statistics
 from dataclasses import asdict, dataclass, field
@@ -13,13 +14,14 @@ from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 
 from l4lb import consts, libbpf
+from l4lb.conntrack import key_hash
 from l4lb.errors import L4lbError
 from l4lb.libbpf import XDP_DROP, XDP_TX
 from l4lb.model import VipKey
 
 from . import ctmap
 from .common import CLIENT_MAC, GW_MAC, LB_MAC, minmed, pin_to_cpu, possible_cpus
-from .harness import Harness, Timing, Vary, time_run
+from .harness import Harness, HarnessCounts, Timing, Vary, time_run
 from .ref import Code, worktree
 
 WORKTREE = worktree()
@@ -99,6 +101,8 @@ class Case:
                                     # buckets gives up a flow, rarely, when a new flow's buckets are
                                     # full (ct_evict); SYNs of a round take each other's slots of a
                                     # SYN table (ct_syn_evict)
+    after_syn: bool = False     # every run the first packet after its flow's SYN, sent untimed
+                                # before it (Measurer.measure_after_syn)
     fib: bool = False           # on the balancer in next_hop fib, run in a namespace of routes
                                 # (l4lb.testbed.FibNet) with its lb0 as the ingress interface
     encap: str = "ipip"         # the VIP's encapsulation: a build without GUE leaves "gue" cases out
@@ -126,8 +130,17 @@ class RoundResult:
     counters: dict[str, int] = field(default_factory=dict)  # nonzero deltas
     harness_counts: dict[str, int] = field(default_factory=dict)
     new_entries: int | None = None  # SYN: the run's flows found; full table: the size change
+    batches: int | None = None      # after_syn: the batches the round's runs went in
     reseeded: bool = False          # resident flows given up before the round were made again
     failures: list[str] = field(default_factory=list)
+
+
+def _mean_timing(timings: list[Timing], runs: list[int]) -> Timing:
+    """The timings of batches as one of all their runs: the means weighted by each
+    batch's runs, and the last batch's result."""
+    total = sum(runs)
+    return Timing(round(sum(t.kernel_ns * n for t, n in zip(timings, runs)) / total),
+                  sum(t.wall_ns * n for t, n in zip(timings, runs)) / total, timings[-1].result)
 
 
 def cost_summary(rounds: list[RoundResult], drop: list[int]) -> dict:
@@ -252,6 +265,9 @@ class Measurer:
         self._own_lbs = True
         self.lbs: dict[str, Balancer] = {}
         self.next_flow = 0
+        # the after_syn cases' own series of flow numbers (their own client address): every
+        # build of an A/B run times the same flows in the same batches
+        self.next_flow_after_syn = 0
         self._affinity, self.cpu = pin_to_cpu(cpu)
         self.ncpus = possible_cpus()
         self.fibnet = None  # FibNet of the fib cases: made after pin_to_cpu, its thread inherits the CPU
@@ -338,16 +354,19 @@ class Measurer:
                 return
         raise L4lbError(f"the connection table of {self.capacity.ct_size} entries never filled")
 
-    def harness_alone(self, case: Case, fails: list[str], flow: int | None = None) -> Timing:
+    def harness_alone(self, case: Case, fails: list[str], flow: int | None = None,
+                      runs: int | None = None) -> Timing:
         """The harness tail-calling XDP_DROP, on the case's frame (and flows): from flow
-        number `flow`, or by default from the next one, which it then moves on."""
+        number `flow`, or by default from the next one, which it then moves on; `runs`
+        runs (default: repeat)."""
         advance = flow is None
+        runs = runs or self.repeat
         self.harness.load_frame(case.frame, case.vary, self.next_flow if advance else flow)
-        t = self.harness.time(self.harness.drop.fd, self.repeat)
+        t = self.harness.time(self.harness.drop.fd, runs)
         hb = self.harness.counts()
         if case.vary and advance:
-            self.next_flow += self.repeat
-        if t.result.verdict != XDP_DROP or hb.runs != self.repeat or hb.moved or hb.failed:
+            self.next_flow += runs
+        if t.result.verdict != XDP_DROP or hb.runs != runs or hb.moved or hb.failed:
             fails.append(f"harness alone: verdict {t.result.verdict_name}, {hb}")
         return t
 
@@ -387,9 +406,10 @@ class Measurer:
             fails.append(f"verdicts {res.verdicts}, expected {want}={self.repeat}")
 
     def prove_harness(self, res: RoundResult, case: Case, hc, flow0: int,
-                      fails: list[str]) -> None:
-        """The harness ran every time and undid every head move."""
-        repeat = self.repeat
+                      fails: list[str], runs: int | None = None) -> None:
+        """The harness ran every time and undid every head move; `runs` times (default:
+        repeat) from flow number flow0."""
+        repeat = runs or self.repeat
         res.harness_counts = asdict(hc)
         want_moved = repeat - 1 if case.head_moves else 0
         if hc.runs != repeat or hc.failed or hc.moved != want_moved or \
@@ -490,6 +510,84 @@ class Measurer:
         res.failures = fails
         return res
 
+    # ---- the first packet after a SYN ---------------------------------------------------------
+    def syn_batches(self, table, case: Case, flow0: int, n: int) -> list[tuple[int, int]]:
+        """(first flow number, runs) of the batches that flows flow0 .. flow0+n-1 go in:
+        each the longest run of consecutive flows whose keys take distinct slots of a SYN
+        table, which holds one flow a slot, so that the SYNs of a batch all wait there.
+        The slots are the build's own; for a build without a SYN table, the working
+        tree's slot function on the build's key bytes (builds with the same key layout
+        run the same batches)."""
+        if getattr(table, "syn_slots", 0):
+            slot_of = table.syn_slot
+        else:
+            def slot_of(raw: bytes) -> int:
+                return key_hash(raw) & (consts.CT_SYN_SLOTS - 1)
+        ks = ctypes.sizeof(table.Key)
+        keys = ctmap.flow_keys(table, case.frame, case.vary, flow0, n, newest_first=False)
+        batches, taken, start = [], set(), 0
+        for j in range(n):
+            slot = slot_of(keys[j * ks:(j + 1) * ks])
+            if slot in taken:
+                batches.append((case.vary.after(flow0, start), j - start))
+                taken, start = set(), j
+            taken.add(slot)
+        batches.append((case.vary.after(flow0, start), n - start))
+        return batches
+
+    def measure_after_syn(self, case: Case, round_no: int) -> RoundResult:
+        """Every run the first packet after its flow's SYN (the flow's second packet),
+        `repeat` new flows a round. A SYN table holds one flow a slot, far fewer than a
+        round's flows, so the round goes in batches (syn_batches): the batch's SYNs,
+        untimed, then its flows' packets, timed, and the harness alone on the same flows
+        right before and after. The round's times are the means over all its runs; the
+        proofs cover every batch, and the round's flows are removed at its end."""
+        repeat, lb, fails = self.repeat, self.lb(case), []
+        res = RoundResult(case.name, round_no, repeat, 0, 0.0)
+        table = lb.table_for(case.frame)
+        syn = with_tcp(case.frame, "S")
+        flow0 = self.next_flow_after_syn
+        self.next_flow_after_syn += repeat
+        batches = self.syn_batches(table, case, flow0, repeat)
+        entries0 = ctmap.count(table)
+        timings: list[list[Timing]] = [[], [], []]  # before, timed, after
+        moved = dict.fromkeys(lb.stats(None)[0], 0)  # the counters' moves over the timed runs
+        packets = 0
+        counts = HarnessCounts(0, 0, 0, 0, 0)
+        for first, n in batches:
+            self.seed(lb, syn, case.vary, first, n, fails, grows=False)
+            timings[0].append(self.harness_alone(case, fails, first, n))
+            g0, p0 = lb.stats(case.vip)
+            self.harness.load_frame(case.frame, case.vary, first)
+            timings[1].append(self.harness.time(lb.prog.fd, n))
+            hc = self.harness.counts()
+            g1, p1 = lb.stats(case.vip)
+            timings[2].append(self.harness_alone(case, fails, first, n))
+            self.prove_harness(res, case, hc, first, fails, n)
+            for k in moved:
+                moved[k] += g1[k] - g0[k]
+            packets += p1 - p0
+            counts = HarnessCounts(counts.runs + hc.runs, counts.moved + hc.moved,
+                                   counts.moved_bytes + hc.moved_bytes, counts.failed + hc.failed,
+                                   hc.flow)
+        before, t, after = (_mean_timing(ts, [n for _, n in batches]) for ts in timings)
+        self.record_timing(res, t, before, after)
+        self.prove_counters(res, case, (dict.fromkeys(moved, 0), 0), (moved, packets), fails)
+        self.prove_verdicts(res, case, fails)
+        res.harness_counts = asdict(counts)
+        res.batches = len(batches)
+        last = case.vary.apply(case.frame, case.vary.after(flow0, repeat - 1))
+        self.prove_last_run(case, t, self.direct(case, last), fails)
+        # every flow's entry now in the connection table, once; removed, newest first
+        grew = ctmap.count(table) - entries0
+        keys = ctmap.flow_keys(table, case.frame, case.vary, flow0, repeat)
+        res.new_entries = ctmap.delete_keys(table, keys)
+        if grew != repeat or res.new_entries != repeat:
+            fails.append(f"connection table: grew by {grew}, {res.new_entries} of the {repeat} "
+                         "flows found; expected all")
+        res.failures = fails
+        return res
+
     # ---- one case, one round ------------------------------------------------------------------
     def in_namespace(self, case: Case, fn, *args):
         """fn(*args) where the case runs: a fib case on the FibNet's thread (the FIB
@@ -511,6 +609,8 @@ class Measurer:
     def _measure(self, case: Case, round_no: int = 1) -> RoundResult:
         if case.vary and case.vary.wrap:
             return self.measure_spread(case, round_no)
+        if case.after_syn:
+            return self.measure_after_syn(case, round_no)
         repeat = self.repeat
         fails: list[str] = []
         lb = self.lb(case) if case.target == "lb" else None

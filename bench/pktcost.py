@@ -23,10 +23,13 @@ After each timed run the path is proven, not assumed: the balancer's global
 counters must have moved by exactly `repeat` for the counters of the expected
 path and by 0 for every other one, the harness must have run `repeat` times and
 moved the head back after every encapsulation, the last run's verdict and
-output must equal a single direct run on the same packet, and the SYN case
-must leave exactly `repeat` new entries in the connection table. A tail call
-never returns, so verdicts are counted from the balancer's counters (each
-verdict path moves exactly one of them).
+output must equal a single direct run on the same packet, and the SYN cases
+must leave exactly `repeat` new entries in the connection table, less the flows
+that later SYNs of the round gave up (ct_evict; ct_syn_evict in a build with a
+SYN table, whose 16,384 slots a round's SYNs share). A tail call never returns,
+so verdicts are counted from the balancer's counters (each verdict path moves
+exactly one of them). Where builds differ in the path (a SYN table), each build
+is held to its own counters.
 
 Timings are the kernel's: the mean per run in whole ns, leaving out the time
 the CPU gave to other tasks. The wall clock around the syscall is kept in the
@@ -36,19 +39,36 @@ The SYN cases depend on the state of the connection table, so each has one
 that every round finds again: `syn` inserts into free entries, handed out in
 the order of the first fill after loading (each round's flows are deleted
 newest first, see ctmap.py); `syn_evict` runs on a second balancer whose table
-was filled once and stays full, so every insert evicts (a long-running LB
-under a flood of new flows).
+was filled once and stays full (a long-running LB under a flood of new flows):
+without a SYN table every insert evicts a flow; with one, that table is filled
+too, by SYNs, and every SYN takes the slot of another that is still waiting.
+
+Flows that must exist before a case (the resident flows, the full table, the
+spread flows of bench.scaling) are made by their first packet, an ACK, which
+writes its entry into the connection table, confirmed, in every build; SYNs
+would only take each other's slots of a SYN table.
+
+`syn_ack` is the other half of a new connection: every run the first packet
+after its flow's SYN (the SYN sent untimed just before). A build with a SYN
+table moves the SYN's entry into the connection table there (ct_promote): the
+write a SYN no longer does. A SYN table holds one flow a slot, so a round goes
+in batches, each the longest run of consecutive flows whose SYNs take distinct
+slots (a build without a SYN table: the same batches, by the working tree's
+slot function): the batch's SYNs, then its ACKs timed, the harness alone timed on
+the same flows right before and after; the round's figures are the means over
+its runs, and its flows are removed at its end.
 
 The populated cases run on a third balancer whose table holds RESIDENT flows,
-made once by their SYNs in flow-number order. `spread` visits them in another
-order: each run's flow number is the previous one plus a stride near 0.618 x
+made once by their first packets in flow-number order. `spread` visits them in
+another order: each run's flow number is the previous one plus a stride near 0.618 x
 RESIDENT, modulo RESIDENT (coprime with it, so a cycle visits every flow once;
 harness.c). Real traffic interleaves the packets of many flows, so no table
 reads its entries in the order it allocated them; a table that takes its
 entries off a free list in order (the kernel's LRU hash) would, with flows
 visited in the order they were made, be read sequentially and prefetched.
 `syn_resident` makes flows never seen: each table puts their entries where it
-puts any new flow's (the LRU hash: the next node of its free list)."""
+puts any new SYN's (the LRU hash: the next node of its free list; a build with
+a SYN table: the flow's slot there)."""
 from __future__ import annotations
 
 import argparse
@@ -69,8 +89,8 @@ from l4lb.model import VipKey, VipSpec
 from l4lb.state import LbState
 
 from . import ctmap
-from .balancer import (ICMP_RATE_UNLIMITED, IP_OFF, VARY4, WORKTREE, Balancer, Case, Loaded,
-                       Measurer, RoundResult, cost_summary, drop_case, eth, tcp, tcp4_frame)
+from .balancer import (EVICTS, ICMP_RATE_UNLIMITED, IP_OFF, VARY4, WORKTREE, Balancer, Case,
+                       Loaded, Measurer, RoundResult, cost_summary, drop_case, eth, tcp, tcp4_frame)
 from .common import (CLIENT4, GW_MAC, RESULTS_DIR, VIP4, finish_report, machine, progress, run_command,
                      table, utc_now)
 from .harness import Harness, Vary
@@ -93,6 +113,7 @@ VIP6_GUE = "fd00:198:18:10::13"  # TCP :80, IPv6 backends, encap: gue
 NOT_A_VIP = "198.18.1.1"      # the LB's own link address: XDP_PASS
 VIP_RESIDENT = "198.18.10.12"  # TCP :80, IPv4 backends: the resident flows' VIP
 CLIENT_RESIDENT = "198.18.0.7"  # the resident flows come from 198.18.0.7-10, other ports
+CLIENT_AFTER_SYN = "198.18.0.6"  # syn_ack's flows (a series of their own): never 198.18.0.5:40001
 RESIDENT = 200_000            # flows resident in the table of the populated cases
 BACKENDS4 = [f"198.18.2.{i}" for i in range(1, 9)]
 BACKENDS6 = [f"fd00:198:18:2::{i}" for i in range(1, 9)]
@@ -110,8 +131,11 @@ TARGETS = {  # docs: performance targets (ratios from one run on one machine)
 
 # ---- the cases ----------------------------------------------------------------------------
 
-def build_cases() -> list[Case]:
+def build_cases(syn_table: bool = True) -> list[Case]:
+    """The cases, with the counters of a build that has a SYN table (Code.syn_table) or of
+    one that has none."""
     syn = tcp4_frame(CLIENT4, VIP4, "S", 40000)
+    ack_after_syn = tcp4_frame(CLIENT_AFTER_SYN, VIP4, "A", 40000)
     est = tcp4_frame(CLIENT4, VIP4, "A", 40001)
     udp = bytes(eth() / IP(src=CLIENT4, dst=VIP4, ttl=64) / UDP(sport=40002, dport=53) /
                 Raw(bytes(range(40))))
@@ -134,19 +158,25 @@ def build_cases() -> list[Case]:
              "backend (fib_hops, asked again at each round's start), XDP_TX", est, "lb", XDP_TX, ("tx", "ct_hit"), 20,
              tcp80, prime=True, fib=True),
         Case("syn", "TCP SYN, a new connection-table entry per run, 4in4", syn, "lb", XDP_TX,
-             ("tx", "ct_miss", "ct_insert"), 20, tcp80, vary=VARY4, may_move=("ct_evict",)),
+             ("tx", "ct_miss", "ct_insert"), 20, tcp80, vary=VARY4, may_move=EVICTS),
         Case("syn6", "IPv6 TCP SYN, a new connection-table entry per run, 6in6", syn6, "lb",
              XDP_TX, ("tx", "ct_miss", "ct_insert"), 40, VipKey(VIP6, 80, "tcp"), vary=VARY6,
-             may_move=("ct_evict",)),
+             may_move=EVICTS),
         Case("syn_resident", f"TCP SYN, a new entry per run, {RESIDENT:,} flows resident, 4in4",
              syn, "lb", XDP_TX, ("tx", "ct_miss", "ct_insert"), 20, tcp80, vary=VARY4,
-             resident=True, may_move=("ct_evict",)),
+             resident=True, may_move=EVICTS),
+        Case("syn_ack", "TCP, the first ACK after its flow's SYN (sent untimed before it; a "
+             "build with a SYN table moves the SYN's entry into the connection table), 4in4",
+             ack_after_syn, "lb", XDP_TX, ("tx", "ct_hit") + (("ct_promote",) if syn_table else ()),
+             20, tcp80, vary=VARY4, may_move=("ct_evict",), after_syn=True),
         Case("spread", f"TCP established, every run another of {RESIDENT:,} resident flows, "
              "4in4", spread, "lb", XDP_TX, ("tx", "ct_hit"), 20,
              VipKey(VIP_RESIDENT, 80, "tcp"), vary=VARY4.cycled(RESIDENT), resident=True),
-        Case("syn_evict", "TCP SYN into a full table (each insert evicts), 4in4", syn, "lb",
-             XDP_TX, ("tx", "ct_miss", "ct_insert", "ct_evict"), 20, tcp80, vary=VARY4,
-             fill_table=True),
+        Case("syn_evict", "TCP SYN, the connection table full (without a SYN table each "
+             "insert evicts a flow; with one, the SYN table is full too and each SYN takes "
+             "another's slot), 4in4", syn, "lb", XDP_TX,
+             ("tx", "ct_miss", "ct_insert") + (() if syn_table else ("ct_evict",)), 20, tcp80,
+             vary=VARY4, fill_table=True, may_move=("ct_syn_evict",)),
         Case("udp", "UDP established (connection-table hit), 4in4", udp, "lb", XDP_TX,
              ("tx", "ct_hit"), 20, VipKey(VIP4, 53, "udp"), prime=True),
         Case("v6", "IPv6 TCP established, 6in6", v6, "lb", XDP_TX,
@@ -185,8 +215,8 @@ class PktCost(Measurer):
     """The balancers, the harness and the cases. Three balancers: `main` for
     most cases; `resident`, whose table holds RESIDENT established flows made
     once, for the populated cases; `full` for the SYN case into a full table,
-    whose connection table is filled once and stays full (every insert evicts).
-    `code`: the build to load (the working tree's, or another commit's)."""
+    whose connection table (and SYN table, if the build has one) is filled once
+    and stays full. `code`: the build to load (the working tree's, or another commit's)."""
 
     def __init__(self, repeat: int, cpu: int | None = None, full_table: bool = True,
                  harness: Harness | None = None, code: Code = WORKTREE,
@@ -205,7 +235,7 @@ class PktCost(Measurer):
         self.share = self.capacity.ct_size // self.ncpus
         fib = "next_hop" in {f.name for f in fields(code.dataplane.RuntimeConfig)}  # older builds: no
         encaps = getattr(code.consts, "ENCAPS", {"ipip": 0})  # builds before GUE: IP-in-IP only
-        self.cases = [c for c in build_cases() if (full_table or not c.fill_table) and
+        self.cases = [c for c in build_cases(code.syn_table) if (full_table or not c.fill_table) and
                       (not only or c.name in only or c.target != "lb") and c.encap in encaps and
                       (fib or not c.fib)]
         names = {c.name for c in self.cases}
@@ -214,18 +244,8 @@ class PktCost(Measurer):
             self.lbs["main"] = Balancer(self.capacity, add_vips, code)
             if any(c.fib for c in self.cases):
                 self.load_fib(code)
-            if not names & {"spread", "syn_resident"}:
-                return
-            self.lbs["resident"] = Balancer(self.resident_capacity, add_vips, code)
-            fails: list[str] = []
-            spread = next(c for c in build_cases() if c.name == "spread")
-            self.seed(self.lbs["resident"], tcp4_frame(CLIENT_RESIDENT, VIP_RESIDENT, "S", 1000),
-                      VARY4, 0, RESIDENT, fails)
-            if fails:
-                raise L4lbError(f"{code.label}: the resident flows: {'; '.join(fails)}")
-            if ctmap.count(self.lbs["resident"].table_for(spread.frame)) != RESIDENT:
-                raise L4lbError(f"{code.label}: {RESIDENT} resident flows asked, the table "
-                                "holds another number")
+            if names & {"spread", "syn_resident"}:
+                self.load_resident(code)
             if "syn_evict" in names:
                 self.lbs["full"] = Balancer(self.capacity, add_vips, code)
                 self.fill_conntrack(self.lbs["full"], self.case("syn_evict"))
@@ -235,6 +255,21 @@ class PktCost(Measurer):
                     self.in_namespace(c, self.direct, c)
 
         self.open(load)
+
+    def load_resident(self, code: Code) -> None:
+        """The balancer of the populated cases, with its RESIDENT flows made by their
+        first packets, ACKs (the spread case's frame): each writes its entry into the
+        connection table, confirmed, in every build, where SYNs would take each other's
+        slots of a SYN table."""
+        lb = self.lbs["resident"] = Balancer(self.resident_capacity, add_vips, code)
+        fails: list[str] = []
+        spread = next(c for c in build_cases(code.syn_table) if c.name == "spread")
+        self.seed(lb, spread.frame, VARY4, 0, RESIDENT, fails)  # in flow-number order
+        if fails:
+            raise L4lbError(f"{code.label}: the resident flows: {'; '.join(fails)}")
+        if ctmap.count(lb.table_for(spread.frame)) != RESIDENT:
+            raise L4lbError(f"{code.label}: {RESIDENT} resident flows asked, the table "
+                            "holds another number")
 
     def load_fib(self, code: Code) -> None:
         """The balancer of the fib cases: the same VIPs in next_hop fib, and the
@@ -405,7 +440,7 @@ def run(repeat: int, rounds: int, out: Path | None, cpu: int | None = None,
 
 # ---- A/B: the working tree against another commit ----------------------------------------------
 
-AB_TARGETS = {  # new / old, docs: performance targets
+AB_TARGETS = {  # new / old, docs: performance targets; the other cases are shown without one
     "syn": 0.5, "syn6": 0.5, "syn_resident": 0.5, "spread": 0.65,
     "established": 1.05, "udp": 1.05, "pass": 1.05,
 }

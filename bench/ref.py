@@ -42,6 +42,12 @@ class Code:
         return cls(label, mod("bpf"), mod("dataplane"), mod("state"), mod("model"),
                    mod("consts"), importlib.import_module(package))
 
+    @property
+    def syn_table(self) -> bool:
+        """The build keeps a SYN's entry in a SYN table (xdp/conntrack.h) until the
+        flow's next packet moves it into the connection table."""
+        return hasattr(self.consts, "MAP_CT_SYN")
+
     def capacity(self, cap):
         """The same sizes as this build's own Capacity."""
         return self.consts.Capacity(max_vips=cap.max_vips, max_backends=cap.max_backends,

@@ -176,6 +176,10 @@ def headlines(results: dict) -> list[dict]:
         s = pk["summary"]
         add("pktcost", "established, net ns (median)",
             f"{s['cases']['established']['net_ns']['median']:.0f}")
+        if "syn_ack" in s["cases"]:
+            add("pktcost", "the first ACK after a SYN (its entry moves from the SYN table into "
+                "the connection table), net ns (median)",
+                f"{s['cases']['syn_ack']['net_ns']['median']:.0f}")
         for name, r in s["ratios"].items():
             g = r["gross"]["median"]
             net = r.get("net")

@@ -8,18 +8,22 @@ Three dimensions, each point against the dimension's smallest point:
   vips       1, 8, 64 or 512 VIPs in the maps (each with 8 backends of its own,
              4096 backends in all); the packets go to one of them;
   conntrack  the connection table holding only the measured flows, or full
-             (every insert evicts).
+             (every insert evicts; a build with a SYN table: that is full too, and
+             every SYN takes another's slot).
 The program is compiled once for all points with the largest capacity
 (512 VIPs, 4096 backends, rings of 65537), so the maps are the same size
 throughout and only what they hold changes.
 
 Three packets per point, all to the same VIP (198.18.10.10:80/tcp):
   established         one flow whose entry exists: every run the same hit;
-  established_spread  `repeat` flows whose entries were made (by untimed SYNs)
-                      just before: every run hits a different entry, and, over
-                      a ring of N backends, reads a different backend;
+  established_spread  `repeat` flows whose entries were made just before by
+                      their first packets (untimed ACKs, which write the
+                      connection table in every build): every run hits a
+                      different entry, and, over a ring of N backends, reads a
+                      different backend;
   syn                 every run a new flow: VIP lookup, a pick at a random slot
-                      of the ring, a connection-table insert.
+                      of the ring, a connection-table insert (a build with a
+                      SYN table: into its SYN table).
 
 The method is bench.pktcost's, with its classes: the harness puts the frame back
 before every run and tail-calls the balancer; the harness alone (tail-calling
@@ -29,7 +33,8 @@ in every round. After every timed run the path is proven: the balancer's
 counters moved by exactly `repeat` on the expected path and by 0 elsewhere,
 the VIP's packet counter by `repeat`, the harness ran `repeat` times and undid
 every encapsulation, the last run's output equals a direct run on its packet;
-SYN runs left one new entry each, spread runs hit `repeat` distinct entries.
+SYN runs left one new entry each (less those that later SYNs of the round gave
+up: ct_evict, ct_syn_evict), spread runs hit `repeat` distinct entries.
 
 Every round visits every point (in order in odd rounds, in reverse in even
 ones, so that a slow drift of the machine does not look like growth). Two
@@ -54,7 +59,7 @@ from l4lb.libbpf import XDP_TX
 from l4lb.model import VipKey, VipSpec
 
 from . import ctmap
-from .balancer import (VARY4, Balancer, Case, Loaded, Measurer, RoundResult, cost_summary,
+from .balancer import (EVICTS, VARY4, Balancer, Case, Loaded, Measurer, RoundResult, cost_summary,
                        drop_case, tcp4_frame)
 from .common import (CLIENT4, RESULTS_DIR, VIP4, finish_report, machine, minmed, pool,
                      possible_cpus, progress, run_command, table, utc_now)
@@ -118,12 +123,10 @@ def build_kinds(full: bool) -> dict[str, Case]:
         "syn": Case("syn", "TCP SYN, a new entry per run, 4in4" + tag,
                     tcp4_frame(CLIENT_VARIED, VIP4, "S", 40000), "lb", XDP_TX,
                     ("tx", "ct_miss", "ct_insert"), 20, MEASURED, vary=VARY4, fill_table=full,
-                    may_move=("ct_evict",)),
+                    may_move=EVICTS),
     }
 
 
-# the SYNs that make the spread flows' entries
-SPREAD_SEED = tcp4_frame(CLIENT_VARIED, VIP4, "S", 40000)
 # the plain XDP_DROP program, on the frame bench.pktcost times it with
 DROP_CASE = drop_case(tcp4_frame(CLIENT4, VIP4, "A", 40001))
 
@@ -239,7 +242,7 @@ class Scaling(Measurer):
 
     def measure_kind(self, case: Case, round_no: int) -> RoundResult:
         if case.name == "established_spread":
-            return self.measure_spread(case, round_no, seed=SPREAD_SEED)
+            return self.measure_spread(case, round_no, seeded=True)
         return self.measure(case, round_no)
 
 

@@ -14,7 +14,8 @@ Three measurements:
   compares the LB with the reflector in the same chain.
 - New connections against reflector: the same with a generator that makes every
   frame a TCP SYN of a flow never seen before (bench/gen.c with NEW_FLOWS), so
-  the LB takes a Maglev pick and writes a connection-table entry for every frame:
+  the LB takes a Maglev pick and writes an entry for every frame (a SYN's goes
+  into the SYN table until the flow's next packet):
   connections per second, as a ratio to the reflector's rate on the same frames.
   The LB runs with new_flow_rate 0 (no limit), or the limit would serve most of
   them by Maglev alone; the LB's ct_insert counter must move by exactly the

@@ -1,7 +1,8 @@
 """The per-packet benchmark checked with a tiny repeat: the harness really
-puts the packet back, every case takes the path it claims on every run, and
-the SYN case makes one new connection-table entry per run. Nothing here
-asserts a timing."""
+puts the packet back, every case takes the path it claims on every run, the
+SYN case makes one new connection-table entry per run (but for the flows whose
+SYN slot a later SYN took), and the first ACK after a SYN moves its entry into
+the connection table. Nothing here asserts a timing."""
 import io
 import json
 
@@ -17,8 +18,8 @@ from l4lb import libbpf
 pytestmark = pytest.mark.kernel
 
 REPEAT = 1000
-THROUGH_HARNESS = ["established", "established_fib", "syn", "syn6", "syn_resident", "spread", "syn_evict",
-                   "udp", "v6", "v4_in_v6", "gue", "gue6", "pass", "icmp_echo", "encap"]
+THROUGH_HARNESS = ["established", "established_fib", "syn", "syn6", "syn_resident", "syn_ack", "spread",
+                   "syn_evict", "udp", "v6", "v4_in_v6", "gue", "gue6", "pass", "icmp_echo", "encap"]
 ALL_CASES = THROUGH_HARNESS + ["pass_direct", "drop_direct"]
 
 
@@ -69,27 +70,43 @@ def test_every_case_proves_its_path_on_every_run(bench, name):
     assert r.failures == []
     assert r.verdicts == {libbpf.VERDICTS[case.verdict]: REPEAT}
     if case.target == "lb":
-        assert r.counters == {c: REPEAT for c in case.counters}
+        # SYNs of a round take each other's SYN slots: counted, and only where the case says
+        moved = dict(r.counters)
+        syn_evicted = moved.pop("ct_syn_evict", 0)
+        assert moved == {c: REPEAT for c in case.counters}
+        assert syn_evicted == 0 or "ct_syn_evict" in case.may_move
     if case.harness:
         assert r.harness_counts["runs"] == REPEAT
         assert r.harness_counts["failed"] == 0
-        assert r.harness_counts["moved_bytes"] == case.head_moves * (REPEAT - 1)
+        # a batch's first run finds the head where the frame put it (after_syn: several)
+        assert r.harness_counts["moved_bytes"] == case.head_moves * (REPEAT - (r.batches or 1))
         assert r.net_ns == r.ns - r.harness_ns
+
+
+def syn_evicted(lb, run) -> int:
+    """ct_syn_evict's move over run(): SYNs that took another flow's SYN slot."""
+    before = lb.stats(None)[0]["ct_syn_evict"]
+    run()
+    return lb.stats(None)[0]["ct_syn_evict"] - before
 
 
 def test_syn_case_makes_one_new_entry_per_run(bench):
     case = bench.case("syn")
-    ct = bench.lb(case).conntrack
+    lb = bench.lb(case)
+    ct = lb.conntrack
     before = ctmap.count(ct)
     first = bench.next_flow
-    bench.through_harness(case, REPEAT)
-    assert ctmap.count(ct) - before == REPEAT
-    # each run's own flow is there: deleting exactly those flows finds every one
+    # a SYN's entry waits in the SYN table, whose slots the round's flows share
+    taken = syn_evicted(lb, lambda: bench.through_harness(case, REPEAT))
+    assert 0 < taken < REPEAT // 10
+    assert ctmap.count(ct) - before == REPEAT - taken
+    assert len(ct.syn_items()) == REPEAT - taken
+    # each run's own flow is there but for those: deleting exactly the run's flows finds them
     keys = ctmap.flow_keys(ct, case.frame, case.vary, first, REPEAT)
-    assert ctmap.delete_keys(ct, keys) == REPEAT
-    assert ctmap.count(ct) == before
+    assert ctmap.delete_keys(ct, keys) == REPEAT - taken
+    assert ctmap.count(ct) == before and ct.syn_items() == []
     r = bench.measure(case)
-    assert r.failures == [] and r.new_entries == REPEAT
+    assert r.failures == [] and r.new_entries == REPEAT - r.counters.get("ct_syn_evict", 0)
     assert ctmap.count(ct) == before
 
 
@@ -101,8 +118,34 @@ def test_other_syn_cases_make_one_new_entry_per_run_beside_what_is_resident(benc
     if case.resident:
         assert before == RESIDENT
     r = bench.measure(case)
-    assert r.failures == [] and r.new_entries == REPEAT
+    assert r.failures == [] and r.new_entries == REPEAT - r.counters.get("ct_syn_evict", 0)
     assert ctmap.count(ct) == before
+
+
+def test_the_first_ack_after_a_syn_moves_its_entry_into_the_connection_table(bench):
+    case = bench.case("syn_ack")
+    ct = bench.lb(case).conntrack
+    before = ctmap.count(ct)
+    r = bench.measure(case)
+    assert r.failures == []
+    assert r.counters == {"tx": REPEAT, "ct_hit": REPEAT, "ct_promote": REPEAT}
+    assert r.new_entries == REPEAT and r.batches > 1
+    # the round's flows are gone again, from both tables
+    assert ctmap.count(ct) == before and ct.syn_items() == []
+
+
+def test_after_syn_batches_are_the_longest_runs_of_flows_with_distinct_syn_slots(bench):
+    case = bench.case("syn_ack")
+    ct = bench.lb(case).conntrack
+    batches = bench.syn_batches(ct, case, 5, 3 * REPEAT)
+    assert batches[0][0] == 5 and sum(n for _, n in batches) == 3 * REPEAT
+    keys = ctmap.flow_keys(ct, case.frame, case.vary, 5, 3 * REPEAT, newest_first=False)
+    slots = [ct.syn_slot(keys[i:i + 16]) for i in range(0, len(keys), 16)]
+    for (first, n), (nxt, _) in zip(batches, batches[1:] + [(None, 0)]):
+        mine = slots[first - 5:first - 5 + n]
+        assert len(set(mine)) == n
+        if nxt is not None:
+            assert nxt == first + n and slots[nxt - 5] in mine  # the next flow's slot is taken
 
 
 def test_spread_hits_a_different_resident_flow_on_every_run(bench):
@@ -138,9 +181,12 @@ def test_syn_into_the_full_table_evicts_instead_of_growing(bench):
     ct = bench.lb(case).conntrack
     before = ctmap.count(ct)
     assert before >= bench.share - 16
+    assert len(ct.syn_items()) == ct.syn_slots
     r = bench.measure(case)
     assert r.failures == [] and r.counters["ct_insert"] == REPEAT
     assert abs(ctmap.count(ct) - before) <= 16
+    # what it gives up is another SYN waiting in the full SYN table, never a connection
+    assert r.counters["ct_syn_evict"] == REPEAT and "ct_evict" not in r.counters
 
 
 def test_varied_flows_keep_valid_checksums(bench):
@@ -182,7 +228,7 @@ def test_against_another_commit_times_both_builds_through_one_harness(tmp_path):
     out = tmp_path / "ab.json"
     console = Console(file=io.StringIO(), width=160)
     report = run_ab("b82801c", REPEAT, 1, out, console=console, full_table=False,
-                    only=frozenset({"established", "syn", "syn6", "gue"}))
+                    only=frozenset({"established", "syn", "syn6", "syn_ack", "gue"}))
     assert report["ok"], report["failures"]
     assert "gue" not in report["ab"]  # a build before GUE has no GUE case to compare
     saved = json.loads(out.read_text())
@@ -191,3 +237,9 @@ def test_against_another_commit_times_both_builds_through_one_harness(tmp_path):
     for c in saved["cases"]:
         assert len(c["rounds_new"]) == len(c["rounds_old"]) == 1
     assert saved["ab"]["syn"]["net"]["median"] > 0
+    # the first ACK after a SYN: a plain hit in the old build, the same flows in the same batches
+    ack = next(c for c in saved["cases"] if c["name"] == "syn_ack")
+    new, old = ack["rounds_new"][0], ack["rounds_old"][0]
+    assert new["counters"] == {"tx": REPEAT, "ct_hit": REPEAT, "ct_promote": REPEAT}
+    assert old["counters"] == {"tx": REPEAT, "ct_hit": REPEAT}
+    assert new["batches"] == old["batches"] > 1

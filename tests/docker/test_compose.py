@@ -78,6 +78,11 @@ def stack(pytestconfig, tmp_path_factory):
             dockerenv.log.removeHandler(relay)
 
 
+# The client's fixed source ports: above the kernel's ephemeral range (32768-60999), so
+# that no other socket in the client's namespace can hold one of them.
+SPORTS = 61000
+
+
 def predicted(stack: Stack, vip: str, backends: dict[str, int], sport: int) -> str:
     """The backend name Maglev gives a new flow from the client (what the program must do)."""
     table = maglev_table(backends, RING)
@@ -151,7 +156,7 @@ def test_lb_runs_generic_xdp_and_serves_grpc_with_mutual_tls_on_loopback(stack):
 def test_connections_spread_over_the_backends_as_maglev_predicts(stack):
     vip = stack.addr(100)
     backends = add_vip(stack, vip)
-    results = spread(stack, vip, 90, 40000)
+    results = spread(stack, vip, 90, SPORTS)
     counts = collections.Counter(r["backend"] for r in results)
     assert set(counts) == set(BACKENDS), counts
     assert min(counts.values()) >= 10, counts  # 30 each expected
@@ -181,7 +186,7 @@ def test_a_drained_backend_gets_no_new_connections_and_keeps_its_established_one
     vip = stack.addr(101)
     backends = add_vip(stack, vip)
     drained = "backend-1"
-    sport = next(p for p in range(43000, 44000) if predicted(stack, vip, backends, p) == drained)
+    sport = next(p for p in range(SPORTS + 1000, SPORTS + 2000) if predicted(stack, vip, backends, p) == drained)
     session = Session(stack, vip, sport)
     try:
         assert session.ask() == drained
@@ -189,7 +194,7 @@ def test_a_drained_backend_gets_no_new_connections_and_keeps_its_established_one
             c.call("SetBackendWeights", pb.SetBackendWeightsRequest(
                 id=pb.VipId(address=vip, port=80, protocol="tcp"),
                 backends=[pb.Backend(address=stack.backend_addr(drained), weight=0)]))
-        results = spread(stack, vip, 60, 44000)
+        results = spread(stack, vip, 60, SPORTS + 2000)
         counts = collections.Counter(r["backend"] for r in results)
         assert drained not in counts and set(counts) == set(BACKENDS) - {drained}, counts
         after = dict(backends, **{stack.backend_addr(drained): 0})
@@ -205,7 +210,7 @@ def test_an_established_connection_survives_a_restart_of_the_control_plane(stack
     add_vip(stack, vip)
     with stack.client() as c:
         before = c.call("GetStatus", pb.GetStatusRequest())
-    session = Session(stack, vip, 46000)
+    session = Session(stack, vip, SPORTS + 2100)
     answers, failures, stop = [], [], threading.Event()
     try:
         first = session.ask()
@@ -244,4 +249,4 @@ def test_an_established_connection_survives_a_restart_of_the_control_plane(stack
     assert after.program_id == before.program_id  # the same program kept forwarding
     assert (vip, 80) in vips and (stack.addr(100), 80) in vips  # the new process adopted the state
     # and new connections are balanced as before
-    assert {r["backend"] for r in spread(stack, vip, 30, 47000)} == set(BACKENDS)
+    assert {r["backend"] for r in spread(stack, vip, 30, SPORTS + 2200)} == set(BACKENDS)

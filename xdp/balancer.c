@@ -299,12 +299,8 @@ static __always_inline int ct_lookup(struct pkt *p, const struct lb_config *cfg,
          * ICMP error about the flow is not its next packet: it moves nothing) */
         c.last_seen = now;
         err = -1;
-        if (p->icmp_error)
-            ;
-        else if (v6)
-            err = ct_write(1, k, fh, &c, gs);
-        else
-            err = ct_write(0, k, fh, &c, gs);
+        if (!p->icmp_error)
+            err = v6 ? ct_write(1, k, fh, &c, gs) : ct_write(0, k, fh, &c, gs);
         if (!err) {
             ct_syn_clear(syn, words, seq, used);
             gs->ct_promote++;
